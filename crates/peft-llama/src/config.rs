@@ -1,0 +1,485 @@
+//! Model configuration: Hugging Face `config.json`, Meta `params.json`, and named presets.
+
+use std::path::Path;
+
+use burn::config::Config;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{LlamaError, Result};
+
+/// Llama-3 style frequency-dependent RoPE scaling (`rope_scaling.rope_type = "llama3"`).
+#[derive(Config, Debug, Copy, PartialEq)]
+pub struct Llama3RopeScaling {
+    /// Divisor applied to low frequencies.
+    pub factor: f64,
+    /// Wavelengths longer than `original_max_position_embeddings / low_freq_factor` are scaled fully.
+    pub low_freq_factor: f64,
+    /// Wavelengths shorter than `original_max_position_embeddings / high_freq_factor` are kept.
+    pub high_freq_factor: f64,
+    /// The context length the model was pretrained with.
+    pub original_max_position_embeddings: usize,
+}
+
+/// Architecture of a LLaMA-family decoder (LLaMA-1/2/3).
+#[derive(Config, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width `d`.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU feed-forward layer.
+    pub intermediate_size: usize,
+    /// Number of decoder layers `N`.
+    pub num_hidden_layers: usize,
+    /// Number of query heads `H`.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention); equals `H` for multi-head attention.
+    pub num_key_value_heads: usize,
+    /// Width of one head; `hidden_size / num_attention_heads` unless the config says otherwise.
+    pub head_dim: usize,
+    /// Epsilon of RMSNorm.
+    #[config(default = 1e-6)]
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[config(default = 10000.0)]
+    pub rope_theta: f64,
+    /// Llama-3 RoPE scaling, if any.
+    #[config(default = "None")]
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Whether the output head shares the token embedding matrix.
+    #[config(default = false)]
+    pub tie_word_embeddings: bool,
+    /// Longest context the model was trained for.
+    #[config(default = 2048)]
+    pub max_position_embeddings: usize,
+    /// Beginning-of-sequence token id.
+    #[config(default = "Some(1)")]
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token ids (Llama-3 has several).
+    #[config(default = "vec![2]")]
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// The fields of a Hugging Face `config.json` this crate reads.
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    tie_word_embeddings: Option<bool>,
+    max_position_embeddings: Option<usize>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
+}
+
+/// The fields of Meta's `params.json`.
+#[derive(Deserialize)]
+struct MetaParams {
+    dim: usize,
+    n_layers: usize,
+    n_heads: usize,
+    n_kv_heads: Option<usize>,
+    vocab_size: Option<i64>,
+    multiple_of: Option<usize>,
+    ffn_dim_multiplier: Option<f64>,
+    norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    use_scaled_rope: Option<bool>,
+}
+
+fn read_json(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| LlamaError::io(path, e))
+}
+
+fn token_ids(value: &Option<Value>, origin: &str, key: &str) -> Result<Vec<u32>> {
+    let bad = || LlamaError::config(origin, format!("`{key}` must be a token id or a list of ids"));
+    match value {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Number(n)) => Ok(vec![n.as_u64().ok_or_else(bad)? as u32]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(bad))
+            .collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
+fn parse_rope_scaling(value: &Value, origin: &str) -> Result<Option<Llama3RopeScaling>> {
+    let kind = value
+        .get("rope_type")
+        .or_else(|| value.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match kind {
+        "default" => Ok(None),
+        "llama3" => {
+            let number = |key: &str| {
+                value.get(key).and_then(Value::as_f64).ok_or_else(|| {
+                    LlamaError::config(origin, format!("llama3 rope scaling needs a numeric `{key}`"))
+                })
+            };
+            Ok(Some(Llama3RopeScaling {
+                factor: number("factor")?,
+                low_freq_factor: number("low_freq_factor")?,
+                high_freq_factor: number("high_freq_factor")?,
+                original_max_position_embeddings: number("original_max_position_embeddings")?
+                    as usize,
+            }))
+        }
+        other => Err(LlamaError::config(
+            origin,
+            format!("unsupported rope scaling type `{other}` (supported: default, llama3)"),
+        )),
+    }
+}
+
+impl LlamaConfig {
+    /// Builds a configuration from the text of a Hugging Face `config.json`.
+    ///
+    /// `origin` names the source in error messages.
+    ///
+    /// # Errors
+    /// Malformed JSON, a model type other than `llama`, biases, a non-SiLU activation, an
+    /// unknown RoPE scaling type, or inconsistent head counts.
+    pub fn from_hf_json(text: &str, origin: &str) -> Result<Self> {
+        let hf: HfConfig = serde_json::from_str(text).map_err(|e| LlamaError::Json {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        if let Some(model_type) = &hf.model_type {
+            if model_type != "llama" {
+                return Err(LlamaError::config(
+                    origin,
+                    format!("model_type is `{model_type}`, only `llama` is supported"),
+                ));
+            }
+        }
+        if hf.attention_bias == Some(true) || hf.mlp_bias == Some(true) {
+            return Err(LlamaError::config(origin, "attention/MLP biases are not supported"));
+        }
+        if let Some(act) = &hf.hidden_act {
+            if act != "silu" {
+                return Err(LlamaError::config(
+                    origin,
+                    format!("hidden_act `{act}` is not supported (LLaMA uses silu)"),
+                ));
+            }
+        }
+        // transformers >= 4.5x keeps RoPE settings in `rope_parameters`; older files use
+        // top-level `rope_theta` and `rope_scaling`.
+        let mut rope_theta = hf.rope_theta;
+        let mut rope_scaling = None;
+        if let Some(params) = &hf.rope_parameters {
+            if let Some(theta) = params.get("rope_theta").and_then(Value::as_f64) {
+                rope_theta = Some(theta);
+            }
+            rope_scaling = parse_rope_scaling(params, origin)?;
+        }
+        if let Some(scaling) = &hf.rope_scaling {
+            if !scaling.is_null() {
+                rope_scaling = parse_rope_scaling(scaling, origin)?;
+            }
+        }
+        let heads = hf.num_attention_heads;
+        let head_dim = match hf.head_dim {
+            Some(d) => d,
+            None if heads > 0 && hf.hidden_size % heads == 0 => hf.hidden_size / heads,
+            None => {
+                return Err(LlamaError::config(
+                    origin,
+                    "hidden_size is not a multiple of num_attention_heads and no head_dim is given",
+                ))
+            }
+        };
+        let eos = token_ids(&hf.eos_token_id, origin, "eos_token_id")?;
+        let config = Self {
+            vocab_size: hf.vocab_size,
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            num_hidden_layers: hf.num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: hf.num_key_value_heads.unwrap_or(heads),
+            head_dim,
+            rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: rope_theta.unwrap_or(10000.0),
+            rope_scaling,
+            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+            max_position_embeddings: hf.max_position_embeddings.unwrap_or(2048),
+            bos_token_id: token_ids(&hf.bos_token_id, origin, "bos_token_id")?.first().copied(),
+            eos_token_ids: if eos.is_empty() { vec![2] } else { eos },
+        };
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Reads a Hugging Face `config.json`.
+    ///
+    /// # Errors
+    /// See [`LlamaConfig::from_hf_json`]; also I/O errors.
+    pub fn from_hf_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        Self::from_hf_json(&read_json(path)?, &path.display().to_string())
+    }
+
+    /// Builds a configuration from Meta's `params.json`.
+    ///
+    /// `params.json` does not always state the vocabulary or feed-forward width; pass the values
+    /// read from the checkpoint's `tok_embeddings.weight` and `layers.0.feed_forward.w1.weight`
+    /// shapes, which take precedence over the formula Meta's code uses.
+    ///
+    /// # Errors
+    /// Malformed JSON or inconsistent values.
+    pub fn from_meta_json(
+        text: &str,
+        origin: &str,
+        vocab_from_weights: Option<usize>,
+        ffn_from_weights: Option<usize>,
+    ) -> Result<Self> {
+        let params: MetaParams = serde_json::from_str(text).map_err(|e| LlamaError::Json {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        let vocab_size = match (vocab_from_weights, params.vocab_size) {
+            (Some(v), _) => v,
+            (None, Some(v)) if v > 0 => v as usize,
+            _ => return Err(LlamaError::config(origin, "vocab_size is not known")),
+        };
+        let intermediate_size = match ffn_from_weights {
+            Some(f) => f,
+            None => {
+                // Meta's FeedForward: 2/3 of 4·dim, times the multiplier, rounded up to multiple_of.
+                let multiple_of = params.multiple_of.unwrap_or(256).max(1);
+                let mut hidden = 2 * 4 * params.dim / 3;
+                if let Some(m) = params.ffn_dim_multiplier {
+                    hidden = (m * hidden as f64) as usize;
+                }
+                multiple_of * hidden.div_ceil(multiple_of)
+            }
+        };
+        if params.n_heads == 0 || params.dim % params.n_heads != 0 {
+            return Err(LlamaError::config(origin, "dim must be a multiple of n_heads"));
+        }
+        let rope_scaling = (params.use_scaled_rope == Some(true)).then_some(Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        });
+        let config = Self {
+            vocab_size,
+            hidden_size: params.dim,
+            intermediate_size,
+            num_hidden_layers: params.n_layers,
+            num_attention_heads: params.n_heads,
+            num_key_value_heads: params.n_kv_heads.unwrap_or(params.n_heads),
+            head_dim: params.dim / params.n_heads,
+            rms_norm_eps: params.norm_eps.unwrap_or(1e-6),
+            rope_theta: params.rope_theta.unwrap_or(10000.0),
+            rope_scaling,
+            tie_word_embeddings: false,
+            max_position_embeddings: 2048,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        };
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Checks that the sizes are consistent.
+    ///
+    /// # Errors
+    /// Zero sizes, or a query head count that is not a multiple of the key/value head count.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ];
+        for (name, value) in sizes {
+            if value == 0 {
+                return Err(LlamaError::config(origin, format!("{name} must be positive")));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(LlamaError::config(
+                origin,
+                format!(
+                    "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                    self.num_attention_heads, self.num_key_value_heads
+                ),
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(LlamaError::config(origin, "head_dim must be even for RoPE"));
+        }
+        Ok(())
+    }
+
+    /// Names accepted by [`LlamaConfig::preset`].
+    pub const PRESETS: [&'static str; 12] = [
+        "llama-7b",
+        "llama-13b",
+        "llama-30b",
+        "llama-65b",
+        "llama-2-7b",
+        "llama-2-13b",
+        "llama-2-70b",
+        "llama-3-8b",
+        "llama-3-70b",
+        "llama-3.1-8b",
+        "llama-3.2-1b",
+        "llama-3.2-3b",
+    ];
+
+    /// The published architecture of a LLaMA model, by name (see [`LlamaConfig::PRESETS`]).
+    ///
+    /// # Errors
+    /// An unknown name.
+    pub fn preset(name: &str) -> Result<Self> {
+        let llama1 = |d: usize, n: usize, h: usize, f: usize| {
+            LlamaConfig::new(32000, d, f, n, h, h, d / h).with_rms_norm_eps(1e-6)
+        };
+        let llama3 = |d: usize, n: usize, h: usize, f: usize| {
+            LlamaConfig::new(128256, d, f, n, h, 8, d / h)
+                .with_rms_norm_eps(1e-5)
+                .with_rope_theta(500000.0)
+                .with_max_position_embeddings(8192)
+                .with_bos_token_id(Some(128000))
+                .with_eos_token_ids(vec![128001, 128009])
+        };
+        let scaled = |factor: f64| {
+            Some(Llama3RopeScaling {
+                factor,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            })
+        };
+        let config = match name {
+            "llama-7b" => llama1(4096, 32, 32, 11008),
+            "llama-13b" => llama1(5120, 40, 40, 13824),
+            "llama-30b" => llama1(6656, 60, 52, 17920),
+            "llama-65b" => llama1(8192, 80, 64, 22016),
+            "llama-2-7b" => llama1(4096, 32, 32, 11008)
+                .with_rms_norm_eps(1e-5)
+                .with_max_position_embeddings(4096),
+            "llama-2-13b" => llama1(5120, 40, 40, 13824)
+                .with_rms_norm_eps(1e-5)
+                .with_max_position_embeddings(4096),
+            "llama-2-70b" => LlamaConfig::new(32000, 8192, 28672, 80, 64, 8, 128)
+                .with_rms_norm_eps(1e-5)
+                .with_max_position_embeddings(4096),
+            "llama-3-8b" => llama3(4096, 32, 32, 14336),
+            "llama-3-70b" => llama3(8192, 80, 64, 28672),
+            "llama-3.1-8b" => llama3(4096, 32, 32, 14336)
+                .with_rope_scaling(scaled(8.0))
+                .with_max_position_embeddings(131072),
+            "llama-3.2-1b" => llama3(2048, 16, 32, 8192)
+                .with_tie_word_embeddings(true)
+                .with_rope_scaling(scaled(32.0))
+                .with_max_position_embeddings(131072),
+            "llama-3.2-3b" => llama3(3072, 28, 24, 8192)
+                .with_tie_word_embeddings(true)
+                .with_rope_scaling(scaled(32.0))
+                .with_max_position_embeddings(131072),
+            other => {
+                return Err(LlamaError::config(
+                    other,
+                    format!("unknown preset; known presets: {}", Self::PRESETS.join(", ")),
+                ))
+            }
+        };
+        Ok(config)
+    }
+
+    /// Width of all query heads together (`H · head_dim`).
+    pub fn query_width(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    /// Width of all key (or value) heads together (`H_kv · head_dim`).
+    pub fn kv_width(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+
+    /// Number of parameters of the whole model, computed without allocating it.
+    pub fn num_parameters(&self) -> usize {
+        let d = self.hidden_size;
+        let attention = 2 * d * self.query_width() + 2 * d * self.kv_width();
+        let mlp = 3 * d * self.intermediate_size;
+        let norms = 2 * d;
+        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
+        self.vocab_size * d + self.num_hidden_layers * (attention + mlp + norms) + d + head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama_7b_preset_has_6_7_billion_parameters() {
+        let config = LlamaConfig::preset("llama-7b").unwrap();
+        assert_eq!(config.num_parameters(), 6_738_415_616);
+    }
+
+    #[test]
+    fn llama_3_8b_preset_has_8_billion_parameters() {
+        let config = LlamaConfig::preset("llama-3-8b").unwrap();
+        assert_eq!(config.num_parameters(), 8_030_261_248);
+    }
+
+    #[test]
+    fn rope_theta_is_read_from_rope_parameters() {
+        let text = r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,
+            "num_hidden_layers":1,"num_attention_heads":2,
+            "rope_parameters":{"rope_theta":500000.0,"rope_type":"llama3","factor":8.0,
+              "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":16}}"#;
+        let config = LlamaConfig::from_hf_json(text, "test").unwrap();
+        assert_eq!(config.rope_theta, 500000.0);
+        assert_eq!(config.rope_scaling.unwrap().factor, 8.0);
+        assert_eq!(config.num_key_value_heads, 2);
+        assert_eq!(config.head_dim, 4);
+    }
+
+    #[test]
+    fn non_llama_model_type_is_rejected_with_its_name() {
+        let text = r#"{"model_type":"gpt2","vocab_size":10,"hidden_size":8,"intermediate_size":16,
+            "num_hidden_layers":1,"num_attention_heads":2}"#;
+        let err = LlamaConfig::from_hf_json(text, "cfg.json").unwrap_err().to_string();
+        assert!(err.contains("gpt2") && err.contains("cfg.json"), "{err}");
+    }
+
+    #[test]
+    fn indivisible_head_counts_are_rejected() {
+        let text = r#"{"vocab_size":10,"hidden_size":12,"intermediate_size":16,
+            "num_hidden_layers":1,"num_attention_heads":3,"num_key_value_heads":2}"#;
+        let err = LlamaConfig::from_hf_json(text, "cfg").unwrap_err().to_string();
+        assert!(err.contains("num_key_value_heads"), "{err}");
+    }
+
+    #[test]
+    fn meta_params_give_llama_7b_ffn_width() {
+        let text = r#"{"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32,
+            "norm_eps": 1e-06, "vocab_size": -1}"#;
+        let config = LlamaConfig::from_meta_json(text, "params.json", Some(32000), None).unwrap();
+        assert_eq!(config, LlamaConfig::preset("llama-7b").unwrap());
+    }
+}

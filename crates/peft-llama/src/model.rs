@@ -1,0 +1,465 @@
+//! The LLaMA decoder: RMSNorm, grouped-query attention with RoPE, SwiGLU, and the causal-LM head.
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
+
+use crate::cache::KvCache;
+use crate::config::LlamaConfig;
+use crate::error::{LlamaError, Result};
+use crate::hooks::{LayerHooks, Projection};
+use crate::rope::{apply_rotary, RotaryEmbedding};
+
+/// Root-mean-square layer normalisation, computed in f32 whatever the weights' dtype.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// Scale `[hidden]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Added to the mean square before the square root.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Normalises `x` `[batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let dtype = x.dtype();
+        let x32 = to_f32(x);
+        let variance = x32.clone().powi_scalar(2).mean_dim(2);
+        let normed = x32 * (variance + self.eps).sqrt().recip();
+        let weight = self.weight.val().unsqueeze::<3>();
+        weight * normed.cast(dtype)
+    }
+}
+
+/// Casts to f32 unless already f32.
+pub(crate) fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if x.dtype() == DType::F32 {
+        x
+    } else {
+        x.cast(DType::F32)
+    }
+}
+
+/// The value masked attention scores are filled with: large, finite (so a fully masked row
+/// of padding gives a uniform distribution instead of NaN), and representable in `dtype`.
+pub(crate) fn mask_value(dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => -65504.0,
+        _ => f32::MIN,
+    }
+}
+
+/// Repeats key/value heads `[batch, kv_heads, seq, dim]` to `[batch, kv_heads · n_rep, seq, dim]`,
+/// each key/value head serving `n_rep` consecutive query heads (Hugging Face's `repeat_kv`).
+pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [batch, kv_heads, seq, dim] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([batch, kv_heads, n_rep, seq, dim])
+        .reshape([batch, kv_heads * n_rep, seq, dim])
+}
+
+/// Multi-head (or grouped-query) self-attention with rotary embeddings.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[hidden, heads · head_dim]`
+    pub q_proj: Linear<B>,
+    /// `[hidden, kv_heads · head_dim]`
+    pub k_proj: Linear<B>,
+    /// `[hidden, kv_heads · head_dim]`
+    pub v_proj: Linear<B>,
+    /// `[heads · head_dim, hidden]`
+    pub o_proj: Linear<B>,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+}
+
+/// Everything a layer needs besides its input that is the same for all layers of one call.
+pub struct LayerContext<B: Backend> {
+    /// `[batch, 1, seq, head_dim]`
+    pub cos: Tensor<B, 4>,
+    /// `[batch, 1, seq, head_dim]`
+    pub sin: Tensor<B, 4>,
+    /// `[batch, 1, seq, prefix + past + seq]`, true where attention is not allowed.
+    pub mask: Option<Tensor<B, 4, Bool>>,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Splits `[batch, seq, heads · dim]` into `[batch, heads, seq, dim]`.
+    pub fn split_heads(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+        let [batch, seq, width] = x.dims();
+        x.reshape([batch, seq, heads, width / heads]).swap_dims(1, 2)
+    }
+
+    /// Projects `x` `[batch, seq, hidden]` to keys and values `[batch, kv_heads, seq, head_dim]`
+    /// without rotary encoding and without hooks (adaption prompts use this).
+    pub fn project_key_values(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let keys = Self::split_heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
+        let values = Self::split_heads(self.v_proj.forward(x), self.num_kv_heads);
+        (keys, values)
+    }
+
+    /// Attention for `x` `[batch, seq, hidden]`; returns `[batch, seq, hidden]`.
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: Tensor<B, 3>,
+        context: &LayerContext<B>,
+        hooks: &dyn LayerHooks<B>,
+        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let project = |linear: &Linear<B>, projection| {
+            hooks.adapt_projection(layer, projection, &x, linear.forward(x.clone()))
+        };
+        let queries = Self::split_heads(project(&self.q_proj, Projection::Query), self.num_heads);
+        let keys = Self::split_heads(project(&self.k_proj, Projection::Key), self.num_kv_heads);
+        let values = Self::split_heads(project(&self.v_proj, Projection::Value), self.num_kv_heads);
+        let queries = apply_rotary(queries, &context.cos, &context.sin);
+        let mut keys = apply_rotary(keys, &context.cos, &context.sin);
+        let mut values = values;
+        if let Some((cached_keys, cached_values)) = cache {
+            if let (Some(past_k), Some(past_v)) = (cached_keys.take(), cached_values.take()) {
+                keys = Tensor::cat(vec![past_k, keys], 2);
+                values = Tensor::cat(vec![past_v, values], 2);
+            }
+            *cached_keys = Some(keys.clone());
+            *cached_values = Some(values.clone());
+        }
+        if let Some((prefix_keys, prefix_values)) = hooks.prefix_key_values(layer, batch) {
+            keys = Tensor::cat(vec![prefix_keys, keys], 2);
+            values = Tensor::cat(vec![prefix_values, values], 2);
+        }
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let keys = repeat_kv(keys, n_rep);
+        let values = repeat_kv(values, n_rep);
+        let dtype = queries.dtype();
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut scores = queries.clone().matmul(keys.swap_dims(2, 3)) * scale;
+        if let Some(mask) = &context.mask {
+            scores = scores.mask_fill(mask.clone(), mask_value(dtype));
+        }
+        let probabilities = softmax(to_f32(scores), 3).cast(dtype);
+        let mut output = probabilities.matmul(values);
+        if let Some(branch) = hooks.attention_branch(layer, &queries) {
+            output = output + branch;
+        }
+        let output = output.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]);
+        hooks.adapt_projection(
+            layer,
+            Projection::Output,
+            &output,
+            self.o_proj.forward(output.clone()),
+        )
+    }
+}
+
+/// The SwiGLU feed-forward block: `down(silu(gate(x)) · up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `[hidden, intermediate]`
+    pub gate_proj: Linear<B>,
+    /// `[hidden, intermediate]`
+    pub up_proj: Linear<B>,
+    /// `[intermediate, hidden]`
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// `x` `[batch, seq, hidden]` → `[batch, seq, hidden]`.
+    pub fn forward(&self, layer: usize, x: Tensor<B, 3>, hooks: &dyn LayerHooks<B>) -> Tensor<B, 3> {
+        let gate = hooks.adapt_projection(layer, Projection::Gate, &x, self.gate_proj.forward(x.clone()));
+        let up = hooks.adapt_projection(layer, Projection::Up, &x, self.up_proj.forward(x.clone()));
+        let hidden = silu(gate) * up;
+        hooks.adapt_projection(layer, Projection::Down, &hidden, self.down_proj.forward(hidden.clone()))
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Attention block.
+    pub self_attn: Attention<B>,
+    /// Feed-forward block.
+    pub mlp: Mlp<B>,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Norm before the feed-forward block.
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// `x` `[batch, seq, hidden]` → `[batch, seq, hidden]`.
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: Tensor<B, 3>,
+        context: &LayerContext<B>,
+        hooks: &dyn LayerHooks<B>,
+        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+    ) -> Tensor<B, 3> {
+        let attended = self.self_attn.forward(
+            layer,
+            self.input_layernorm.forward(x.clone()),
+            context,
+            hooks,
+            cache,
+        );
+        let x = x + attended;
+        let fed = self.mlp.forward(layer, self.post_attention_layernorm.forward(x.clone()), hooks);
+        x + fed
+    }
+}
+
+/// A batch of token ids on the host, row-major `[batch, seq]`, with an optional mask of real
+/// tokens (`true`) versus padding (`false`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenBatch {
+    /// `batch · seq` token ids.
+    pub ids: Vec<u32>,
+    /// Rows.
+    pub batch: usize,
+    /// Columns.
+    pub seq: usize,
+    /// `batch · seq` flags, `true` for real tokens; `None` means all real.
+    pub mask: Option<Vec<bool>>,
+}
+
+impl TokenBatch {
+    /// A batch from rows of equal length.
+    ///
+    /// # Errors
+    /// Rows of different lengths, or no rows.
+    pub fn from_rows(rows: &[Vec<u32>]) -> Result<Self> {
+        let seq = rows.first().map(Vec::len).ok_or_else(|| LlamaError::Input("empty batch".into()))?;
+        if rows.iter().any(|r| r.len() != seq) {
+            return Err(LlamaError::Input("rows of different lengths need padding and a mask".into()));
+        }
+        Ok(Self { ids: rows.concat(), batch: rows.len(), seq, mask: None })
+    }
+
+    /// Pads rows of different lengths on the right with `pad_id` and masks the padding.
+    ///
+    /// # Errors
+    /// No rows, or an empty row.
+    pub fn right_padded(rows: &[Vec<u32>], pad_id: u32) -> Result<Self> {
+        Self::padded(rows, pad_id, false)
+    }
+
+    /// Pads rows of different lengths on the left (for generation) and masks the padding.
+    ///
+    /// # Errors
+    /// No rows, or an empty row.
+    pub fn left_padded(rows: &[Vec<u32>], pad_id: u32) -> Result<Self> {
+        Self::padded(rows, pad_id, true)
+    }
+
+    fn padded(rows: &[Vec<u32>], pad_id: u32, left: bool) -> Result<Self> {
+        if rows.is_empty() || rows.iter().any(Vec::is_empty) {
+            return Err(LlamaError::Input("every row needs at least one token".into()));
+        }
+        let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(rows.len() * seq);
+        let mut mask = Vec::with_capacity(rows.len() * seq);
+        for row in rows {
+            let pad = seq - row.len();
+            let (before, after) = if left { (pad, 0) } else { (0, pad) };
+            ids.extend(std::iter::repeat_n(pad_id, before));
+            mask.extend(std::iter::repeat_n(false, before));
+            ids.extend_from_slice(row);
+            mask.extend(std::iter::repeat_n(true, row.len()));
+            ids.extend(std::iter::repeat_n(pad_id, after));
+            mask.extend(std::iter::repeat_n(false, after));
+        }
+        Ok(Self { ids, batch: rows.len(), seq, mask: Some(mask) })
+    }
+
+    /// Whether token `column` of row `row` is real.
+    pub fn is_real(&self, row: usize, column: usize) -> bool {
+        self.mask.as_ref().is_none_or(|m| m[row * self.seq + column])
+    }
+}
+
+/// A LLaMA causal language model.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// Token embeddings `[vocab, hidden]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// Decoder layers, bottom first.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    /// Output head `[hidden, vocab]`; `None` when tied to the embeddings.
+    pub lm_head: Option<Linear<B>>,
+    /// Architecture.
+    #[module(skip)]
+    pub config: LlamaConfig,
+    /// RoPE frequencies.
+    #[module(skip)]
+    pub rope: RotaryEmbedding,
+}
+
+impl<B: Backend> Llama<B> {
+    /// The model's device.
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.val().device()
+    }
+
+    /// The floating-point type of the frozen weights.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.val().dtype()
+    }
+
+    /// Positions, RoPE tables and the attention mask for `tokens` following `cache`.
+    fn context(&self, tokens: &TokenBatch, cache: Option<&KvCache<B>>, prefix: usize) -> LayerContext<B> {
+        let device = self.device();
+        let (batch, seq) = (tokens.batch, tokens.seq);
+        let past = cache.map_or(0, KvCache::len);
+        let mut positions = Vec::with_capacity(batch * seq);
+        let keys = prefix + past + seq;
+        let mut mask = vec![false; batch * seq * keys];
+        let mut any_masked = false;
+        for row in 0..batch {
+            // Real tokens take consecutive positions after the row's earlier real tokens; prefix
+            // tuning's virtual tokens occupy the first `prefix` positions.
+            let mut next = prefix + cache.map_or(0, |c| c.next_position(row));
+            for column in 0..seq {
+                positions.push(next);
+                if tokens.is_real(row, column) {
+                    next += 1;
+                }
+            }
+            for column in 0..seq {
+                let query = past + column;
+                for key in 0..past + seq {
+                    let real = if key < past {
+                        cache.is_some_and(|c| c.is_real(row, key))
+                    } else {
+                        tokens.is_real(row, key - past)
+                    };
+                    if key > query || !real {
+                        mask[(row * seq + column) * keys + prefix + key] = true;
+                        any_masked = true;
+                    }
+                }
+            }
+        }
+        let (cos, sin) = self.rope.tables(&positions, batch, seq, &device);
+        let dtype = self.dtype();
+        let (cos, sin) = if dtype == DType::F32 { (cos, sin) } else { (cos.cast(dtype), sin.cast(dtype)) };
+        let mask = any_masked.then(|| {
+            Tensor::<B, 3, Bool>::from_data(TensorData::new(mask, [batch, seq, keys]), &device)
+                .unsqueeze_dim(1)
+        });
+        LayerContext { cos, sin, mask }
+    }
+
+    /// Embeds `tokens` → `[batch, seq, hidden]`.
+    pub fn embed(&self, tokens: &TokenBatch) -> Tensor<B, 3> {
+        let device = self.device();
+        let ids: Vec<i64> = tokens.ids.iter().map(|&id| id as i64).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [tokens.ids.len()]), &device);
+        self.embed_tokens
+            .val()
+            .select(0, ids)
+            .reshape([tokens.batch, tokens.seq, self.config.hidden_size])
+    }
+
+    /// Runs the decoder stack and the final norm: `[batch, seq, hidden]`.
+    ///
+    /// With a `cache`, `tokens` continue the cached sequence and the cache is extended.
+    ///
+    /// # Errors
+    /// Token ids outside the vocabulary, or a cache for another batch size.
+    pub fn forward_hidden(
+        &self,
+        tokens: &TokenBatch,
+        hooks: &dyn LayerHooks<B>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        self.check_tokens(tokens)?;
+        if let Some(cache) = cache.as_deref() {
+            if cache.batch() != tokens.batch {
+                return Err(LlamaError::Input(format!(
+                    "cache holds {} rows, the batch has {}",
+                    cache.batch(),
+                    tokens.batch
+                )));
+            }
+        }
+        let context = self.context(tokens, cache.as_deref(), hooks.num_prefix_tokens());
+        let first_adapted = hooks.first_adapted_layer().unwrap_or(0);
+        let mut hidden = self.embed(tokens);
+        for (index, layer) in self.layers.iter().enumerate() {
+            if index == first_adapted && index > 0 {
+                // Nothing below the first adapted layer is trained: cut the graph here so
+                // autodiff backends keep no activations for the frozen bottom layers.
+                hidden = hidden.detach();
+            }
+            let layer_cache = cache.as_deref_mut().map(|c| c.layer_mut(index));
+            hidden = layer.forward(index, hidden, &context, hooks, layer_cache);
+        }
+        if let Some(cache) = cache {
+            cache.append(tokens);
+        }
+        Ok(self.norm.forward(hidden))
+    }
+
+    /// Projects final hidden states `[batch, seq, hidden]` to logits `[batch, seq, vocab]`.
+    pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [batch, seq, width] = hidden.dims();
+                hidden
+                    .reshape([batch * seq, width])
+                    .matmul(self.embed_tokens.val().transpose())
+                    .reshape([batch, seq, self.config.vocab_size])
+            }
+        }
+    }
+
+    /// Logits `[batch, seq, vocab]` for `tokens`.
+    ///
+    /// # Errors
+    /// See [`Llama::forward_hidden`].
+    pub fn forward(
+        &self,
+        tokens: &TokenBatch,
+        hooks: &dyn LayerHooks<B>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        let hidden = self.forward_hidden(tokens, hooks, cache)?;
+        Ok(self.head(hidden))
+    }
+
+    fn check_tokens(&self, tokens: &TokenBatch) -> Result<()> {
+        if tokens.batch == 0 || tokens.seq == 0 || tokens.ids.len() != tokens.batch * tokens.seq {
+            return Err(LlamaError::Input(format!(
+                "token batch of {} ids does not have shape [{}, {}] with both positive",
+                tokens.ids.len(),
+                tokens.batch,
+                tokens.seq
+            )));
+        }
+        if let Some(mask) = &tokens.mask {
+            if mask.len() != tokens.ids.len() {
+                return Err(LlamaError::Input("attention mask and ids differ in length".into()));
+            }
+        }
+        if let Some(&bad) = tokens.ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(LlamaError::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        Ok(())
+    }
+}

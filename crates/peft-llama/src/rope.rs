@@ -1,0 +1,117 @@
+//! Rotary position embeddings (RoPE) in Hugging Face's rotate-half layout, with Llama-3 scaling.
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use crate::config::{Llama3RopeScaling, LlamaConfig};
+
+/// The inverse frequencies of a model's RoPE, computed once from its configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RotaryEmbedding {
+    /// `head_dim / 2` inverse frequencies, rounded to f32 as Hugging Face stores them.
+    inv_freq: Vec<f32>,
+}
+
+fn llama3_scale(inv_freq: f64, scaling: &Llama3RopeScaling) -> f64 {
+    let old_context = scaling.original_max_position_embeddings as f64;
+    let low_freq_wavelen = old_context / scaling.low_freq_factor;
+    let high_freq_wavelen = old_context / scaling.high_freq_factor;
+    let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+    if wavelen < high_freq_wavelen {
+        inv_freq
+    } else if wavelen > low_freq_wavelen {
+        inv_freq / scaling.factor
+    } else {
+        let smooth = (old_context / wavelen - scaling.low_freq_factor)
+            / (scaling.high_freq_factor - scaling.low_freq_factor);
+        (1.0 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    }
+}
+
+impl RotaryEmbedding {
+    /// Computes the frequencies for `config` (theta and optional Llama-3 scaling).
+    pub fn new(config: &LlamaConfig) -> Self {
+        let dim = config.head_dim;
+        let inv_freq = (0..dim / 2)
+            .map(|i| {
+                // Hugging Face computes the base frequencies in f32; rounding here keeps the
+                // angles bit-compatible with its checkpoints' behaviour at long positions.
+                let exponent = ((2 * i) as f32) / dim as f32;
+                let base = 1.0f32 / (config.rope_theta as f32).powf(exponent);
+                let scaled = match &config.rope_scaling {
+                    Some(scaling) => llama3_scale(base as f64, scaling) as f32,
+                    None => base,
+                };
+                scaled
+            })
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// The inverse frequencies, `head_dim / 2` of them.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// Cosine and sine tables for the given positions (`batch · seq` of them, row-major),
+    /// each `[batch, 1, seq, head_dim]`, ready to broadcast over heads.
+    pub fn tables<B: Backend>(
+        &self,
+        positions: &[usize],
+        batch: usize,
+        seq: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let half = self.inv_freq.len();
+        let dim = 2 * half;
+        let mut cos = Vec::with_capacity(positions.len() * dim);
+        let mut sin = Vec::with_capacity(positions.len() * dim);
+        for &position in positions {
+            let start = cos.len();
+            for &freq in &self.inv_freq {
+                // Angles in f32 as Hugging Face does (`inv_freq @ position_ids` in float32).
+                let angle = freq * position as f32;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+            cos.extend_from_within(start..start + half);
+            sin.extend_from_within(start..start + half);
+        }
+        let shape = [batch, 1, seq, dim];
+        (
+            Tensor::from_data(TensorData::new(cos, shape), device),
+            Tensor::from_data(TensorData::new(sin, shape), device),
+        )
+    }
+}
+
+/// Applies rotary embeddings to `x` `[batch, heads, seq, head_dim]` with tables from
+/// [`RotaryEmbedding::tables`].
+pub fn apply_rotary<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let [batch, heads, seq, dim] = x.dims();
+    let half = dim / 2;
+    let first = x.clone().narrow(3, 0, half);
+    let second = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![second.neg(), first], 3);
+    debug_assert_eq!(rotated.dims(), [batch, heads, seq, dim]);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let scaling = Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        // wavelength 2π/1 ≈ 6.3 < 2048: unchanged.
+        assert_eq!(llama3_scale(1.0, &scaling), 1.0);
+        // wavelength ≈ 62832 > 8192: divided by the factor.
+        let low = 1e-4;
+        assert!((llama3_scale(low, &scaling) - low / 8.0).abs() < 1e-15);
+    }
+}

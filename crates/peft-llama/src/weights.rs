@@ -1,0 +1,455 @@
+//! Loading checkpoints: Hugging Face safetensors (single file or sharded) and Meta's original
+//! `consolidated.00.pth` + `params.json`, in f32, f16 or bf16, through `burn-store`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use burn_store::pytorch::PytorchReader;
+use burn_store::{ModuleStore, SafetensorsStore, TensorSnapshot};
+
+use crate::config::LlamaConfig;
+use crate::error::{LlamaError, Result};
+use crate::model::{Attention, DecoderLayer, Llama, Mlp, RmsNorm};
+use crate::rope::RotaryEmbedding;
+
+/// The floating-point type the frozen weights are stored in on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    /// 32-bit float.
+    #[default]
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl WeightDtype {
+    /// The Burn dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::F16 => DType::F16,
+            WeightDtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            other => Err(format!("unknown dtype `{other}` (f32, f16, bf16)")),
+        }
+    }
+}
+
+/// Named tensors read from one or more files, taken one by one so that whatever is left at
+/// the end can be reported as unexpected.
+pub struct TensorMap {
+    origin: String,
+    tensors: BTreeMap<String, (TensorSnapshot, PathBuf)>,
+}
+
+impl TensorMap {
+    /// An empty map; `origin` names it in error messages.
+    pub fn new(origin: impl Into<String>) -> Self {
+        Self { origin: origin.into(), tensors: BTreeMap::new() }
+    }
+
+    /// The name used in error messages.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Adds every tensor of a safetensors file.
+    ///
+    /// # Errors
+    /// An unreadable, truncated or corrupt file, or a name already present.
+    pub fn add_safetensors(&mut self, path: &Path) -> Result<()> {
+        let bad = |message: String| LlamaError::WeightFile { path: path.into(), message };
+        let metadata = std::fs::metadata(path).map_err(|e| LlamaError::io(path, e))?;
+        if metadata.len() < 8 {
+            return Err(bad(format!("{} bytes is too short for a safetensors header", metadata.len())));
+        }
+        let mut store = SafetensorsStore::from_file(path);
+        let snapshots = store.get_all_snapshots().map_err(|e| bad(e.to_string()))?;
+        for (name, snapshot) in snapshots {
+            self.insert(name.clone(), snapshot.clone(), path)?;
+        }
+        Ok(())
+    }
+
+    /// Adds every tensor of a PyTorch `.pth` state dict (read without executing any code).
+    ///
+    /// # Errors
+    /// An unreadable or malformed file, or a name already present.
+    pub fn add_pth(&mut self, path: &Path) -> Result<()> {
+        let reader = PytorchReader::new(path).map_err(|e| LlamaError::WeightFile {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        for (name, snapshot) in reader.into_tensors() {
+            self.insert(name, snapshot, path)?;
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, name: String, snapshot: TensorSnapshot, path: &Path) -> Result<()> {
+        if let Some((_, first)) = self.tensors.get(&name) {
+            return Err(LlamaError::WeightFile {
+                path: path.into(),
+                message: format!("tensor '{name}' is also in {}", first.display()),
+            });
+        }
+        self.tensors.insert(name, (snapshot, path.to_path_buf()));
+        Ok(())
+    }
+
+    /// Whether a tensor of that name is (still) present.
+    pub fn contains(&self, key: &str) -> bool {
+        self.tensors.contains_key(key)
+    }
+
+    /// The shape of a tensor, if present.
+    pub fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.tensors.get(key).map(|(s, _)| s.shape.to_vec())
+    }
+
+    /// Names still present.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    /// Removes a tensor without reading it (for tensors a format carries but the model derives).
+    pub fn discard(&mut self, key: &str) {
+        self.tensors.remove(key);
+    }
+
+    /// Takes a tensor, checks its shape and values, and returns it as f32 in row-major order.
+    ///
+    /// # Errors
+    /// Missing, mis-shaped, unreadable, or non-finite.
+    pub fn take_f32(&mut self, key: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let (snapshot, path) = self.tensors.remove(key).ok_or_else(|| LlamaError::MissingTensor {
+            origin: self.origin.clone(),
+            key: key.into(),
+            expected: expected.to_vec(),
+        })?;
+        let found = snapshot.shape.to_vec();
+        if found != expected {
+            return Err(LlamaError::ShapeMismatch {
+                origin: self.origin.clone(),
+                key: key.into(),
+                expected: expected.to_vec(),
+                found,
+            });
+        }
+        let data = snapshot.to_data().map_err(|e| LlamaError::WeightFile {
+            path: path.clone(),
+            message: format!("tensor '{key}': {e:?}"),
+        })?;
+        let values = match data.dtype {
+            DType::F32 => data.into_vec::<f32>(),
+            DType::F64 | DType::F16 | DType::BF16 => data.convert::<f32>().into_vec::<f32>(),
+            other => {
+                return Err(LlamaError::WeightFile {
+                    path,
+                    message: format!("tensor '{key}' has dtype {other:?}, expected a float type"),
+                })
+            }
+        }
+        .map_err(|e| LlamaError::WeightFile { path: path.clone(), message: format!("tensor '{key}': {e:?}") })?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(LlamaError::NonFinite { origin: self.origin.clone(), key: key.into() });
+        }
+        Ok(values)
+    }
+
+    /// Fails if any tensor was not taken.
+    ///
+    /// # Errors
+    /// [`LlamaError::UnexpectedTensors`] listing them.
+    pub fn finish(self) -> Result<()> {
+        if self.tensors.is_empty() {
+            Ok(())
+        } else {
+            Err(LlamaError::UnexpectedTensors {
+                origin: self.origin,
+                keys: self.tensors.into_keys().collect(),
+            })
+        }
+    }
+}
+
+/// Transposes a row-major `[rows, cols]` matrix.
+pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+/// Reorders the rows of a Meta-layout query/key weight `[heads · head_dim, in]` (rotary pairs
+/// interleaved) into Hugging Face's rotate-half layout (first halves, then second halves).
+pub fn meta_to_hf_rows(values: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0.0; values.len()];
+    for head in 0..heads {
+        for pair in 0..half {
+            for component in 0..2 {
+                let meta_row = head * head_dim + 2 * pair + component;
+                let hf_row = head * head_dim + component * half + pair;
+                out[hf_row * cols..(hf_row + 1) * cols]
+                    .copy_from_slice(&values[meta_row * cols..(meta_row + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Naming convention of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointLayout {
+    /// Hugging Face `transformers` names and rotate-half query/key rows.
+    HuggingFace,
+    /// Meta's original names and interleaved query/key rows.
+    Meta,
+}
+
+/// Loads a [`Llama`] from a checkpoint directory.
+#[derive(Debug, Clone)]
+pub struct LlamaLoader {
+    dir: PathBuf,
+    dtype: WeightDtype,
+}
+
+fn key_for(layout: CheckpointLayout, hf: &str) -> String {
+    if layout == CheckpointLayout::HuggingFace {
+        return hf.to_string();
+    }
+    // model.layers.{i}.{part} → layers.{i}.{meta part}
+    if let Some(rest) = hf.strip_prefix("model.layers.") {
+        let (index, part) = rest.split_once('.').unwrap_or((rest, ""));
+        let meta = match part {
+            "self_attn.q_proj.weight" => "attention.wq.weight",
+            "self_attn.k_proj.weight" => "attention.wk.weight",
+            "self_attn.v_proj.weight" => "attention.wv.weight",
+            "self_attn.o_proj.weight" => "attention.wo.weight",
+            "mlp.gate_proj.weight" => "feed_forward.w1.weight",
+            "mlp.down_proj.weight" => "feed_forward.w2.weight",
+            "mlp.up_proj.weight" => "feed_forward.w3.weight",
+            "input_layernorm.weight" => "attention_norm.weight",
+            "post_attention_layernorm.weight" => "ffn_norm.weight",
+            other => other,
+        };
+        return format!("layers.{index}.{meta}");
+    }
+    match hf {
+        "model.embed_tokens.weight" => "tok_embeddings.weight",
+        "model.norm.weight" => "norm.weight",
+        "lm_head.weight" => "output.weight",
+        other => other,
+    }
+    .to_string()
+}
+
+struct Builder<'a, B: Backend> {
+    tensors: &'a mut TensorMap,
+    layout: CheckpointLayout,
+    config: &'a LlamaConfig,
+    device: &'a B::Device,
+    dtype: DType,
+}
+
+impl<B: Backend> Builder<'_, B> {
+    fn tensor<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
+        let data = TensorData::new(values, shape);
+        let data = if self.dtype == DType::F32 { data } else { data.convert_dtype(self.dtype) };
+        Tensor::from_data(data, (self.device, self.dtype))
+    }
+
+    fn norm(&mut self, hf: &str) -> Result<RmsNorm<B>> {
+        let width = self.config.hidden_size;
+        let values = self.tensors.take_f32(&key_for(self.layout, hf), &[width])?;
+        Ok(RmsNorm { weight: Param::from_tensor(self.tensor(values, [width])), eps: self.config.rms_norm_eps })
+    }
+
+    /// A projection stored PyTorch-style `[out, in]`, kept Burn-style `[in, out]`.
+    fn linear(&mut self, hf: &str, out: usize, inp: usize, rotary_heads: Option<usize>) -> Result<Linear<B>> {
+        let mut values = self.tensors.take_f32(&key_for(self.layout, hf), &[out, inp])?;
+        if let (CheckpointLayout::Meta, Some(heads)) = (self.layout, rotary_heads) {
+            values = meta_to_hf_rows(&values, heads, self.config.head_dim, inp);
+        }
+        let weight = self.tensor(transpose(&values, out, inp), [inp, out]);
+        Ok(Linear { weight: Param::from_tensor(weight), bias: None })
+    }
+
+    fn build(mut self) -> Result<Llama<B>> {
+        let c = self.config;
+        let (d, v) = (c.hidden_size, c.vocab_size);
+        let embed_key = key_for(self.layout, "model.embed_tokens.weight");
+        let embed = self.tensors.take_f32(&embed_key, &[v, d])?;
+        let embed_tokens = Param::from_tensor(self.tensor(embed, [v, d]));
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = |name: &str| format!("model.layers.{i}.{name}");
+            let self_attn = Attention {
+                q_proj: self.linear(&p("self_attn.q_proj.weight"), c.query_width(), d, Some(c.num_attention_heads))?,
+                k_proj: self.linear(&p("self_attn.k_proj.weight"), c.kv_width(), d, Some(c.num_key_value_heads))?,
+                v_proj: self.linear(&p("self_attn.v_proj.weight"), c.kv_width(), d, None)?,
+                o_proj: self.linear(&p("self_attn.o_proj.weight"), d, c.query_width(), None)?,
+                num_heads: c.num_attention_heads,
+                num_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+            };
+            let mlp = Mlp {
+                gate_proj: self.linear(&p("mlp.gate_proj.weight"), c.intermediate_size, d, None)?,
+                up_proj: self.linear(&p("mlp.up_proj.weight"), c.intermediate_size, d, None)?,
+                down_proj: self.linear(&p("mlp.down_proj.weight"), d, c.intermediate_size, None)?,
+            };
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp,
+                input_layernorm: self.norm(&p("input_layernorm.weight"))?,
+                post_attention_layernorm: self.norm(&p("post_attention_layernorm.weight"))?,
+            });
+        }
+        let norm = self.norm("model.norm.weight")?;
+        let head_key = key_for(self.layout, "lm_head.weight");
+        let lm_head = if c.tie_word_embeddings {
+            // Some exporters write the tied head anyway; it duplicates the embeddings.
+            self.tensors.discard(&head_key);
+            None
+        } else {
+            Some(self.linear("lm_head.weight", v, d, None)?)
+        };
+        Ok(Llama { embed_tokens, layers, norm, lm_head, config: c.clone(), rope: RotaryEmbedding::new(c) })
+    }
+}
+
+impl LlamaLoader {
+    /// A loader for the checkpoint directory `dir` (Hugging Face or Meta layout).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into(), dtype: WeightDtype::F32 }
+    }
+
+    /// Converts the weights to `dtype` on load.
+    pub fn with_dtype(mut self, dtype: WeightDtype) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// Which layout the directory holds.
+    ///
+    /// # Errors
+    /// Neither `config.json` with safetensors nor `params.json` with `consolidated.00.pth`.
+    pub fn layout(&self) -> Result<CheckpointLayout> {
+        if self.dir.join("config.json").is_file() {
+            Ok(CheckpointLayout::HuggingFace)
+        } else if self.dir.join("params.json").is_file() {
+            Ok(CheckpointLayout::Meta)
+        } else {
+            Err(LlamaError::io(
+                self.dir.join("config.json"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no config.json (Hugging Face) or params.json (Meta) in the model directory",
+                ),
+            ))
+        }
+    }
+
+    /// Reads the configuration and every weight file into a [`TensorMap`] without building the
+    /// model.
+    ///
+    /// # Errors
+    /// Unreadable configuration or weight files.
+    pub fn read(&self) -> Result<(LlamaConfig, TensorMap, CheckpointLayout)> {
+        let layout = self.layout()?;
+        let mut tensors = TensorMap::new(self.dir.display().to_string());
+        match layout {
+            CheckpointLayout::HuggingFace => {
+                let config = LlamaConfig::from_hf_file(self.dir.join("config.json"))?;
+                let index = self.dir.join("model.safetensors.index.json");
+                if index.is_file() {
+                    for shard in shard_files(&index)? {
+                        tensors.add_safetensors(&self.dir.join(shard))?;
+                    }
+                } else {
+                    tensors.add_safetensors(&self.dir.join("model.safetensors"))?;
+                }
+                Ok((config, tensors, layout))
+            }
+            CheckpointLayout::Meta => {
+                let second = self.dir.join("consolidated.01.pth");
+                if second.exists() {
+                    return Err(LlamaError::WeightFile {
+                        path: second,
+                        message: "model-parallel Meta checkpoints (several consolidated.*.pth) \
+                                  are not supported; convert them to one shard first"
+                            .into(),
+                    });
+                }
+                tensors.add_pth(&self.dir.join("consolidated.00.pth"))?;
+                // LLaMA-1 checkpoints carry the RoPE frequencies, which the model recomputes.
+                tensors.discard("rope.freqs");
+                let params = self.dir.join("params.json");
+                let text = std::fs::read_to_string(&params).map_err(|e| LlamaError::io(&params, e))?;
+                let vocab = tensors.shape("tok_embeddings.weight").map(|s| s[0]);
+                let ffn = tensors.shape("layers.0.feed_forward.w1.weight").map(|s| s[0]);
+                let config = LlamaConfig::from_meta_json(&text, &params.display().to_string(), vocab, ffn)?;
+                Ok((config, tensors, layout))
+            }
+        }
+    }
+
+    /// Loads the model onto `device`.
+    ///
+    /// # Errors
+    /// Unreadable files, and every missing, unexpected, mis-shaped or non-finite tensor.
+    pub fn load<B: Backend>(&self, device: &B::Device) -> Result<Llama<B>> {
+        let (config, mut tensors, layout) = self.read()?;
+        let model = Builder { tensors: &mut tensors, layout, config: &config, device, dtype: self.dtype.dtype() }
+            .build()?;
+        tensors.finish()?;
+        Ok(model)
+    }
+}
+
+fn shard_files(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| LlamaError::io(index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| LlamaError::Json { path: index.into(), message: e.to_string() })?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| LlamaError::Json {
+        path: index.into(),
+        message: "no `weight_map` object".into(),
+    })?;
+    let mut files: Vec<String> = Vec::new();
+    for (key, file) in map {
+        let file = file.as_str().ok_or_else(|| LlamaError::Json {
+            path: index.into(),
+            message: format!("weight_map entry '{key}' is not a file name"),
+        })?;
+        if file.contains('/') || file.contains("..") {
+            return Err(LlamaError::Json {
+                path: index.into(),
+                message: format!("weight_map entry '{key}' points outside the model directory: {file}"),
+            });
+        }
+        if !files.iter().any(|f| f == file) {
+            files.push(file.to_string());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
