@@ -1,1 +1,35 @@
-//! placeholder
+//! Parameter-efficient fine-tuning for LLaMA models in Burn.
+//!
+//! Three methods behind one [`Adapter`] trait:
+//! - [`AdaptionPrompt`]: LLaMA-Adapter's zero-initialised gated adaption prompts,
+//! - [`Lora`]: low-rank adaptation of linear layers,
+//! - [`PrefixTuning`]: learned key/value prefixes.
+//!
+//! ```no_run
+//! use peft_core::{Adapter, AdaptionPromptConfig};
+//! use peft_llama::{LlamaLoader, TokenBatch};
+//! # type B = burn::backend::NdArray;
+//! let device = Default::default();
+//! let base = LlamaLoader::new("models/stories260k").load::<B>(&device)?;
+//! let adapter = AdaptionPromptConfig::new()
+//!     .with_adapter_len(10)
+//!     .with_adapter_layers(3)
+//!     .init::<B>(&base.config, &device)?;
+//! let tokens = TokenBatch::from_rows(&[vec![1, 403, 407]])?;
+//! // Gates start at zero: these logits equal the base model's.
+//! let logits = base.forward(&tokens, adapter.hooks(&base).as_ref(), None)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod adapter;
+pub mod adaption_prompt;
+pub mod error;
+pub mod lora;
+pub mod prefix;
+
+pub use adapter::{gradients_as_module, host_values, Adapter, NamedTensor, PeftMethod};
+pub use adaption_prompt::{AdaptionPrompt, AdaptionPromptConfig, GateActivation, GateShape};
+pub use error::{PeftError, Result};
+pub use lora::{Lora, LoraConfig, LoraLinear};
+pub use prefix::{PrefixProjection, PrefixTuning, PrefixTuningConfig};

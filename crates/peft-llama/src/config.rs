@@ -98,6 +98,11 @@ struct MetaParams {
     norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     use_scaled_rope: Option<bool>,
+    // Meta's Llama 3.1 code hard-codes the scaling constants; these optional keys override them.
+    rope_scaling_factor: Option<f64>,
+    rope_low_freq_factor: Option<f64>,
+    rope_high_freq_factor: Option<f64>,
+    rope_original_max_position_embeddings: Option<usize>,
 }
 
 fn read_json(path: &Path) -> Result<String> {
@@ -273,10 +278,10 @@ impl LlamaConfig {
             return Err(LlamaError::config(origin, "dim must be a multiple of n_heads"));
         }
         let rope_scaling = (params.use_scaled_rope == Some(true)).then_some(Llama3RopeScaling {
-            factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: 8192,
+            factor: params.rope_scaling_factor.unwrap_or(8.0),
+            low_freq_factor: params.rope_low_freq_factor.unwrap_or(1.0),
+            high_freq_factor: params.rope_high_freq_factor.unwrap_or(4.0),
+            original_max_position_embeddings: params.rope_original_max_position_embeddings.unwrap_or(8192),
         });
         let config = Self {
             vocab_size,

@@ -12,23 +12,31 @@
 use std::fmt;
 
 use burn::tensor::{backend::Backend, Tensor};
+use serde::{Deserialize, Serialize};
 
 /// The linear projections of a LLaMA decoder layer, named as in Hugging Face's implementation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Projection {
     /// `self_attn.q_proj`
+    #[serde(rename = "q_proj")]
     Query,
     /// `self_attn.k_proj`
+    #[serde(rename = "k_proj")]
     Key,
     /// `self_attn.v_proj`
+    #[serde(rename = "v_proj")]
     Value,
     /// `self_attn.o_proj`
+    #[serde(rename = "o_proj")]
     Output,
     /// `mlp.gate_proj`
+    #[serde(rename = "gate_proj")]
     Gate,
     /// `mlp.up_proj`
+    #[serde(rename = "up_proj")]
     Up,
     /// `mlp.down_proj`
+    #[serde(rename = "down_proj")]
     Down,
 }
 

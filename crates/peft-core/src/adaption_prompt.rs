@@ -1,0 +1,270 @@
+//! LLaMA-Adapter (Zhang et al. 2023): learnable adaption prompts with zero-initialised gated
+//! attention in the top `L` layers.
+//!
+//! In each adapted layer the `K` prompt vectors pass through the layer's frozen key/value
+//! projections (no rotary encoding). Every query attends to all `K` prompts with its own
+//! softmax, scaled by a gate that starts at zero, and the result is added to the causal
+//! attention output before `o_proj`:
+//!
+//! `out_h = softmax(Q Kₜᵀ/√d + causal) Vₜ + act(g_h) · softmax(Q Kₚᵀ/√d) Vₚ`
+//!
+//! The official training code uses one gate per head with `tanh`; Hugging Face PEFT uses one
+//! gate per layer without an activation. Both are settings ([`GateShape`], [`GateActivation`]).
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::activation::softmax;
+use burn::tensor::{backend::Backend, DType, Distribution, Tensor};
+use peft_llama::model::repeat_kv;
+use peft_llama::{LayerHooks, Llama, LlamaConfig};
+
+use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
+use crate::error::{PeftError, Result};
+
+/// How many gates an adapted layer has.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum GateShape {
+    /// One gate per attention head (official LLaMA-Adapter: "different gates for different heads").
+    PerHead,
+    /// One gate per layer (Hugging Face PEFT's `adaption_gate`).
+    Scalar,
+}
+
+/// The function applied to a gate before it scales the prompt attention.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum GateActivation {
+    /// `tanh(g)`, as the official training code.
+    Tanh,
+    /// `g`, as Hugging Face PEFT and the official inference code.
+    Identity,
+}
+
+/// Configuration of [`AdaptionPrompt`].
+#[derive(Config, Debug, PartialEq)]
+pub struct AdaptionPromptConfig {
+    /// Number of prompt tokens `K` per adapted layer.
+    #[config(default = 10)]
+    pub adapter_len: usize,
+    /// Number of adapted layers `L`, counted from the top.
+    #[config(default = 30)]
+    pub adapter_layers: usize,
+    /// One gate per head or per layer.
+    #[config(default = "GateShape::PerHead")]
+    pub gate_shape: GateShape,
+    /// Gate activation.
+    #[config(default = "GateActivation::Tanh")]
+    pub gate_activation: GateActivation,
+}
+
+impl AdaptionPromptConfig {
+    /// Hugging Face PEFT's variant: one gate per layer, no activation.
+    pub fn peft_compatible(adapter_len: usize, adapter_layers: usize) -> Self {
+        Self::new()
+            .with_adapter_len(adapter_len)
+            .with_adapter_layers(adapter_layers)
+            .with_gate_shape(GateShape::Scalar)
+            .with_gate_activation(GateActivation::Identity)
+    }
+
+    fn gates_per_layer(&self, model: &LlamaConfig) -> usize {
+        match self.gate_shape {
+            GateShape::PerHead => model.num_attention_heads,
+            GateShape::Scalar => 1,
+        }
+    }
+
+    /// Checks the configuration against a model.
+    ///
+    /// # Errors
+    /// Zero sizes or more adapted layers than the model has.
+    pub fn validate(&self, model: &LlamaConfig) -> Result<()> {
+        if self.adapter_len == 0 || self.adapter_layers == 0 {
+            return Err(PeftError::Config("adapter_len and adapter_layers must be positive".into()));
+        }
+        if self.adapter_layers > model.num_hidden_layers {
+            return Err(PeftError::Incompatible(format!(
+                "adapter_layers = {} but the model has {} layers",
+                self.adapter_layers, model.num_hidden_layers
+            )));
+        }
+        Ok(())
+    }
+
+    /// Trainable parameters for `model`, computed without allocating anything:
+    /// `L·K·d` prompt values plus `L` or `L·H` gates.
+    pub fn num_trainable_parameters(&self, model: &LlamaConfig) -> usize {
+        self.adapter_layers * (self.adapter_len * model.hidden_size + self.gates_per_layer(model))
+    }
+
+    /// Creates the adapter for `model`: prompts drawn from N(0, 1) as the official code's
+    /// `nn.Embedding`, gates zero so that the adapted model starts exactly at the base model.
+    ///
+    /// # Errors
+    /// See [`AdaptionPromptConfig::validate`].
+    pub fn init<B: Backend>(&self, model: &LlamaConfig, device: &B::Device) -> Result<AdaptionPrompt<B>> {
+        self.validate(model)?;
+        let prompts = Tensor::random(
+            [self.adapter_layers, self.adapter_len, model.hidden_size],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        );
+        let gates = Tensor::zeros([self.adapter_layers, self.gates_per_layer(model)], device);
+        Ok(AdaptionPrompt::from_tensors(self.clone(), model, prompts, gates))
+    }
+}
+
+/// Adaption prompts and gates for the top `L` layers of a LLaMA.
+#[derive(Module, Debug)]
+pub struct AdaptionPrompt<B: Backend> {
+    /// Prompts `[L, K, hidden]`, bottom adapted layer first.
+    pub prompts: Param<Tensor<B, 3>>,
+    /// Raw gates `[L, H]` (per head) or `[L, 1]` (scalar), before the activation.
+    pub gates: Param<Tensor<B, 2>>,
+    /// Settings.
+    #[module(skip)]
+    pub config: AdaptionPromptConfig,
+    /// Index of the lowest adapted layer (`N - L`).
+    pub first_layer: usize,
+}
+
+impl<B: Backend> AdaptionPrompt<B> {
+    /// Builds the adapter from given tensors (prompts `[L, K, hidden]`, gates `[L, H or 1]`).
+    pub fn from_tensors(
+        config: AdaptionPromptConfig,
+        model: &LlamaConfig,
+        prompts: Tensor<B, 3>,
+        gates: Tensor<B, 2>,
+    ) -> Self {
+        Self {
+            prompts: Param::from_tensor(prompts),
+            gates: Param::from_tensor(gates),
+            first_layer: model.num_hidden_layers - config.adapter_layers,
+            config,
+        }
+    }
+
+    /// The gates after the activation, `[L, H or 1]`.
+    pub fn activated_gates(&self) -> Tensor<B, 2> {
+        match self.config.gate_activation {
+            GateActivation::Tanh => self.gates.val().tanh(),
+            GateActivation::Identity => self.gates.val(),
+        }
+    }
+}
+
+/// Prompt keys/values of every adapted layer, computed once per forward pass.
+struct PreparedPrompts<B: Backend> {
+    first_layer: usize,
+    /// Per adapted layer: keys and values `[1, heads, K, head_dim]`, activated gate `[1, G, 1, 1]`.
+    layers: Vec<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)>,
+    scale: f64,
+}
+
+impl<B: Backend> LayerHooks<B> for PreparedPrompts<B> {
+    fn attention_branch(&self, layer: usize, queries: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
+        let (keys, values, gate) = self.layers.get(layer.checked_sub(self.first_layer)?)?;
+        let [batch, heads, _, head_dim] = queries.dims();
+        let prompt_len = keys.dims()[2];
+        let keys = keys.clone().expand([batch, heads, prompt_len, head_dim]);
+        let values = values.clone().expand([batch, heads, prompt_len, head_dim]);
+        let dtype = queries.dtype();
+        let scores = queries.clone().matmul(keys.swap_dims(2, 3)) * self.scale;
+        // The prompt softmax runs in f32 like the main one; the gate scales probabilities.
+        let scores32 = if dtype == DType::F32 { scores } else { scores.cast(DType::F32) };
+        let weights = softmax(scores32, 3) * gate.clone();
+        let weights = if dtype == DType::F32 { weights } else { weights.cast(dtype) };
+        Some(weights.matmul(values))
+    }
+
+    fn first_adapted_layer(&self) -> Option<usize> {
+        Some(self.first_layer)
+    }
+}
+
+impl<B: Backend> Adapter<B> for AdaptionPrompt<B> {
+    fn method(&self) -> PeftMethod {
+        PeftMethod::AdaptionPrompt
+    }
+
+    fn check_compatible(&self, config: &LlamaConfig) -> Result<()> {
+        self.config.validate(config)?;
+        let [layers, len, width] = self.prompts.dims();
+        let gates = self.gates.dims();
+        let expected_gates = self.config.gates_per_layer(config);
+        if width != config.hidden_size {
+            return Err(PeftError::Incompatible(format!(
+                "adaption prompts have width {width}, the model's hidden size is {}",
+                config.hidden_size
+            )));
+        }
+        if [layers, len] != [self.config.adapter_layers, self.config.adapter_len]
+            || gates != [layers, expected_gates]
+        {
+            return Err(PeftError::Incompatible(format!(
+                "prompts {:?} / gates {:?} do not match adapter_layers {}, adapter_len {} and {} gate(s) per layer",
+                self.prompts.dims(),
+                gates,
+                self.config.adapter_layers,
+                self.config.adapter_len,
+                expected_gates
+            )));
+        }
+        if self.first_layer + layers != config.num_hidden_layers {
+            return Err(PeftError::Incompatible(format!(
+                "adapter starts at layer {} with {layers} layers, the model has {}",
+                self.first_layer, config.num_hidden_layers
+            )));
+        }
+        Ok(())
+    }
+
+    fn hooks<'a>(&'a self, base: &'a Llama<B>) -> Box<dyn LayerHooks<B> + 'a> {
+        let config = &base.config;
+        let n_rep = config.num_attention_heads / config.num_key_value_heads;
+        let prompts = self.prompts.val();
+        let gates = self.activated_gates();
+        let dtype = base.dtype();
+        let [layers, _, _] = prompts.dims();
+        let prepared = (0..layers)
+            .map(|index| {
+                let attention = &base.layers[self.first_layer + index].self_attn;
+                let prompt = prompts.clone().narrow(0, index, 1);
+                let prompt = if dtype == DType::F32 { prompt } else { prompt.cast(dtype) };
+                let (keys, values) = attention.project_key_values(prompt);
+                let gate = gates.clone().narrow(0, index, 1);
+                let count = gate.dims()[1];
+                (repeat_kv(keys, n_rep), repeat_kv(values, n_rep), gate.reshape([1, count, 1, 1]))
+            })
+            .collect();
+        Box::new(PreparedPrompts {
+            first_layer: self.first_layer,
+            layers: prepared,
+            scale: 1.0 / (config.head_dim as f64).sqrt(),
+        })
+    }
+
+    /// PEFT's names: `...layers.{i}.self_attn.adaption_prompt` `[1, K, hidden]` and
+    /// `...adaption_gate` `[1]` (gates of the per-head variant are stored `[H]`; the files
+    /// module refuses to write those as PEFT).
+    fn named_tensors(&self) -> Vec<NamedTensor> {
+        let [layers, len, width] = self.prompts.dims();
+        let prompts = host_values(self.prompts.val());
+        let gates = host_values(self.gates.val());
+        let per_layer = gates.len() / layers;
+        let mut out = Vec::with_capacity(2 * layers);
+        for index in 0..layers {
+            let prefix = format!("base_model.model.model.layers.{}.self_attn", self.first_layer + index);
+            out.push(NamedTensor {
+                key: format!("{prefix}.adaption_prompt"),
+                shape: vec![1, len, width],
+                values: prompts[index * len * width..(index + 1) * len * width].to_vec(),
+            });
+            out.push(NamedTensor {
+                key: format!("{prefix}.adaption_gate"),
+                shape: vec![per_layer],
+                values: gates[index * per_layer..(index + 1) * per_layer].to_vec(),
+            });
+        }
+        out
+    }
+}
