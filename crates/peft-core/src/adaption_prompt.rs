@@ -14,8 +14,8 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
-use burn::tensor::{backend::Backend, DType, Distribution, Tensor};
-use peft_llama::model::repeat_kv;
+use burn::tensor::{backend::Backend, Distribution, Tensor};
+use peft_llama::model::{cast_to, repeat_kv, upcast};
 use peft_llama::{LayerHooks, Llama, LlamaConfig};
 
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
@@ -170,9 +170,9 @@ impl<B: Backend> LayerHooks<B> for PreparedPrompts<B> {
         let dtype = queries.dtype();
         let scores = queries.clone().matmul(keys.swap_dims(2, 3)) * self.scale;
         // The prompt softmax runs in f32 like the main one; the gate scales probabilities.
-        let scores32 = if dtype == DType::F32 { scores } else { scores.cast(DType::F32) };
-        let weights = softmax(scores32, 3) * gate.clone();
-        let weights = if dtype == DType::F32 { weights } else { weights.cast(dtype) };
+        let probabilities = softmax(upcast(scores), 3);
+        let gate = cast_to(gate.clone(), probabilities.dtype());
+        let weights = cast_to(probabilities * gate, dtype);
         Some(weights.matmul(values))
     }
 
@@ -229,7 +229,7 @@ impl<B: Backend> Adapter<B> for AdaptionPrompt<B> {
             .map(|index| {
                 let attention = &base.layers[self.first_layer + index].self_attn;
                 let prompt = prompts.clone().narrow(0, index, 1);
-                let prompt = if dtype == DType::F32 { prompt } else { prompt.cast(dtype) };
+                let prompt = cast_to(prompt, dtype);
                 let (keys, values) = attention.project_key_values(prompt);
                 let gate = gates.clone().narrow(0, index, 1);
                 let count = gate.dims()[1];

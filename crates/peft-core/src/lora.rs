@@ -6,7 +6,8 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::module::linear;
-use burn::tensor::{backend::Backend, DType, Distribution, Tensor};
+use burn::tensor::{backend::Backend, Distribution, Tensor};
+use peft_llama::model::{cast_to, upcast};
 use peft_llama::{LayerHooks, Llama, LlamaConfig, Projection};
 
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
@@ -78,7 +79,7 @@ impl LoraConfig {
     }
 
     /// `(layer, projection, in, out)` of every adapted linear layer.
-    fn targets(&self, model: &LlamaConfig) -> Vec<(usize, Projection, usize, usize)> {
+    pub(crate) fn targets(&self, model: &LlamaConfig) -> Vec<(usize, Projection, usize, usize)> {
         let mut out = Vec::new();
         for layer in self.layers(model) {
             for &projection in &self.target_modules {
@@ -174,10 +175,11 @@ impl<B: Backend> LoraLinear<B> {
     /// `scaling · dropout(x) A B` for `x` `[batch, seq, in]`, in the dtype of `x`.
     pub fn delta(&self, x: &Tensor<B, 3>, scaling: f64) -> Tensor<B, 3> {
         let dtype = x.dtype();
-        let x = if dtype == DType::F32 { x.clone() } else { x.clone().cast(DType::F32) };
-        let low = linear(self.dropout.forward(x), self.lora_a.val(), None);
+        let lora_a = self.lora_a.val();
+        let x = cast_to(x.clone(), lora_a.dtype());
+        let low = linear(self.dropout.forward(x), lora_a, None);
         let delta = linear(low, self.lora_b.val(), None) * scaling;
-        if dtype == DType::F32 { delta } else { delta.cast(dtype) }
+        cast_to(delta, dtype)
     }
 
     /// The dense update `scaling · A B` `[in, out]` in f32.
@@ -248,9 +250,10 @@ impl<B: Backend> Lora<B> {
             if let Some(linear) = Self::linear_mut(&mut base, module.layer, &module.projection) {
                 let weight = linear.weight.val();
                 let dtype = weight.dtype();
-                let weight32 = if dtype == DType::F32 { weight } else { weight.cast(DType::F32) };
-                let merged = weight32 + module.dense_delta(scaling) * sign;
-                let merged = if dtype == DType::F32 { merged } else { merged.cast(dtype) };
+                let delta = module.dense_delta(scaling);
+                let weight = upcast(weight);
+                let merged = cast_to(delta, weight.dtype()).mul_scalar(sign) + weight;
+                let merged = cast_to(merged, dtype);
                 linear.weight = Param::from_tensor(merged);
             }
         }

@@ -5,7 +5,8 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{backend::Backend, DType, Distribution, Tensor};
+use burn::tensor::{backend::Backend, Distribution, Tensor};
+use peft_llama::model::cast_to;
 use peft_llama::{LayerHooks, Llama, LlamaConfig};
 
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
@@ -186,7 +187,7 @@ impl<B: Backend> Adapter<B> for PrefixTuning<B> {
             .reshape([tokens, 2 * self.num_layers, self.kv_heads, self.head_dim])
             .permute([1, 2, 0, 3]);
         let dtype = base.dtype();
-        let key_values = if dtype == DType::F32 { key_values } else { key_values.cast(dtype) };
+        let key_values = cast_to(key_values, dtype);
         Box::new(PreparedPrefix { key_values, tokens })
     }
 

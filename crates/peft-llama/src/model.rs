@@ -11,7 +11,7 @@ use crate::error::{LlamaError, Result};
 use crate::hooks::{LayerHooks, Projection};
 use crate::rope::{apply_rotary, RotaryEmbedding};
 
-/// Root-mean-square layer normalisation, computed in f32 whatever the weights' dtype.
+/// Root-mean-square layer normalisation, computed in at least f32 whatever the weights' dtype.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
     /// Scale `[hidden]`.
@@ -24,20 +24,28 @@ impl<B: Backend> RmsNorm<B> {
     /// Normalises `x` `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let dtype = x.dtype();
-        let x32 = to_f32(x);
+        let x32 = upcast(x);
         let variance = x32.clone().powi_scalar(2).mean_dim(2);
         let normed = x32 * (variance + self.eps).sqrt().recip();
         let weight = self.weight.val().unsqueeze::<3>();
-        weight * normed.cast(dtype)
+        weight * cast_to(normed, dtype)
     }
 }
 
-/// Casts to f32 unless already f32.
-pub(crate) fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    if x.dtype() == DType::F32 {
+/// Casts half-precision tensors (f16, bf16) to f32 for reductions; f32 and f64 stay as they are.
+pub fn upcast<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => x.cast(DType::F32),
+        _ => x,
+    }
+}
+
+/// Casts `x` to `dtype` unless it already has it.
+pub fn cast_to<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if x.dtype() == dtype {
         x
     } else {
-        x.cast(DType::F32)
+        x.cast(dtype)
     }
 }
 
@@ -146,7 +154,7 @@ impl<B: Backend> Attention<B> {
         if let Some(mask) = &context.mask {
             scores = scores.mask_fill(mask.clone(), mask_value(dtype));
         }
-        let probabilities = softmax(to_f32(scores), 3).cast(dtype);
+        let probabilities = cast_to(softmax(upcast(scores), 3), dtype);
         let mut output = probabilities.matmul(values);
         if let Some(branch) = hooks.attention_branch(layer, &queries) {
             output = output + branch;
@@ -331,9 +339,13 @@ impl<B: Backend> Llama<B> {
             // tuning's virtual tokens occupy the first `prefix` positions.
             let mut next = prefix + cache.map_or(0, |c| c.next_position(row));
             for column in 0..seq {
-                positions.push(next);
                 if tokens.is_real(row, column) {
+                    positions.push(next);
                     next += 1;
+                } else {
+                    // A padding token's position only affects its own (ignored) output; use its
+                    // column, as Hugging Face does without explicit position ids.
+                    positions.push(prefix + past + column);
                 }
             }
             for column in 0..seq {
@@ -353,7 +365,7 @@ impl<B: Backend> Llama<B> {
         }
         let (cos, sin) = self.rope.tables(&positions, batch, seq, &device);
         let dtype = self.dtype();
-        let (cos, sin) = if dtype == DType::F32 { (cos, sin) } else { (cos.cast(dtype), sin.cast(dtype)) };
+        let (cos, sin) = (cast_to(cos, dtype), cast_to(sin, dtype));
         let mask = any_masked.then(|| {
             Tensor::<B, 3, Bool>::from_data(TensorData::new(mask, [batch, seq, keys]), &device)
                 .unsqueeze_dim(1)

@@ -68,8 +68,9 @@ impl RotaryEmbedding {
         for &position in positions {
             let start = cos.len();
             for &freq in &self.inv_freq {
-                // Angles in f32 as Hugging Face does (`inv_freq @ position_ids` in float32).
-                let angle = freq * position as f32;
+                // Angles in f64: exact for any context length (Hugging Face rounds them to f32,
+                // which at position 4096 is off by up to 2e-4 rad).
+                let angle = freq as f64 * position as f64;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }

@@ -274,8 +274,11 @@ struct Builder<'a, B: Backend> {
 impl<B: Backend> Builder<'_, B> {
     fn tensor<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
         let data = TensorData::new(values, shape);
-        let data = if self.dtype == DType::F32 { data } else { data.convert_dtype(self.dtype) };
-        Tensor::from_data(data, (self.device, self.dtype))
+        match self.dtype {
+            // Full precision: the backend's float type (f32, or f64 on an f64 backend).
+            DType::F32 => Tensor::from_data(data, self.device),
+            dtype => Tensor::from_data(data.convert_dtype(dtype), (self.device, dtype)),
+        }
     }
 
     fn norm(&mut self, hf: &str) -> Result<RmsNorm<B>> {

@@ -32,6 +32,8 @@ fn check_base_logits(model: &str, weights: &str) {
         1e-5,
         &format!("{model}/{weights} logits"),
     );
+    // Padding positions too: their positions and masks follow transformers' conventions.
+    assert_close(&logits, &expected, 1e-4, 1e-5, &format!("{model}/{weights} logits incl. padding"));
 }
 
 #[test]
