@@ -30,10 +30,12 @@ pub mod files;
 pub mod lora;
 pub mod official_format;
 pub mod peft_format;
+pub mod peft_model;
 pub mod prefix;
 
 pub use adapter::{gradients_as_module, host_values, Adapter, NamedTensor, PeftMethod};
 pub use any_adapter::AnyAdapter;
+pub use peft_model::PeftModel;
 pub use adaption_prompt::{AdaptionPrompt, AdaptionPromptConfig, GateActivation, GateShape};
 pub use error::{PeftError, Result};
 pub use lora::{Lora, LoraConfig, LoraLinear};

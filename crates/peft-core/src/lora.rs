@@ -254,7 +254,7 @@ impl<B: Backend> Lora<B> {
                 let weight = upcast(weight);
                 let merged = cast_to(delta, weight.dtype()).mul_scalar(sign) + weight;
                 let merged = cast_to(merged, dtype);
-                linear.weight = Param::from_tensor(merged);
+                linear.weight = Param::from_tensor(merged).set_require_grad(false);
             }
         }
         base

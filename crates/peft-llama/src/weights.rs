@@ -272,6 +272,11 @@ struct Builder<'a, B: Backend> {
 }
 
 impl<B: Backend> Builder<'_, B> {
+    /// A frozen parameter: the base model never receives gradients.
+    fn param<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Param<Tensor<B, D>> {
+        Param::from_tensor(self.tensor(values, shape)).set_require_grad(false)
+    }
+
     fn tensor<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
         let data = TensorData::new(values, shape);
         match self.dtype {
@@ -284,7 +289,7 @@ impl<B: Backend> Builder<'_, B> {
     fn norm(&mut self, hf: &str) -> Result<RmsNorm<B>> {
         let width = self.config.hidden_size;
         let values = self.tensors.take_f32(&key_for(self.layout, hf), &[width])?;
-        Ok(RmsNorm { weight: Param::from_tensor(self.tensor(values, [width])), eps: self.config.rms_norm_eps })
+        Ok(RmsNorm { weight: self.param(values, [width]), eps: self.config.rms_norm_eps })
     }
 
     /// A projection stored PyTorch-style `[out, in]`, kept Burn-style `[in, out]`.
@@ -293,8 +298,7 @@ impl<B: Backend> Builder<'_, B> {
         if let (CheckpointLayout::Meta, Some(heads)) = (self.layout, rotary_heads) {
             values = meta_to_hf_rows(&values, heads, self.config.head_dim, inp);
         }
-        let weight = self.tensor(transpose(&values, out, inp), [inp, out]);
-        Ok(Linear { weight: Param::from_tensor(weight), bias: None })
+        Ok(Linear { weight: self.param(transpose(&values, out, inp), [inp, out]), bias: None })
     }
 
     fn build(mut self) -> Result<Llama<B>> {
@@ -302,7 +306,7 @@ impl<B: Backend> Builder<'_, B> {
         let (d, v) = (c.hidden_size, c.vocab_size);
         let embed_key = key_for(self.layout, "model.embed_tokens.weight");
         let embed = self.tensors.take_f32(&embed_key, &[v, d])?;
-        let embed_tokens = Param::from_tensor(self.tensor(embed, [v, d]));
+        let embed_tokens = self.param(embed, [v, d]);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = |name: &str| format!("model.layers.{i}.{name}");

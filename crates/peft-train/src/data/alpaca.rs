@@ -1,0 +1,338 @@
+//! Stanford Alpaca instruction data: records, the two prompt templates, and tokenization as the
+//! official LLaMA-Adapter fine-tuning code does it.
+
+use std::path::Path;
+
+use peft_llama::LlamaTokenizer;
+
+use super::example::{Example, TokenizedDataset, IGNORE_INDEX};
+use super::json_records::{read_objects, FieldReader};
+use crate::error::{RecordLocation, Result, TrainError};
+
+/// The Alpaca prompt for records with an `input`.
+///
+/// Byte-for-byte `PROMPT_DICT["prompt_input"]` of Stanford Alpaca's `train.py`
+/// (github.com/tatsu-lab/stanford_alpaca), which LLaMA-Adapter's
+/// `alpaca_finetuning_v1/finetuning.py` (github.com/OpenGVLab/LLaMA-Adapter) repeats unchanged.
+/// `{instruction}` and `{input}` are placeholders; the prompt ends at `### Response:` with no
+/// newline or space after it.
+pub const PROMPT_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:";
+
+/// The Alpaca prompt for records without an `input` (missing or empty).
+///
+/// Byte-for-byte `PROMPT_DICT["prompt_no_input"]` of the same two sources as
+/// [`PROMPT_WITH_INPUT`].
+pub const PROMPT_WITHOUT_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:";
+
+/// One Alpaca record.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AlpacaRecord {
+    /// The task.
+    pub instruction: String,
+    /// Optional context; empty when the record has none (missing, `null` or `""`).
+    pub input: String,
+    /// The reference response.
+    pub output: String,
+}
+
+impl AlpacaRecord {
+    /// A record from its three fields.
+    pub fn new(
+        instruction: impl Into<String>,
+        input: impl Into<String>,
+        output: impl Into<String>,
+    ) -> Self {
+        Self { instruction: instruction.into(), input: input.into(), output: output.into() }
+    }
+
+    /// The prompt the model sees for this record (see [`alpaca_prompt`]).
+    pub fn prompt(&self) -> String {
+        alpaca_prompt(&self.instruction, &self.input)
+    }
+}
+
+/// Fills the Alpaca template: [`PROMPT_WITH_INPUT`] when `input` is non-empty, else
+/// [`PROMPT_WITHOUT_INPUT`] (the official code's test is `ann.get("input", "") == ""`).
+///
+/// Placeholders are substituted in one pass, as Python's `str.format_map` does: braces inside
+/// the instruction or input are copied literally, never substituted again.
+pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
+    let template = if input.is_empty() { PROMPT_WITHOUT_INPUT } else { PROMPT_WITH_INPUT };
+    let mut prompt = String::with_capacity(template.len() + instruction.len() + input.len());
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        prompt.push_str(&rest[..start]);
+        let after = &rest[start..];
+        if let Some(tail) = after.strip_prefix("{instruction}") {
+            prompt.push_str(instruction);
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix("{input}") {
+            prompt.push_str(input);
+            rest = tail;
+        } else {
+            prompt.push('{');
+            rest = &after[1..];
+        }
+    }
+    prompt.push_str(rest);
+    prompt
+}
+
+/// Loads Alpaca records from a JSON array (Stanford `alpaca_data.json`, unchanged) or a JSON
+/// Lines file; `input` may be missing or `null`, other fields are ignored.
+///
+/// # Errors
+/// An unreadable, non-UTF-8 or malformed file; a record that is not an object, lacks
+/// `instruction` or `output`, or has a non-string field (the error names the file and the
+/// record index or line); no records at all.
+pub fn load_alpaca(path: impl AsRef<Path>) -> Result<Vec<AlpacaRecord>> {
+    let path = path.as_ref();
+    read_objects(path)?
+        .iter()
+        .map(|(location, object)| {
+            let fields = FieldReader { path, location: *location, object };
+            Ok(AlpacaRecord {
+                instruction: fields.string("instruction")?,
+                input: fields.optional_string("input")?,
+                output: fields.string("output")?,
+            })
+        })
+        .collect()
+}
+
+/// Token ids of `text` with BOS first, whether or not the tokenizer's template adds it (the
+/// official code encodes with `bos=True`).
+fn encode_with_bos(tokenizer: &LlamaTokenizer, text: &str, what: impl Fn() -> String) -> Result<Vec<u32>> {
+    let mut ids = tokenizer
+        .encode(text, true)
+        .map_err(|source| TrainError::Tokenizer { what: what(), source })?;
+    if let Some(bos) = tokenizer.bos_id() {
+        if ids.first() != Some(&bos) {
+            ids.insert(0, bos);
+        }
+    }
+    Ok(ids)
+}
+
+/// Tokenizes one record for supervised fine-tuning as LLaMA-Adapter's
+/// `alpaca_finetuning_v1/finetuning.py` (`InstructionDataset.__getitem__`) does:
+///
+/// 1. `prompt` = the Alpaca template filled with the record;
+/// 2. `input_ids` = tokens of `prompt + output` (the response follows `### Response:` directly,
+///    no separator) with BOS first and EOS appended (`encode(example, bos=True, eos=True)`);
+/// 3. the first `len(tokens of prompt with BOS)` labels are [`IGNORE_INDEX`], the rest equal the
+///    ids — the prompt is tokenized on its own just to count, and, as in the official code, a
+///    token that straddles the prompt/response boundary in the joint tokenization is not
+///    treated specially;
+/// 4. both are cut to `max_seq_len` tokens from the start (a long response loses its EOS).
+///
+/// Differences from the official code, none of which changes which positions are trained on:
+/// no padding here (batching pads); ignored labels are `-100` rather than `0` with
+/// `ignore_index=0`, so a real `<unk>` (id 0) in a response is still a target here; and the
+/// tokenizer is the model's Hugging Face `tokenizer.json` rather than SentencePiece — for LLaMA
+/// they produce the same ids (both prepend the `▁` dummy prefix to the text).
+///
+/// Without an EOS id in the tokenizer no EOS is appended.
+///
+/// # Errors
+/// `max_seq_len` is 0, or the tokenizer fails.
+pub fn tokenize_alpaca(
+    record: &AlpacaRecord,
+    tokenizer: &LlamaTokenizer,
+    max_seq_len: usize,
+) -> Result<Example> {
+    if max_seq_len == 0 {
+        return Err(TrainError::config("max_seq_len", "must be at least 1"));
+    }
+    let prompt = record.prompt();
+    let prompt_len = encode_with_bos(tokenizer, &prompt, || "an Alpaca prompt".into())?.len();
+    let mut input_ids =
+        encode_with_bos(tokenizer, &(prompt + &record.output), || "an Alpaca example".into())?;
+    if let Some(eos) = tokenizer.eos_id() {
+        input_ids.push(eos);
+    }
+    let labels = input_ids
+        .iter()
+        .enumerate()
+        .map(|(position, &id)| if position < prompt_len { IGNORE_INDEX } else { i64::from(id) })
+        .collect();
+    let mut example = Example { input_ids, labels };
+    example.truncate(max_seq_len);
+    Ok(example)
+}
+
+/// Tokenizes every record with [`tokenize_alpaca`]; records left without a target by
+/// truncation are listed in [`TokenizedDataset::without_targets`] (by index) instead of kept.
+///
+/// # Errors
+/// As [`tokenize_alpaca`], naming the record.
+pub fn tokenize_alpaca_records(
+    records: &[AlpacaRecord],
+    tokenizer: &LlamaTokenizer,
+    max_seq_len: usize,
+) -> Result<TokenizedDataset> {
+    let mut dataset = TokenizedDataset::default();
+    for (index, record) in records.iter().enumerate() {
+        let example = tokenize_alpaca(record, tokenizer, max_seq_len).map_err(|e| match e {
+            TrainError::Tokenizer { source, .. } => {
+                TrainError::Tokenizer { what: format!("Alpaca record {index}"), source }
+            }
+            other => other,
+        })?;
+        dataset.push(RecordLocation::Index(index), example);
+    }
+    Ok(dataset)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::data::test_files::TempFile;
+
+    fn tokenizer() -> LlamaTokenizer {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260k");
+        LlamaTokenizer::from_dir(dir).expect("the vendored stories260k tokenizer loads")
+    }
+
+    #[test]
+    fn prompts_match_the_stanford_templates_byte_for_byte() {
+        let with_input = alpaca_prompt("Translate.", "Bonjour");
+        assert_eq!(
+            with_input,
+            "Below is an instruction that describes a task, paired with an input that provides \
+             further context. Write a response that appropriately completes the request.\n\n\
+             ### Instruction:\nTranslate.\n\n### Input:\nBonjour\n\n### Response:"
+        );
+        let without_input = AlpacaRecord::new("Say hi.", "", "Hi").prompt();
+        assert_eq!(
+            without_input,
+            "Below is an instruction that describes a task. Write a response that appropriately \
+             completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:"
+        );
+    }
+
+    #[test]
+    fn braces_in_the_record_are_not_substituted_again() {
+        let prompt = alpaca_prompt("Print {input} and {x}", "{instruction}");
+        assert!(prompt.contains("### Instruction:\nPrint {input} and {x}\n\n### Input:\n{instruction}\n\n"));
+    }
+
+    #[test]
+    fn json_array_with_missing_null_and_empty_inputs_loads() {
+        let file = TempFile::new(
+            "alpaca.json",
+            "\u{feff}[\n {\"instruction\": \"A\", \"input\": \"\", \"output\": \"a\\n\\\"q\\\" \\u00e9\"},\n \
+             {\"instruction\": \"B\", \"output\": \"b\"},\n {\"instruction\": \"C\", \"input\": null, \
+             \"output\": \"c\", \"extra\": 3},\n {\"instruction\": \"D\", \"input\": \"d in\", \"output\": \"d\"}\n]",
+        );
+        let records = load_alpaca(file.path()).unwrap();
+        assert_eq!(records.len(), 4);
+        assert_eq!(records[0].output, "a\n\"q\" é");
+        assert_eq!(records[1].input, "");
+        assert_eq!(records[2].input, "");
+        assert_eq!(records[3], AlpacaRecord::new("D", "d in", "d"));
+    }
+
+    #[test]
+    fn jsonl_loads_and_skips_blank_lines() {
+        let file = TempFile::new(
+            "alpaca.jsonl",
+            "{\"instruction\": \"A\", \"output\": \"a\"}\n\n{\"instruction\": \"B\", \"input\": \"x\", \"output\": \"b\"}\n",
+        );
+        let records = load_alpaca(file.path()).unwrap();
+        assert_eq!(records, vec![AlpacaRecord::new("A", "", "a"), AlpacaRecord::new("B", "x", "b")]);
+    }
+
+    #[test]
+    fn missing_field_error_names_the_file_and_record_index() {
+        let file = TempFile::new(
+            "missing.json",
+            "[{\"instruction\": \"A\", \"output\": \"a\"}, {\"instruction\": \"B\"}]",
+        );
+        let message = load_alpaca(file.path()).unwrap_err().to_string();
+        assert!(message.contains("missing.json"), "{message}");
+        assert!(message.contains("record 1"), "{message}");
+        assert!(message.contains("missing field `output`"), "{message}");
+    }
+
+    #[test]
+    fn wrong_type_error_names_the_line_of_a_jsonl_file() {
+        let file = TempFile::new(
+            "wrong.jsonl",
+            "{\"instruction\": \"A\", \"output\": \"a\"}\n\n{\"instruction\": 5, \"output\": \"b\"}\n",
+        );
+        let message = load_alpaca(file.path()).unwrap_err().to_string();
+        assert!(message.contains("line 3"), "{message}");
+        assert!(message.contains("`instruction` must be a string, found a number"), "{message}");
+    }
+
+    #[test]
+    fn malformed_json_reports_line_and_column() {
+        let file = TempFile::new("broken.jsonl", "{\"instruction\": \"A\", \"output\": \"a\"}\n{\"instruction\": \n");
+        let error = load_alpaca(file.path()).unwrap_err();
+        assert!(matches!(&error, TrainError::Json { location, .. } if location.starts_with("line 2")), "{error}");
+    }
+
+    #[test]
+    fn empty_and_non_utf8_files_are_errors() {
+        let empty = TempFile::new("empty.json", "[]");
+        assert!(matches!(load_alpaca(empty.path()), Err(TrainError::EmptyDataset { .. })));
+        let blank = TempFile::new("blank.jsonl", "\n  \n");
+        assert!(matches!(load_alpaca(blank.path()), Err(TrainError::EmptyDataset { .. })));
+        let latin1 = TempFile::from_bytes("latin1.json", b"[{\"instruction\": \"caf\xe9\", \"output\": \"x\"}]");
+        assert!(matches!(load_alpaca(latin1.path()), Err(TrainError::NotUtf8 { offset: 21, .. })));
+    }
+
+    #[test]
+    fn tokenized_example_is_bos_prompt_response_eos_with_the_prompt_masked() {
+        let tokenizer = tokenizer();
+        let record = AlpacaRecord::new("Tell a story.", "", "Once upon a time.");
+        let example = tokenize_alpaca(&record, &tokenizer, 512).unwrap();
+        let prompt_ids = tokenizer.encode(&record.prompt(), true).unwrap();
+        let joint = tokenizer.encode(&format!("{}{}", record.prompt(), record.output), true).unwrap();
+        assert_eq!(example.input_ids[0], 1, "BOS first");
+        assert_eq!(*example.input_ids.last().unwrap(), 2, "EOS last");
+        assert_eq!(example.input_ids[..example.len() - 1], joint[..]);
+        assert_eq!(example.labels.len(), example.len());
+        assert!(example.labels[..prompt_ids.len()].iter().all(|&l| l == IGNORE_INDEX));
+        for position in prompt_ids.len()..example.len() {
+            assert_eq!(example.labels[position], i64::from(example.input_ids[position]));
+        }
+        let response = tokenizer.decode(&example.input_ids[prompt_ids.len()..]).unwrap();
+        assert_eq!(response.trim(), "Once upon a time.");
+    }
+
+    #[test]
+    fn truncation_cuts_from_the_end_and_prompt_only_records_are_left_out() {
+        let tokenizer = tokenizer();
+        let record = AlpacaRecord::new("Tell a story.", "", "Once upon a time there was a cat.");
+        let full = tokenize_alpaca(&record, &tokenizer, 512).unwrap();
+        let cut = tokenize_alpaca(&record, &tokenizer, full.len() - 3).unwrap();
+        assert_eq!(cut.input_ids[..], full.input_ids[..full.len() - 3]);
+        assert_eq!(cut.labels[..], full.labels[..full.len() - 3]);
+
+        let prompt_len = tokenizer.encode(&record.prompt(), true).unwrap().len();
+        let records = vec![record.clone(), AlpacaRecord::new("x", "", "y"), record];
+        let dataset = tokenize_alpaca_records(&records, &tokenizer, prompt_len).unwrap();
+        // The first and last records have a longer prompt than the cut; the short one fits.
+        assert_eq!(dataset.examples.len(), 1);
+        assert_eq!(dataset.without_targets, vec![RecordLocation::Index(0), RecordLocation::Index(2)]);
+        assert!(matches!(tokenize_alpaca(&records[0], &tokenizer, 0), Err(TrainError::Config { .. })));
+    }
+
+    /// The 999-record demo set of this workspace; run with `cargo test -- --ignored` where
+    /// `/work/shared/data` (or `PEFT_ALPACA_DEMO`) exists.
+    #[test]
+    #[ignore = "needs the shared demo data outside the repository"]
+    fn demo_alpaca_file_loads_and_tokenizes() {
+        let path = std::env::var("PEFT_ALPACA_DEMO")
+            .unwrap_or_else(|_| "/work/shared/data/alpaca_en_demo.json".into());
+        let records = load_alpaca(&path).unwrap();
+        assert_eq!(records.len(), 999);
+        assert_eq!(records.iter().filter(|r| !r.input.is_empty()).count(), 412);
+        let dataset = tokenize_alpaca_records(&records, &tokenizer(), 512).unwrap();
+        assert_eq!(dataset.examples.len() + dataset.without_targets.len(), 999);
+    }
+}
