@@ -1,15 +1,52 @@
 //! `peft`: parameter-efficient fine-tuning of LLaMA models from the command line.
 
 mod backend;
-mod commands;
+mod generate;
+mod inspect;
+mod logits;
+mod merge;
+mod model_args;
+mod template;
+mod train;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+
+/// Errors of any command, printed as `error: ...`.
+pub type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Parameter-efficient fine-tuning of LLaMA models (LLaMA-Adapter, LoRA, prefix tuning).
+#[derive(Parser, Debug)]
+#[command(name = "peft", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Continue a prompt, optionally with an adapter.
+    Generate(generate::GenerateArgs),
+    /// Write the logits of given token ids (for checking numerics against other frameworks).
+    Logits(logits::LogitsArgs),
+    /// Describe a model directory or an adapter.
+    Inspect(inspect::InspectArgs),
+    /// Merge a LoRA adapter into the model and write a Hugging Face model directory.
+    Merge(merge::MergeArgs),
+    /// Fine-tune an adapter (LLaMA-Adapter's Alpaca recipe by default).
+    Train(train::TrainArgs),
+}
 
 fn main() -> ExitCode {
-    let cli = commands::Cli::parse();
-    match commands::run(cli) {
+    let result = match Cli::parse().command {
+        Command::Generate(args) => generate::run(args),
+        Command::Logits(args) => logits::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Merge(args) => merge::run(args),
+        Command::Train(args) => train::run(args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");

@@ -23,17 +23,21 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod adapter_files;
 pub mod adaption_prompt;
 pub mod any_adapter;
 pub mod error;
 pub mod files;
 pub mod lora;
+pub mod native_format;
 pub mod official_format;
 pub mod peft_format;
 pub mod peft_model;
 pub mod prefix;
+pub mod torch_pickle;
 
 pub use adapter::{gradients_as_module, host_values, Adapter, NamedTensor, PeftMethod};
+pub use adapter_files::{detect_format, load_adapter, save_adapter, AdapterFormat};
 pub use any_adapter::AnyAdapter;
 pub use peft_model::PeftModel;
 pub use adaption_prompt::{AdaptionPrompt, AdaptionPromptConfig, GateActivation, GateShape};

@@ -122,3 +122,20 @@ pub fn official_tensors<B: Backend>(adapter: &AdaptionPrompt<B>, model: &LlamaCo
     }
     Ok(out)
 }
+
+/// Writes the official checkpoint for `adapter` to `path` (a PyTorch `.pth`, or `.safetensors`
+/// when the path ends so), atomically.
+///
+/// # Errors
+/// See [`official_tensors`]; I/O errors.
+pub fn save_official<B: Backend>(adapter: &AdaptionPrompt<B>, model: &LlamaConfig, path: &Path) -> Result<()> {
+    let tensors = official_tensors(adapter, model)?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| PeftError::Io { path: parent.into(), source: e })?;
+    }
+    let bytes = match path.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => crate::peft_format::safetensors_bytes(&tensors, path)?,
+        _ => crate::torch_pickle::state_dict_bytes(&tensors, path)?,
+    };
+    crate::files::write_atomic(path, &bytes)
+}

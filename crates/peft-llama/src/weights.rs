@@ -460,3 +460,65 @@ fn shard_files(index: &Path) -> Result<Vec<String>> {
     files.sort();
     Ok(files)
 }
+
+/// The model's tensors under Hugging Face names and PyTorch layouts (`[out, in]` weights),
+/// as f32 host values with shapes; the tied output head is omitted as `transformers` does.
+pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().into_vec::<f32>().expect("float tensor data converts to f32")
+    }
+    let linear = |name: String, linear: &Linear<B>| {
+        let [inp, out] = linear.weight.dims();
+        (name, vec![out, inp], transpose(&host(linear.weight.val()), inp, out))
+    };
+    let norm = |name: String, norm: &RmsNorm<B>| {
+        let width = norm.weight.dims()[0];
+        (name, vec![width], host(norm.weight.val()))
+    };
+    let c = &model.config;
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, c.hidden_size],
+        host(model.embed_tokens.val()),
+    )];
+    for (i, layer) in model.layers.iter().enumerate() {
+        let p = |name: &str| format!("model.layers.{i}.{name}");
+        out.push(linear(p("self_attn.q_proj.weight"), &layer.self_attn.q_proj));
+        out.push(linear(p("self_attn.k_proj.weight"), &layer.self_attn.k_proj));
+        out.push(linear(p("self_attn.v_proj.weight"), &layer.self_attn.v_proj));
+        out.push(linear(p("self_attn.o_proj.weight"), &layer.self_attn.o_proj));
+        out.push(linear(p("mlp.gate_proj.weight"), &layer.mlp.gate_proj));
+        out.push(linear(p("mlp.up_proj.weight"), &layer.mlp.up_proj));
+        out.push(linear(p("mlp.down_proj.weight"), &layer.mlp.down_proj));
+        out.push(norm(p("input_layernorm.weight"), &layer.input_layernorm));
+        out.push(norm(p("post_attention_layernorm.weight"), &layer.post_attention_layernorm));
+    }
+    out.push(norm("model.norm.weight".into(), &model.norm));
+    if let Some(head) = &model.lm_head {
+        out.push(linear("lm_head.weight".into(), head));
+    }
+    out
+}
+
+/// Writes the model's weights as one Hugging Face `model.safetensors` (float32), through a
+/// temporary file and a rename.
+///
+/// # Errors
+/// I/O errors.
+pub fn save_hf_safetensors<B: Backend>(model: &Llama<B>, path: &Path) -> Result<()> {
+    let tensors = hf_tensors(model);
+    let buffers: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+    let mut views = Vec::with_capacity(tensors.len());
+    for ((name, shape, _), buffer) in tensors.iter().zip(&buffers) {
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), buffer)
+            .map_err(|e| LlamaError::WeightFile { path: path.into(), message: format!("{name}: {e}") })?;
+        views.push((name.clone(), view));
+    }
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| LlamaError::WeightFile { path: path.into(), message: e.to_string() })?;
+    let temporary = path.with_extension("safetensors.partial");
+    std::fs::write(&temporary, bytes).map_err(|e| LlamaError::io(&temporary, e))?;
+    std::fs::rename(&temporary, path).map_err(|e| LlamaError::io(path, e))
+}

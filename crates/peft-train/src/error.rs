@@ -95,6 +95,33 @@ pub enum TrainError {
         /// What is wrong.
         message: String,
     },
+    /// The model failed (loading, forward pass).
+    #[error(transparent)]
+    Model(#[from] LlamaError),
+    /// An adapter operation failed (saving, loading, shapes).
+    #[error(transparent)]
+    Adapter(#[from] peft_core::PeftError),
+    /// The loss or the gradients became NaN or infinite; training stopped.
+    #[error("the loss became non-finite ({loss}) at step {step}; training stopped. {}", match checkpoint {
+        Some(name) => format!("The last good checkpoint, {name}, is kept; lower the learning rate or check the data, then resume with --resume."),
+        None => "No checkpoint had been written yet.".to_string(),
+    })]
+    NonFiniteLoss {
+        /// Optimiser steps completed before the failure.
+        step: usize,
+        /// The offending value.
+        loss: f64,
+        /// The newest checkpoint on disk.
+        checkpoint: Option<String>,
+    },
+    /// A checkpoint is unreadable or inconsistent.
+    #[error("{path}: checkpoint: {message}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// Saved optimiser state does not match the module it is loaded for.
     #[error("optimizer state for parameter `{path}`: {message}")]
     OptimizerState {
@@ -110,14 +137,28 @@ pub type Result<T, E = TrainError> = std::result::Result<T, E>;
 
 impl TrainError {
     pub(crate) fn config(setting: &'static str, message: impl Into<String>) -> Self {
-        Self::Config { setting, message: message.into() }
+        Self::Config {
+            setting,
+            message: message.into(),
+        }
     }
 
     pub(crate) fn input(what: &'static str, message: impl Into<String>) -> Self {
-        Self::Input { what, message: message.into() }
+        Self::Input {
+            what,
+            message: message.into(),
+        }
     }
 
-    pub(crate) fn record(path: &std::path::Path, location: RecordLocation, message: impl Into<String>) -> Self {
-        Self::Record { path: path.to_path_buf(), location, message: message.into() }
+    pub(crate) fn record(
+        path: &std::path::Path,
+        location: RecordLocation,
+        message: impl Into<String>,
+    ) -> Self {
+        Self::Record {
+            path: path.to_path_buf(),
+            location,
+            message: message.into(),
+        }
     }
 }

@@ -42,7 +42,11 @@ impl AlpacaRecord {
         input: impl Into<String>,
         output: impl Into<String>,
     ) -> Self {
-        Self { instruction: instruction.into(), input: input.into(), output: output.into() }
+        Self {
+            instruction: instruction.into(),
+            input: input.into(),
+            output: output.into(),
+        }
     }
 
     /// The prompt the model sees for this record (see [`alpaca_prompt`]).
@@ -57,7 +61,11 @@ impl AlpacaRecord {
 /// Placeholders are substituted in one pass, as Python's `str.format_map` does: braces inside
 /// the instruction or input are copied literally, never substituted again.
 pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
-    let template = if input.is_empty() { PROMPT_WITHOUT_INPUT } else { PROMPT_WITH_INPUT };
+    let template = if input.is_empty() {
+        PROMPT_WITHOUT_INPUT
+    } else {
+        PROMPT_WITH_INPUT
+    };
     let mut prompt = String::with_capacity(template.len() + instruction.len() + input.len());
     let mut rest = template;
     while let Some(start) = rest.find('{') {
@@ -90,7 +98,11 @@ pub fn load_alpaca(path: impl AsRef<Path>) -> Result<Vec<AlpacaRecord>> {
     read_objects(path)?
         .iter()
         .map(|(location, object)| {
-            let fields = FieldReader { path, location: *location, object };
+            let fields = FieldReader {
+                path,
+                location: *location,
+                object,
+            };
             Ok(AlpacaRecord {
                 instruction: fields.string("instruction")?,
                 input: fields.optional_string("input")?,
@@ -102,10 +114,17 @@ pub fn load_alpaca(path: impl AsRef<Path>) -> Result<Vec<AlpacaRecord>> {
 
 /// Token ids of `text` with BOS first, whether or not the tokenizer's template adds it (the
 /// official code encodes with `bos=True`).
-fn encode_with_bos(tokenizer: &LlamaTokenizer, text: &str, what: impl Fn() -> String) -> Result<Vec<u32>> {
+fn encode_with_bos(
+    tokenizer: &LlamaTokenizer,
+    text: &str,
+    what: impl Fn() -> String,
+) -> Result<Vec<u32>> {
     let mut ids = tokenizer
         .encode(text, true)
-        .map_err(|source| TrainError::Tokenizer { what: what(), source })?;
+        .map_err(|source| TrainError::Tokenizer {
+            what: what(),
+            source,
+        })?;
     if let Some(bos) = tokenizer.bos_id() {
         if ids.first() != Some(&bos) {
             ids.insert(0, bos);
@@ -146,15 +165,22 @@ pub fn tokenize_alpaca(
     }
     let prompt = record.prompt();
     let prompt_len = encode_with_bos(tokenizer, &prompt, || "an Alpaca prompt".into())?.len();
-    let mut input_ids =
-        encode_with_bos(tokenizer, &(prompt + &record.output), || "an Alpaca example".into())?;
+    let mut input_ids = encode_with_bos(tokenizer, &(prompt + &record.output), || {
+        "an Alpaca example".into()
+    })?;
     if let Some(eos) = tokenizer.eos_id() {
         input_ids.push(eos);
     }
     let labels = input_ids
         .iter()
         .enumerate()
-        .map(|(position, &id)| if position < prompt_len { IGNORE_INDEX } else { i64::from(id) })
+        .map(|(position, &id)| {
+            if position < prompt_len {
+                IGNORE_INDEX
+            } else {
+                i64::from(id)
+            }
+        })
         .collect();
     let mut example = Example { input_ids, labels };
     example.truncate(max_seq_len);
@@ -174,9 +200,10 @@ pub fn tokenize_alpaca_records(
     let mut dataset = TokenizedDataset::default();
     for (index, record) in records.iter().enumerate() {
         let example = tokenize_alpaca(record, tokenizer, max_seq_len).map_err(|e| match e {
-            TrainError::Tokenizer { source, .. } => {
-                TrainError::Tokenizer { what: format!("Alpaca record {index}"), source }
-            }
+            TrainError::Tokenizer { source, .. } => TrainError::Tokenizer {
+                what: format!("Alpaca record {index}"),
+                source,
+            },
             other => other,
         })?;
         dataset.push(RecordLocation::Index(index), example);
@@ -216,7 +243,8 @@ mod tests {
     #[test]
     fn braces_in_the_record_are_not_substituted_again() {
         let prompt = alpaca_prompt("Print {input} and {x}", "{instruction}");
-        assert!(prompt.contains("### Instruction:\nPrint {input} and {x}\n\n### Input:\n{instruction}\n\n"));
+        assert!(prompt
+            .contains("### Instruction:\nPrint {input} and {x}\n\n### Input:\n{instruction}\n\n"));
     }
 
     #[test]
@@ -242,7 +270,13 @@ mod tests {
             "{\"instruction\": \"A\", \"output\": \"a\"}\n\n{\"instruction\": \"B\", \"input\": \"x\", \"output\": \"b\"}\n",
         );
         let records = load_alpaca(file.path()).unwrap();
-        assert_eq!(records, vec![AlpacaRecord::new("A", "", "a"), AlpacaRecord::new("B", "x", "b")]);
+        assert_eq!(
+            records,
+            vec![
+                AlpacaRecord::new("A", "", "a"),
+                AlpacaRecord::new("B", "x", "b")
+            ]
+        );
     }
 
     #[test]
@@ -265,24 +299,45 @@ mod tests {
         );
         let message = load_alpaca(file.path()).unwrap_err().to_string();
         assert!(message.contains("line 3"), "{message}");
-        assert!(message.contains("`instruction` must be a string, found a number"), "{message}");
+        assert!(
+            message.contains("`instruction` must be a string, found a number"),
+            "{message}"
+        );
     }
 
     #[test]
     fn malformed_json_reports_line_and_column() {
-        let file = TempFile::new("broken.jsonl", "{\"instruction\": \"A\", \"output\": \"a\"}\n{\"instruction\": \n");
+        let file = TempFile::new(
+            "broken.jsonl",
+            "{\"instruction\": \"A\", \"output\": \"a\"}\n{\"instruction\": \n",
+        );
         let error = load_alpaca(file.path()).unwrap_err();
-        assert!(matches!(&error, TrainError::Json { location, .. } if location.starts_with("line 2")), "{error}");
+        assert!(
+            matches!(&error, TrainError::Json { location, .. } if location.starts_with("line 2")),
+            "{error}"
+        );
     }
 
     #[test]
     fn empty_and_non_utf8_files_are_errors() {
         let empty = TempFile::new("empty.json", "[]");
-        assert!(matches!(load_alpaca(empty.path()), Err(TrainError::EmptyDataset { .. })));
+        assert!(matches!(
+            load_alpaca(empty.path()),
+            Err(TrainError::EmptyDataset { .. })
+        ));
         let blank = TempFile::new("blank.jsonl", "\n  \n");
-        assert!(matches!(load_alpaca(blank.path()), Err(TrainError::EmptyDataset { .. })));
-        let latin1 = TempFile::from_bytes("latin1.json", b"[{\"instruction\": \"caf\xe9\", \"output\": \"x\"}]");
-        assert!(matches!(load_alpaca(latin1.path()), Err(TrainError::NotUtf8 { offset: 21, .. })));
+        assert!(matches!(
+            load_alpaca(blank.path()),
+            Err(TrainError::EmptyDataset { .. })
+        ));
+        let latin1 = TempFile::from_bytes(
+            "latin1.json",
+            b"[{\"instruction\": \"caf\xe9\", \"output\": \"x\"}]",
+        );
+        assert!(matches!(
+            load_alpaca(latin1.path()),
+            Err(TrainError::NotUtf8 { offset: 21, .. })
+        ));
     }
 
     #[test]
@@ -291,16 +346,25 @@ mod tests {
         let record = AlpacaRecord::new("Tell a story.", "", "Once upon a time.");
         let example = tokenize_alpaca(&record, &tokenizer, 512).unwrap();
         let prompt_ids = tokenizer.encode(&record.prompt(), true).unwrap();
-        let joint = tokenizer.encode(&format!("{}{}", record.prompt(), record.output), true).unwrap();
+        let joint = tokenizer
+            .encode(&format!("{}{}", record.prompt(), record.output), true)
+            .unwrap();
         assert_eq!(example.input_ids[0], 1, "BOS first");
         assert_eq!(*example.input_ids.last().unwrap(), 2, "EOS last");
         assert_eq!(example.input_ids[..example.len() - 1], joint[..]);
         assert_eq!(example.labels.len(), example.len());
-        assert!(example.labels[..prompt_ids.len()].iter().all(|&l| l == IGNORE_INDEX));
+        assert!(example.labels[..prompt_ids.len()]
+            .iter()
+            .all(|&l| l == IGNORE_INDEX));
         for position in prompt_ids.len()..example.len() {
-            assert_eq!(example.labels[position], i64::from(example.input_ids[position]));
+            assert_eq!(
+                example.labels[position],
+                i64::from(example.input_ids[position])
+            );
         }
-        let response = tokenizer.decode(&example.input_ids[prompt_ids.len()..]).unwrap();
+        let response = tokenizer
+            .decode(&example.input_ids[prompt_ids.len()..])
+            .unwrap();
         assert_eq!(response.trim(), "Once upon a time.");
     }
 
@@ -318,8 +382,14 @@ mod tests {
         let dataset = tokenize_alpaca_records(&records, &tokenizer, prompt_len).unwrap();
         // The first and last records have a longer prompt than the cut; the short one fits.
         assert_eq!(dataset.examples.len(), 1);
-        assert_eq!(dataset.without_targets, vec![RecordLocation::Index(0), RecordLocation::Index(2)]);
-        assert!(matches!(tokenize_alpaca(&records[0], &tokenizer, 0), Err(TrainError::Config { .. })));
+        assert_eq!(
+            dataset.without_targets,
+            vec![RecordLocation::Index(0), RecordLocation::Index(2)]
+        );
+        assert!(matches!(
+            tokenize_alpaca(&records[0], &tokenizer, 0),
+            Err(TrainError::Config { .. })
+        ));
     }
 
     /// The 999-record demo set of this workspace; run with `cargo test -- --ignored` where

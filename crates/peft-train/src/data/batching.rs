@@ -90,7 +90,9 @@ impl BatchingConfig {
                 return Err(TrainError::config(setting, "must be at least 1"));
             }
         }
-        Ok(Batcher { config: self.clone() })
+        Ok(Batcher {
+            config: self.clone(),
+        })
     }
 }
 
@@ -155,7 +157,10 @@ impl Batcher {
         }
         for (row, example) in examples.iter().enumerate() {
             if example.is_empty() {
-                return Err(TrainError::input("collate", format!("example {row} has no tokens")));
+                return Err(TrainError::input(
+                    "collate",
+                    format!("example {row} has no tokens"),
+                ));
             }
             if example.labels.len() != example.len() {
                 return Err(TrainError::input(
@@ -170,7 +175,10 @@ impl Batcher {
             if example.len() > max_seq_len {
                 return Err(TrainError::input(
                     "collate",
-                    format!("example {row} has {} tokens, more than max_seq_len {max_seq_len}", example.len()),
+                    format!(
+                        "example {row} has {} tokens, more than max_seq_len {max_seq_len}",
+                        example.len()
+                    ),
                 ));
             }
         }
@@ -195,7 +203,17 @@ impl Batcher {
             target_tokens += example.target_tokens();
         }
         let mask = (real_tokens < batch * seq).then_some(mask);
-        Ok(Batch { tokens: TokenBatch { ids, batch, seq, mask }, labels, real_tokens, target_tokens })
+        Ok(Batch {
+            tokens: TokenBatch {
+                ids,
+                batch,
+                seq,
+                mask,
+            },
+            labels,
+            real_tokens,
+            target_tokens,
+        })
     }
 
     /// The batches of epoch `epoch` over `examples`, in [`plan`](Self::plan) order.
@@ -223,9 +241,18 @@ mod tests {
         let labels = ids
             .iter()
             .enumerate()
-            .map(|(t, &id)| if t < prompt { IGNORE_INDEX } else { i64::from(id) })
+            .map(|(t, &id)| {
+                if t < prompt {
+                    IGNORE_INDEX
+                } else {
+                    i64::from(id)
+                }
+            })
             .collect();
-        Example { input_ids: ids.to_vec(), labels }
+        Example {
+            input_ids: ids.to_vec(),
+            labels,
+        }
     }
 
     fn lengths_dataset(lengths: &[usize]) -> Vec<Example> {
@@ -277,8 +304,16 @@ mod tests {
                 .init()
                 .unwrap();
             let epoch0 = batcher.plan(&lengths, 0);
-            assert_eq!(epoch0, batcher.plan(&lengths, 0), "{strategy:?}: same seed, same order");
-            assert_ne!(epoch0, batcher.plan(&lengths, 1), "{strategy:?}: epochs differ");
+            assert_eq!(
+                epoch0,
+                batcher.plan(&lengths, 0),
+                "{strategy:?}: same seed, same order"
+            );
+            assert_ne!(
+                epoch0,
+                batcher.plan(&lengths, 1),
+                "{strategy:?}: epochs differ"
+            );
             let mut seen: Vec<usize> = epoch0.iter().flatten().copied().collect();
             seen.sort_unstable();
             assert_eq!(seen, (0..103).collect::<Vec<_>>(), "{strategy:?}");
@@ -291,7 +326,11 @@ mod tests {
         let lengths: Vec<usize> = (0..400).map(|i| 5 + (i * 7919) % 300).collect();
         let data = lengths_dataset(&lengths);
         let padded = |strategy| {
-            let batcher = BatchingConfig::new(8).with_max_seq_len(400).with_strategy(strategy).init().unwrap();
+            let batcher = BatchingConfig::new(8)
+                .with_max_seq_len(400)
+                .with_strategy(strategy)
+                .init()
+                .unwrap();
             batcher
                 .batches(&data, 0)
                 .map(|b| b.map(|b| b.tokens.ids.len()))
@@ -302,7 +341,11 @@ mod tests {
         let grouped = padded(BatchStrategy::LengthGrouped);
         // Random batches of a uniform length spread pad to ~89% of their max; windows of 512
         // sorted examples leave only a small gap.
-        assert!((grouped - real) * 20 < real, "grouped padding {} of {real}", grouped - real);
+        assert!(
+            (grouped - real) * 20 < real,
+            "grouped padding {} of {real}",
+            grouped - real
+        );
         assert!(padded(BatchStrategy::FixedLength) > grouped);
     }
 
@@ -320,7 +363,10 @@ mod tests {
     fn zero_batch_size_is_a_config_error() {
         assert!(matches!(
             BatchingConfig::new(0).init(),
-            Err(TrainError::Config { setting: "batch_size", .. })
+            Err(TrainError::Config {
+                setting: "batch_size",
+                ..
+            })
         ));
     }
 }

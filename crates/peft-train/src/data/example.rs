@@ -36,7 +36,11 @@ impl Example {
     /// Number of positions the shifted causal-LM loss counts: labels other than
     /// [`IGNORE_INDEX`] after the first position (the first token is never predicted).
     pub fn target_tokens(&self) -> usize {
-        self.labels.iter().skip(1).filter(|&&label| label != IGNORE_INDEX).count()
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|&&label| label != IGNORE_INDEX)
+            .count()
     }
 
     /// Keeps at most `max_seq_len` tokens (and labels) from the start.

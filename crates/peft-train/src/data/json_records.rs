@@ -20,8 +20,10 @@ pub(crate) type LocatedObject = (RecordLocation, Map<String, Value>);
 /// Unreadable file, invalid UTF-8, malformed JSON, an element that is not an object, or no
 /// records at all.
 pub(crate) fn read_objects(path: &Path) -> Result<Vec<LocatedObject>> {
-    let bytes =
-        std::fs::read(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let text = String::from_utf8(bytes).map_err(|e| TrainError::NotUtf8 {
         path: path.to_path_buf(),
         offset: e.utf8_error().valid_up_to(),
@@ -42,7 +44,9 @@ pub(crate) fn read_objects(path: &Path) -> Result<Vec<LocatedObject>> {
         }
     };
     if objects.is_empty() {
-        return Err(TrainError::EmptyDataset { path: path.to_path_buf() });
+        return Err(TrainError::EmptyDataset {
+            path: path.to_path_buf(),
+        });
     }
     Ok(objects)
 }
@@ -50,7 +54,11 @@ pub(crate) fn read_objects(path: &Path) -> Result<Vec<LocatedObject>> {
 fn json_error(path: &Path, error: &serde_json::Error, line_offset: usize) -> TrainError {
     TrainError::Json {
         path: path.to_path_buf(),
-        location: format!("line {}, column {}", error.line() + line_offset, error.column()),
+        location: format!(
+            "line {}, column {}",
+            error.line() + line_offset,
+            error.column()
+        ),
         message: error.to_string(),
     }
 }
@@ -171,6 +179,7 @@ impl FieldReader<'_> {
 
     /// A required array of integers.
     pub(crate) fn integers(&self, key: &str) -> Result<Vec<i64>> {
-        self.optional_integers(key)?.ok_or_else(|| self.missing(key))
+        self.optional_integers(key)?
+            .ok_or_else(|| self.missing(key))
     }
 }

@@ -34,7 +34,11 @@ pub fn load_pretokenized(
     let path = path.as_ref();
     let mut dataset = TokenizedDataset::default();
     for (location, object) in read_objects(path)? {
-        let fields = FieldReader { path, location, object: &object };
+        let fields = FieldReader {
+            path,
+            location,
+            object: &object,
+        };
         let bad = |message: String| TrainError::record(path, location, message);
         let raw_ids = fields.integers("input_ids")?;
         if raw_ids.is_empty() {
@@ -92,8 +96,20 @@ mod tests {
             "{\"input_ids\": [1, 5, 6, 7]}\n{\"input_ids\": [1, 8, 9], \"labels\": [-100, -100, 9], \"attention_mask\": [1, 1, 1]}\n",
         );
         let dataset = load_pretokenized(file.path(), 16, 3).unwrap();
-        assert_eq!(dataset.examples[0], Example { input_ids: vec![1, 5, 6], labels: vec![1, 5, 6] });
-        assert_eq!(dataset.examples[1], Example { input_ids: vec![1, 8, 9], labels: vec![-100, -100, 9] });
+        assert_eq!(
+            dataset.examples[0],
+            Example {
+                input_ids: vec![1, 5, 6],
+                labels: vec![1, 5, 6]
+            }
+        );
+        assert_eq!(
+            dataset.examples[1],
+            Example {
+                input_ids: vec![1, 8, 9],
+                labels: vec![-100, -100, 9]
+            }
+        );
         assert!(dataset.without_targets.is_empty());
     }
 
@@ -110,30 +126,61 @@ mod tests {
 
     #[test]
     fn out_of_vocabulary_ids_and_labels_are_errors_naming_the_line_and_position() {
-        let file = TempFile::new("oov.jsonl", "{\"input_ids\": [1, 2]}\n{\"input_ids\": [1, 16]}\n");
-        let message = load_pretokenized(file.path(), 16, 8).unwrap_err().to_string();
-        assert!(message.contains("line 2") && message.contains("`input_ids`[1] = 16"), "{message}");
+        let file = TempFile::new(
+            "oov.jsonl",
+            "{\"input_ids\": [1, 2]}\n{\"input_ids\": [1, 16]}\n",
+        );
+        let message = load_pretokenized(file.path(), 16, 8)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("line 2") && message.contains("`input_ids`[1] = 16"),
+            "{message}"
+        );
 
-        let file = TempFile::new("neg.jsonl", "{\"input_ids\": [1, 2], \"labels\": [-1, 2]}\n");
-        let message = load_pretokenized(file.path(), 16, 8).unwrap_err().to_string();
+        let file = TempFile::new(
+            "neg.jsonl",
+            "{\"input_ids\": [1, 2], \"labels\": [-1, 2]}\n",
+        );
+        let message = load_pretokenized(file.path(), 16, 8)
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("`labels`[0] = -1"), "{message}");
     }
 
     #[test]
     fn unequal_lengths_empty_ids_and_non_integers_are_errors() {
-        let unequal = TempFile::new("unequal.jsonl", "{\"input_ids\": [1, 2], \"labels\": [2]}\n");
-        let message = load_pretokenized(unequal.path(), 16, 8).unwrap_err().to_string();
-        assert!(message.contains("`labels` has 1 entries but `input_ids` has 2"), "{message}");
+        let unequal = TempFile::new(
+            "unequal.jsonl",
+            "{\"input_ids\": [1, 2], \"labels\": [2]}\n",
+        );
+        let message = load_pretokenized(unequal.path(), 16, 8)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("`labels` has 1 entries but `input_ids` has 2"),
+            "{message}"
+        );
 
         let empty = TempFile::new("empty_ids.jsonl", "{\"input_ids\": []}\n");
-        assert!(load_pretokenized(empty.path(), 16, 8).unwrap_err().to_string().contains("empty"));
+        assert!(load_pretokenized(empty.path(), 16, 8)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
 
         let float = TempFile::new("float.jsonl", "{\"input_ids\": [1, 2.5]}\n");
-        let message = load_pretokenized(float.path(), 16, 8).unwrap_err().to_string();
-        assert!(message.contains("`input_ids`[1] must be an integer, found the number 2.5"), "{message}");
+        let message = load_pretokenized(float.path(), 16, 8)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("`input_ids`[1] must be an integer, found the number 2.5"),
+            "{message}"
+        );
 
         let missing = TempFile::new("missing.jsonl", "{\"labels\": [1]}\n");
-        let message = load_pretokenized(missing.path(), 16, 8).unwrap_err().to_string();
+        let message = load_pretokenized(missing.path(), 16, 8)
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("missing field `input_ids`"), "{message}");
     }
 }

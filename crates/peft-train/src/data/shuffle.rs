@@ -38,7 +38,9 @@ impl SeededRng {
             Purpose::Epoch(epoch) => mix(epoch.wrapping_add(1)),
             Purpose::ValidationSplit => mix(u64::MAX),
         };
-        Self { state: mix(seed) ^ tag }
+        Self {
+            state: mix(seed) ^ tag,
+        }
     }
 
     pub(crate) fn next_u64(&mut self) -> u64 {
@@ -91,7 +93,10 @@ mod tests {
             v
         };
         assert_ne!(shuffled(Purpose::Epoch(0)), shuffled(Purpose::Epoch(1)));
-        assert_ne!(shuffled(Purpose::Epoch(0)), shuffled(Purpose::ValidationSplit));
+        assert_ne!(
+            shuffled(Purpose::Epoch(0)),
+            shuffled(Purpose::ValidationSplit)
+        );
     }
 
     #[test]

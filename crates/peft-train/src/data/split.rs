@@ -19,7 +19,10 @@ pub fn split_validation<T>(items: Vec<T>, val_size: usize, seed: u64) -> Result<
     if val_size >= items.len() {
         return Err(TrainError::config(
             "val_size",
-            format!("{val_size} validation records would leave none of the {} for training", items.len()),
+            format!(
+                "{val_size} validation records would leave none of the {} for training",
+                items.len()
+            ),
         ));
     }
     let mut order: Vec<usize> = (0..items.len()).collect();
@@ -28,7 +31,10 @@ pub fn split_validation<T>(items: Vec<T>, val_size: usize, seed: u64) -> Result<
     for &index in &order[..val_size] {
         is_validation[index] = true;
     }
-    let (mut train, mut validation) = (Vec::with_capacity(items.len() - val_size), Vec::with_capacity(val_size));
+    let (mut train, mut validation) = (
+        Vec::with_capacity(items.len() - val_size),
+        Vec::with_capacity(val_size),
+    );
     for (item, validation_item) in items.into_iter().zip(is_validation) {
         if validation_item {
             validation.push(item);
@@ -58,7 +64,16 @@ mod tests {
 
     #[test]
     fn validation_as_large_as_the_dataset_is_an_error() {
-        assert!(matches!(split_validation(vec![1, 2], 2, 0), Err(TrainError::Config { setting: "val_size", .. })));
-        assert_eq!(split_validation(vec![1, 2], 0, 0).unwrap(), (vec![1, 2], vec![]));
+        assert!(matches!(
+            split_validation(vec![1, 2], 2, 0),
+            Err(TrainError::Config {
+                setting: "val_size",
+                ..
+            })
+        ));
+        assert_eq!(
+            split_validation(vec![1, 2], 0, 0).unwrap(),
+            (vec![1, 2], vec![])
+        );
     }
 }

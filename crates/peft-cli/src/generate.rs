@@ -1,0 +1,92 @@
+//! `peft generate`: continue prompts, optionally with an adapter.
+
+use peft_llama::{generate, GenerationConfig, LlamaTokenizer, NoHooks};
+
+use crate::model_args::{AdapterArgs, ModelArgs};
+use crate::AnyResult;
+
+/// Continue a prompt.
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    adapter: AdapterArgs,
+    /// Prompt text; repeat the flag to generate for several prompts in one batch.
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
+    /// Optional input for the Alpaca template (used with `--template alpaca`).
+    #[arg(long)]
+    input: Option<String>,
+    /// Wrap each prompt in a template: `none` or `alpaca` (the instruction template).
+    #[arg(long, default_value = "none")]
+    template: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold (1 disables).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0 disables).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// One JSON object per prompt and line: prompt, prompt_ids, generated_ids, text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `peft generate`.
+pub fn run(args: GenerateArgs) -> AnyResult<()> {
+    let dir = args.model.dir();
+    let model = args.model.load()?;
+    let adapter = args.adapter.load(&model)?;
+    let tokenizer = LlamaTokenizer::from_dir(&dir)?;
+    let texts: Vec<String> = match args.template.as_str() {
+        "none" => args.prompt.clone(),
+        "alpaca" => args
+            .prompt
+            .iter()
+            .map(|p| crate::template::alpaca(p, args.input.as_deref().unwrap_or("")))
+            .collect(),
+        other => return Err(format!("unknown template `{other}` (none, alpaca)").into()),
+    };
+    let prompts = texts.iter().map(|p| tokenizer.encode(p, true)).collect::<Result<Vec<_>, _>>()?;
+    let config = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+        eos_token_ids: model.config.eos_token_ids.clone(),
+        use_cache: true,
+    };
+    let hooks = match &adapter {
+        Some(adapter) => adapter.hooks(&model),
+        None => Box::new(NoHooks),
+    };
+    let results = generate(&model, hooks.as_ref(), &prompts, &config)?;
+    for (prompt, result) in texts.iter().zip(results) {
+        let completion = tokenizer.decode(&result.generated_ids)?;
+        if args.json {
+            let line = serde_json::json!({
+                "prompt": prompt,
+                "prompt_ids": result.prompt_ids,
+                "generated_ids": result.generated_ids,
+                "text": completion,
+            });
+            println!("{line}");
+        } else if args.template == "none" {
+            let full: Vec<u32> = result.prompt_ids.iter().chain(&result.generated_ids).copied().collect();
+            println!("{}", tokenizer.decode(&full)?);
+        } else {
+            println!("{completion}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! Options shared by the commands that load a model and, optionally, an adapter.
+
+use std::path::PathBuf;
+
+use peft_core::{load_adapter, AnyAdapter};
+use peft_llama::{Llama, LlamaLoader, WeightDtype};
+
+use crate::backend::{device, Inference};
+use crate::AnyResult;
+
+/// The vendored default model (stories260k), found relative to this crate's sources so that
+/// `cargo run` works on a fresh clone without any download.
+pub fn default_model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260k")
+}
+
+/// `--model` and `--dtype`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model directory (Hugging Face or Meta layout); defaults to the built-in stories260k.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Dtype of the frozen weights: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: WeightDtype,
+}
+
+impl ModelArgs {
+    /// The model directory.
+    pub fn dir(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(default_model_dir)
+    }
+
+    /// Loads the model for inference.
+    pub fn load(&self) -> AnyResult<Llama<Inference>> {
+        Ok(LlamaLoader::new(self.dir()).with_dtype(self.dtype).load(&device())?)
+    }
+}
+
+/// `--adapter` and `--adapter-len`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AdapterArgs {
+    /// Adapter: a PEFT directory, a peft-rs directory, or an official LLaMA-Adapter `.pth`.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Prompts per layer of an official LLaMA-Adapter checkpoint (it stores no config).
+    #[arg(long, default_value_t = 10)]
+    pub adapter_len: usize,
+}
+
+impl AdapterArgs {
+    /// Loads the adapter, if one was given, for `model`.
+    pub fn load(&self, model: &Llama<Inference>) -> AnyResult<Option<AnyAdapter<Inference>>> {
+        match &self.adapter {
+            Some(path) => Ok(Some(load_adapter(path, &model.config, self.adapter_len, &device())?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The method and settings of a new adapter (`peft train`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct AdapterChoice {
+    /// adaption-prompt (LLaMA-Adapter), lora or prefix.
+    #[arg(long, default_value = "adaption-prompt")]
+    pub method: String,
+    /// Adaption prompts per layer (K).
+    #[arg(long, default_value_t = 10)]
+    pub adapter_len: usize,
+    /// Adapted layers from the top (L); default 30, or all but the bottom two on smaller models.
+    #[arg(long)]
+    pub adapter_layers: Option<usize>,
+    /// Gates per layer: per-head (official LLaMA-Adapter) or scalar (Hugging Face PEFT).
+    #[arg(long, default_value = "per-head")]
+    pub gate_shape: String,
+    /// Gate activation: tanh (official training code) or identity (PEFT).
+    #[arg(long, default_value = "tanh")]
+    pub gate_activation: String,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub r: usize,
+    /// LoRA scaling numerator.
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// LoRA target modules, comma-separated (q_proj, ..., down_proj, or all-linear).
+    #[arg(long, default_value = "q_proj,v_proj")]
+    pub target_modules: String,
+    /// LoRA dropout.
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Rank-stabilised LoRA scaling (alpha / sqrt(r)).
+    #[arg(long)]
+    pub use_rslora: bool,
+    /// Prefix tuning's virtual tokens.
+    #[arg(long, default_value_t = 10)]
+    pub num_virtual_tokens: usize,
+    /// Reparameterise prefixes through an MLP while training.
+    #[arg(long)]
+    pub prefix_projection: bool,
+    /// Hidden width of that MLP.
+    #[arg(long, default_value_t = 512)]
+    pub encoder_hidden_size: usize,
+}
+
+impl AdapterChoice {
+    /// A freshly initialised adapter for a model with configuration `model`.
+    pub fn init<B: burn::tensor::backend::Backend>(
+        &self,
+        model: &peft_llama::LlamaConfig,
+        device: &B::Device,
+    ) -> AnyResult<AnyAdapter<B>> {
+        use peft_core::{AdaptionPromptConfig, GateActivation, GateShape, LoraConfig, PrefixTuningConfig};
+        Ok(match self.method.as_str() {
+            "adaption-prompt" | "adaption_prompt" | "llama-adapter" => {
+                let gate_shape = match self.gate_shape.as_str() {
+                    "per-head" => GateShape::PerHead,
+                    "scalar" => GateShape::Scalar,
+                    other => return Err(format!("--gate-shape `{other}`: expected per-head or scalar").into()),
+                };
+                let gate_activation = match self.gate_activation.as_str() {
+                    "tanh" => GateActivation::Tanh,
+                    "identity" => GateActivation::Identity,
+                    other => return Err(format!("--gate-activation `{other}`: expected tanh or identity").into()),
+                };
+                let layers = self
+                    .adapter_layers
+                    .unwrap_or_else(|| 30.min(model.num_hidden_layers.saturating_sub(2)).max(1));
+                AdaptionPromptConfig::new()
+                    .with_adapter_len(self.adapter_len)
+                    .with_adapter_layers(layers)
+                    .with_gate_shape(gate_shape)
+                    .with_gate_activation(gate_activation)
+                    .init::<B>(model, device)?
+                    .into()
+            }
+            "lora" => {
+                let names: Vec<&str> = self.target_modules.split(',').map(str::trim).collect();
+                LoraConfig::new()
+                    .with_r(self.r)
+                    .with_lora_alpha(self.lora_alpha)
+                    .with_target_modules(LoraConfig::parse_target_modules(&names)?)
+                    .with_lora_dropout(self.lora_dropout)
+                    .with_use_rslora(self.use_rslora)
+                    .init::<B>(model, device)?
+                    .into()
+            }
+            "prefix" | "prefix-tuning" => PrefixTuningConfig::new()
+                .with_num_virtual_tokens(self.num_virtual_tokens)
+                .with_prefix_projection(self.prefix_projection)
+                .with_encoder_hidden_size(self.encoder_hidden_size)
+                .init::<B>(model, device)?
+                .into(),
+            other => return Err(format!("--method `{other}`: expected adaption-prompt, lora or prefix").into()),
+        })
+    }
+}

@@ -1,0 +1,213 @@
+//! `peft train`: fine-tune an adapter (the paper's Alpaca recipe by default).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use peft_core::save_adapter;
+use peft_llama::{LlamaLoader, LlamaTokenizer, WeightDtype};
+use peft_train::{
+    load_alpaca, load_pretokenized, split_validation, tokenize_alpaca_records, train, AdamWConfig, BatchStrategy,
+    BatchingConfig, Example, StepMetrics, TrainObserver, TrainerConfig,
+};
+
+use crate::backend::{device, Training};
+use crate::model_args::{default_model_dir, AdapterChoice};
+use crate::AnyResult;
+
+/// The built-in Alpaca-format demo data.
+pub fn default_data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/alpaca_en_demo.json")
+}
+
+/// Fine-tune an adapter on instruction data.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Model directory; defaults to the built-in stories260k.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Dtype of the frozen base weights (adapter and optimiser state stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: WeightDtype,
+    /// Training data: Alpaca `.json`/`.jsonl`, or pre-tokenized `.jsonl` (`input_ids`, `labels`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Output directory (metrics, plot, checkpoints, final adapter).
+    #[arg(long, default_value = "runs/latest")]
+    output: PathBuf,
+    #[command(flatten)]
+    adapter: AdapterChoice,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 5)]
+    epochs: usize,
+    /// Stop after this many optimiser steps.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Micro-batches per optimiser step (effective batch = batch size × this).
+    #[arg(long, default_value_t = 8)]
+    grad_accum: usize,
+    /// Base learning rate: peak lr = blr · effective batch / 256.
+    #[arg(long, default_value_t = 9e-3)]
+    blr: f64,
+    /// Absolute peak learning rate (overrides --blr).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Warm-up epochs.
+    #[arg(long, default_value_t = 2.0)]
+    warmup_epochs: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.02)]
+    weight_decay: f64,
+    /// Clip the global gradient norm.
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    /// Longest example in tokens.
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+    /// Pad every batch to --max-seq-len (the paper) instead of grouping by length.
+    #[arg(long)]
+    fixed_length: bool,
+    /// Records held out for validation.
+    #[arg(long, default_value_t = 50)]
+    val_size: usize,
+    /// Validate every N optimiser steps.
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Seed of initialisation, data order and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write a checkpoint every N optimiser steps.
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Continue from the newest checkpoint in --output.
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+struct ProgressBar {
+    quiet: bool,
+    started: Instant,
+}
+
+impl TrainObserver for ProgressBar {
+    fn on_step(&mut self, m: &StepMetrics, total: usize) {
+        if self.quiet {
+            return;
+        }
+        let done = m.step as f64 / total.max(1) as f64;
+        let filled = (done * 24.0) as usize;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let eta = if done > 0.0 { elapsed / done - elapsed } else { 0.0 };
+        eprint!(
+            "\r[{}{}] step {}/{} loss {:.4} lr {:.2e} {:.0} tok/s ({:.0} with padding) ETA {:.0}s   ",
+            "#".repeat(filled),
+            ".".repeat(24 - filled),
+            m.step,
+            total,
+            m.loss,
+            m.lr,
+            m.tokens_per_second(),
+            m.padded_tokens_per_second(),
+            eta
+        );
+        let _ = std::io::stderr().flush();
+    }
+
+    fn on_validation(&mut self, step: usize, loss: f64) {
+        if !self.quiet {
+            eprintln!("\nstep {step}: validation loss {loss:.4}");
+        }
+    }
+}
+
+/// Loads training examples from `path`: pre-tokenized JSONL when its first record has
+/// `input_ids`, Alpaca records otherwise. Returns (train, validation).
+pub fn load_examples(
+    path: &std::path::Path,
+    tokenizer: &LlamaTokenizer,
+    vocab: usize,
+    max_seq_len: usize,
+    val_size: usize,
+    seed: u64,
+) -> AnyResult<(Vec<Example>, Vec<Example>)> {
+    let head = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let first_line = head.split(|&b| b == b'\n').find(|l| !l.iter().all(u8::is_ascii_whitespace)).unwrap_or(&[]);
+    let pretokenized = path.extension().is_some_and(|e| e == "jsonl")
+        && serde_json::from_slice::<serde_json::Value>(first_line).is_ok_and(|v| v.get("input_ids").is_some());
+    if pretokenized {
+        let dataset = load_pretokenized(path, vocab, max_seq_len)?;
+        Ok(split_validation(dataset.examples, val_size, seed)?)
+    } else {
+        let records = load_alpaca(path)?;
+        let (train, validation) = split_validation(records, val_size, seed)?;
+        Ok((
+            tokenize_alpaca_records(&train, tokenizer, max_seq_len)?.examples,
+            tokenize_alpaca_records(&validation, tokenizer, max_seq_len)?.examples,
+        ))
+    }
+}
+
+/// Runs `peft train`.
+pub fn run(args: TrainArgs) -> AnyResult<()> {
+    let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
+    let data = args.data.clone().unwrap_or_else(default_data);
+    let device = device();
+    let base = LlamaLoader::new(&model_dir).with_dtype(args.dtype).load::<Training>(&device)?;
+    let tokenizer = LlamaTokenizer::from_dir(&model_dir)?;
+    let (train_examples, validation) =
+        load_examples(&data, &tokenizer, base.config.vocab_size, args.max_seq_len, args.val_size, args.seed)?;
+    <Training as burn::tensor::backend::Backend>::seed(&device, args.seed);
+    let adapter = args.adapter.init::<Training>(&base.config, &device)?;
+    let config = TrainerConfig::new()
+        .with_epochs(args.epochs)
+        .with_max_steps(args.max_steps)
+        .with_batch_size(args.batch_size)
+        .with_grad_accum(args.grad_accum)
+        .with_blr(args.blr)
+        .with_lr(args.lr)
+        .with_warmup_epochs(args.warmup_epochs)
+        .with_optimizer(AdamWConfig::llama_adapter().with_weight_decay(args.weight_decay).with_max_grad_norm(args.max_grad_norm))
+        .with_batching(
+            BatchingConfig::new(args.batch_size)
+                .with_max_seq_len(args.max_seq_len)
+                .with_strategy(if args.fixed_length { BatchStrategy::FixedLength } else { BatchStrategy::LengthGrouped }),
+        )
+        .with_seed(args.seed)
+        .with_save_every(args.save_every)
+        .with_eval_every(args.eval_every);
+    eprintln!(
+        "training {} ({} trainable parameters) on {} examples ({} for validation) from {}; peak lr {:.3e}, effective batch {}",
+        adapter.method(),
+        adapter.num_trainable_parameters(),
+        train_examples.len(),
+        validation.len(),
+        data.display(),
+        config.peak_lr(),
+        config.effective_batch()
+    );
+    let mut progress = ProgressBar { quiet: args.quiet, started: Instant::now() };
+    let (adapter, summary) =
+        train(&base, adapter, &train_examples, &validation, &config, &args.output, args.resume, &mut progress)?;
+    if !args.quiet {
+        eprintln!();
+    }
+    let adapter_dir = args.output.join("adapter");
+    let format = save_adapter(&adapter, &base.config, &adapter_dir, None)?;
+    println!(
+        "{} steps in {:.1}s ({:.0} tokens/s, {:.0} with padding); final training loss {:.4}{}; adapter ({format:?} format) in {}",
+        summary.steps,
+        summary.seconds,
+        summary.tokens as f64 / summary.seconds.max(1e-9),
+        summary.padded_tokens as f64 / summary.seconds.max(1e-9),
+        summary.last_loss,
+        summary.val_loss.map(|l| format!(", validation loss {l:.4}")).unwrap_or_default(),
+        adapter_dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! One entry point for adapter files of every format: detection, loading, saving.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use peft_llama::LlamaConfig;
+
+use crate::any_adapter::AnyAdapter;
+use crate::error::{PeftError, Result};
+use crate::{native_format, official_format, peft_format};
+
+/// The adapter file formats this crate reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterFormat {
+    /// Hugging Face PEFT: `adapter_config.json` + `adapter_model.safetensors`.
+    Peft,
+    /// This crate's own format: `peft_rs_config.json` + `adapter.safetensors`.
+    Native,
+    /// The official LLaMA-Adapter v1 checkpoint (`.pth`, or the same tensors as `.safetensors`).
+    Official,
+}
+
+/// Detects the format of `path` (a directory or a checkpoint file).
+///
+/// # Errors
+/// Nothing recognisable at `path`.
+pub fn detect_format(path: &Path) -> Result<AdapterFormat> {
+    if path.is_dir() {
+        if path.join(native_format::CONFIG_FILE).is_file() {
+            return Ok(AdapterFormat::Native);
+        }
+        if path.join(peft_format::CONFIG_FILE).is_file() {
+            return Ok(AdapterFormat::Peft);
+        }
+        if path.join("adapter.pth").is_file() {
+            return Ok(AdapterFormat::Official);
+        }
+    } else if path.is_file() {
+        return Ok(AdapterFormat::Official);
+    }
+    Err(PeftError::Io {
+        path: path.into(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "no adapter here: expected a directory with {} or {}, or an official LLaMA-Adapter .pth",
+                peft_format::CONFIG_FILE,
+                native_format::CONFIG_FILE
+            ),
+        ),
+    })
+}
+
+/// Loads an adapter of any format for a model with configuration `model`. `adapter_len` is
+/// used only for official checkpoints, which do not store it (the official default is 10).
+///
+/// # Errors
+/// See [`detect_format`] and each format's loader.
+pub fn load_adapter<B: Backend>(
+    path: &Path,
+    model: &LlamaConfig,
+    adapter_len: usize,
+    device: &B::Device,
+) -> Result<AnyAdapter<B>> {
+    match detect_format(path)? {
+        AdapterFormat::Peft => peft_format::load_peft(path, model, device),
+        AdapterFormat::Native => native_format::load_native(path, model, device),
+        AdapterFormat::Official => {
+            let file = if path.is_dir() { path.join("adapter.pth") } else { path.to_path_buf() };
+            Ok(AnyAdapter::AdaptionPrompt(official_format::load_official(&file, adapter_len, model, device)?))
+        }
+    }
+}
+
+/// Whether PEFT's format can hold `adapter` exactly.
+pub fn peft_representable<B: Backend>(adapter: &AnyAdapter<B>, model: &LlamaConfig) -> bool {
+    match adapter {
+        AnyAdapter::PrefixTuning(prefix) => prefix.projection.is_none(),
+        _ => peft_format::peft_config(adapter, model).is_ok(),
+    }
+}
+
+/// Saves `adapter` to the directory `dir` in `format`, or, with `None`, in PEFT's format where it
+/// represents the adapter exactly and in this crate's format otherwise. Returns the format used.
+///
+/// # Errors
+/// A format that cannot hold the adapter, and I/O errors.
+pub fn save_adapter<B: Backend>(
+    adapter: &AnyAdapter<B>,
+    model: &LlamaConfig,
+    dir: &Path,
+    format: Option<AdapterFormat>,
+) -> Result<AdapterFormat> {
+    let format = format.unwrap_or(if peft_representable(adapter, model) {
+        AdapterFormat::Peft
+    } else {
+        AdapterFormat::Native
+    });
+    match format {
+        AdapterFormat::Peft => {
+            if let AnyAdapter::PrefixTuning(prefix) = adapter {
+                if prefix.projection.is_some() {
+                    // PEFT saves the MLP's output, as we do here; training state is not kept.
+                    let inference = AnyAdapter::PrefixTuning(prefix.clone().into_inference());
+                    peft_format::save_peft(&inference, model, dir)?;
+                    return Ok(format);
+                }
+            }
+            peft_format::save_peft(adapter, model, dir)?
+        }
+        AdapterFormat::Native => native_format::save_native(adapter, model, dir)?,
+        AdapterFormat::Official => {
+            let AnyAdapter::AdaptionPrompt(prompt) = adapter else {
+                return Err(PeftError::Unsupported(format!(
+                    "the official LLaMA-Adapter format holds adaption prompts only, not {}",
+                    adapter.method()
+                )));
+            };
+            official_format::save_official(prompt, model, &dir.join("adapter.pth"))?
+        }
+    }
+    Ok(format)
+}

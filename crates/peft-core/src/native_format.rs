@@ -1,0 +1,158 @@
+//! This crate's own adapter format, which round-trips every setting of every method exactly
+//! (per-head and tanh gates, the prefix reparameterisation MLP) where PEFT's format cannot.
+//!
+//! A directory with `peft_rs_config.json` (the method, its configuration and the model sizes it
+//! was made for) and `adapter.safetensors` (the adapter module's parameters under their Burn
+//! module paths, written and read through `burn-store`). See `docs/adapter-format.md`.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use burn_store::{ModuleSnapshot, SafetensorsStore};
+use peft_llama::LlamaConfig;
+use serde_json::{json, Value};
+
+use crate::adaption_prompt::AdaptionPromptConfig;
+use crate::any_adapter::AnyAdapter;
+use crate::error::{PeftError, Result};
+use crate::files::{read_json, write_atomic};
+use crate::lora::LoraConfig;
+use crate::prefix::PrefixTuningConfig;
+
+/// The configuration file.
+pub const CONFIG_FILE: &str = "peft_rs_config.json";
+/// The tensor file.
+pub const WEIGHTS_FILE: &str = "adapter.safetensors";
+/// The format's version; bumped on incompatible changes.
+pub const FORMAT_VERSION: u64 = 1;
+
+fn model_sizes(model: &LlamaConfig) -> Value {
+    json!({
+        "num_hidden_layers": model.num_hidden_layers,
+        "hidden_size": model.hidden_size,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.num_key_value_heads,
+        "head_dim": model.head_dim,
+        "intermediate_size": model.intermediate_size,
+    })
+}
+
+/// Saves `adapter` (made for `model`) in this crate's format; each file replaced atomically.
+///
+/// # Errors
+/// I/O errors.
+pub fn save_native<B: Backend>(adapter: &AnyAdapter<B>, model: &LlamaConfig, dir: &Path) -> Result<()> {
+    let to_json = |c: &dyn erased::Serialize| c.to_value();
+    let (method, config) = match adapter {
+        AnyAdapter::Lora(a) => ("LORA", to_json(&a.config)),
+        AnyAdapter::PrefixTuning(a) => ("PREFIX_TUNING", to_json(&a.config)),
+        AnyAdapter::AdaptionPrompt(a) => ("ADAPTION_PROMPT", to_json(&a.config)),
+    };
+    let manifest = json!({
+        "format": "peft-rs",
+        "format_version": FORMAT_VERSION,
+        "peft_type": method,
+        "config": config,
+        "model": model_sizes(model),
+    });
+    let weights = dir.join(WEIGHTS_FILE);
+    let mut store = SafetensorsStore::from_bytes(None);
+    let saved = match adapter {
+        AnyAdapter::Lora(a) => a.save_into(&mut store),
+        AnyAdapter::PrefixTuning(a) => a.save_into(&mut store),
+        AnyAdapter::AdaptionPrompt(a) => a.save_into(&mut store),
+    };
+    let bytes = saved
+        .and_then(|()| store.get_bytes())
+        .map_err(|e| PeftError::Format { path: weights.clone(), message: e.to_string() })?;
+    std::fs::create_dir_all(dir).map_err(|e| PeftError::Io { path: dir.into(), source: e })?;
+    write_atomic(&weights, &bytes)?;
+    let text = serde_json::to_string_pretty(&manifest).expect("JSON values serialise");
+    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+}
+
+mod erased {
+    /// Serialises any adapter configuration to a JSON value.
+    pub trait Serialize {
+        fn to_value(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Serialize for T {
+        fn to_value(&self) -> serde_json::Value {
+            serde_json::to_value(self).expect("adapter configurations serialise")
+        }
+    }
+}
+
+fn apply<B: Backend, M: ModuleSnapshot<B>>(module: &mut M, path: &Path) -> Result<()> {
+    let format = |message: String| PeftError::Format { path: path.into(), message };
+    if !path.is_file() {
+        return Err(PeftError::Io {
+            path: path.into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    let mut store = SafetensorsStore::from_file(path).allow_partial(true).validate(true);
+    let result = module.load_from(&mut store).map_err(|e| format(e.to_string()))?;
+    if let Some(error) = result.errors.first() {
+        return Err(format(error.to_string()));
+    }
+    if let Some((key, _)) = result.missing.first() {
+        return Err(format(format!("missing tensor '{key}'")));
+    }
+    if !result.unused.is_empty() {
+        return Err(format(format!("unexpected tensor(s) {:?}", result.unused)));
+    }
+    Ok(())
+}
+
+/// Loads an adapter saved by [`save_native`] for a model with configuration `model`.
+///
+/// # Errors
+/// Malformed files, an adapter made for a model of other sizes, and every missing, unexpected or
+/// mis-shaped tensor.
+pub fn load_native<B: Backend>(dir: &Path, model: &LlamaConfig, device: &B::Device) -> Result<AnyAdapter<B>> {
+    let config_path = dir.join(CONFIG_FILE);
+    let manifest = read_json(&config_path)?;
+    let format = |message: String| PeftError::Format { path: config_path.clone(), message };
+    if manifest.get("format").and_then(Value::as_str) != Some("peft-rs") {
+        return Err(format("not a peft-rs adapter (`format` is not \"peft-rs\")".into()));
+    }
+    let version = manifest.get("format_version").and_then(Value::as_u64).unwrap_or(0);
+    if version != FORMAT_VERSION {
+        return Err(format(format!("format_version {version} is not supported (this build reads {FORMAT_VERSION})")));
+    }
+    let expected = model_sizes(model);
+    if manifest.get("model") != Some(&expected) {
+        return Err(PeftError::Incompatible(format!(
+            "{}: adapter made for a model with {}, this model has {expected}",
+            config_path.display(),
+            manifest.get("model").cloned().unwrap_or(Value::Null)
+        )));
+    }
+    let config = manifest.get("config").cloned().unwrap_or(Value::Null);
+    let parse_error = |e: serde_json::Error| format(format!("`config`: {e}"));
+    let weights = dir.join(WEIGHTS_FILE);
+    let adapter = match manifest.get("peft_type").and_then(Value::as_str) {
+        Some("LORA") => {
+            let config: LoraConfig = serde_json::from_value(config).map_err(parse_error)?;
+            let mut adapter = config.init::<B>(model, device)?;
+            apply(&mut adapter, &weights)?;
+            AnyAdapter::Lora(adapter)
+        }
+        Some("PREFIX_TUNING") => {
+            let config: PrefixTuningConfig = serde_json::from_value(config).map_err(parse_error)?;
+            let mut adapter = config.init::<B>(model, device)?;
+            apply(&mut adapter, &weights)?;
+            AnyAdapter::PrefixTuning(adapter)
+        }
+        Some("ADAPTION_PROMPT") => {
+            let config: AdaptionPromptConfig = serde_json::from_value(config).map_err(parse_error)?;
+            let mut adapter = config.init::<B>(model, device)?;
+            apply(&mut adapter, &weights)?;
+            AnyAdapter::AdaptionPrompt(adapter)
+        }
+        other => return Err(format(format!("unknown peft_type {other:?}"))),
+    };
+    adapter.check_compatible(model)?;
+    Ok(adapter)
+}

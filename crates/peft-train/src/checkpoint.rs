@@ -1,0 +1,192 @@
+//! Training checkpoints: the adapter, the optimiser state and the data position, written so that
+//! a crash at any instant (even `kill -9` during a write) leaves every checkpoint on disk readable.
+//!
+//! Layout under `<output>/checkpoints/`:
+//! - `step-00000012/adapter/` (peft-rs format), `step-00000012/optimizer.safetensors`
+//!   (`m.<param path>` and `v.<param path>`), `step-00000012/state.json` (position, step counts);
+//! - `latest`: the name of the newest complete checkpoint.
+//!
+//! A checkpoint is assembled in a temporary directory, synced, and renamed into place, so it
+//! appears whole or not at all; `latest` is replaced atomically afterwards. Readers that find
+//! `latest` missing or stale fall back to the highest complete `step-*` directory.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use peft_core::native_format::{load_native, save_native};
+use peft_core::peft_format::safetensors_bytes;
+use peft_core::{AnyAdapter, NamedTensor};
+use peft_llama::weights::TensorMap;
+use peft_llama::LlamaConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::optim::{OptimizerState, ParamMoments};
+
+/// Where training stands: optimiser steps done and the next micro-batch of the data plan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainPosition {
+    /// Optimiser steps completed.
+    pub step: usize,
+    /// Epoch of the next micro-batch.
+    pub epoch: usize,
+    /// Index of the next micro-batch in that epoch's plan.
+    pub micro_batch: usize,
+}
+
+/// A checkpoint read back.
+#[derive(Debug)]
+pub struct Checkpoint<B: Backend> {
+    /// The adapter.
+    pub adapter: AnyAdapter<B>,
+    /// AdamW's moments and step counts.
+    pub optimizer: OptimizerState,
+    /// Where to continue.
+    pub position: TrainPosition,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    format_version: u32,
+    position: TrainPosition,
+    optimizer_steps: u64,
+    /// Per parameter path: (shape, updates applied).
+    params: Vec<(String, Vec<usize>, u64)>,
+}
+
+/// The checkpoint directory of a run.
+#[derive(Debug, Clone)]
+pub struct CheckpointDir {
+    root: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io { path: path.into(), source }
+}
+
+fn checkpoint_error(path: &Path, message: impl Into<String>) -> TrainError {
+    TrainError::Checkpoint { path: path.into(), message: message.into() }
+}
+
+impl CheckpointDir {
+    /// Checkpoints under `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    fn name(step: usize) -> String {
+        format!("step-{step:08}")
+    }
+
+    /// Complete checkpoints on disk, oldest first.
+    pub fn list(&self) -> Vec<(usize, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        let mut found: Vec<(usize, PathBuf)> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let step = name.strip_prefix("step-")?.parse().ok()?;
+                Some((step, e.path()))
+            })
+            .filter(|(_, path)| path.join("state.json").is_file())
+            .collect();
+        found.sort();
+        found
+    }
+
+    /// The name of the newest complete checkpoint, if any.
+    pub fn latest_name(&self) -> Option<String> {
+        self.list().last().map(|(step, _)| Self::name(*step))
+    }
+
+    /// Writes a checkpoint and keeps the newest `keep` of them.
+    ///
+    /// # Errors
+    /// I/O errors; nothing already on disk is lost.
+    pub fn save<B: Backend>(
+        &self,
+        adapter: &AnyAdapter<B>,
+        model: &LlamaConfig,
+        optimizer: &OptimizerState,
+        position: TrainPosition,
+        keep: usize,
+    ) -> Result<()> {
+        std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
+        let name = Self::name(position.step);
+        let temporary = self.root.join(format!(".tmp-{name}-{}", std::process::id()));
+        if temporary.exists() {
+            std::fs::remove_dir_all(&temporary).map_err(io(&temporary))?;
+        }
+        std::fs::create_dir_all(&temporary).map_err(io(&temporary))?;
+        save_native(adapter, model, &temporary.join("adapter"))?;
+        let mut tensors = Vec::with_capacity(2 * optimizer.params.len());
+        for param in &optimizer.params {
+            tensors.push(NamedTensor { key: format!("m.{}", param.path), shape: param.shape.clone(), values: param.m.clone() });
+            tensors.push(NamedTensor { key: format!("v.{}", param.path), shape: param.shape.clone(), values: param.v.clone() });
+        }
+        let optimizer_path = temporary.join("optimizer.safetensors");
+        peft_core::files::write_atomic(&optimizer_path, &safetensors_bytes(&tensors, &optimizer_path)?)?;
+        let state = StateFile {
+            format_version: 1,
+            position,
+            optimizer_steps: optimizer.steps,
+            params: optimizer.params.iter().map(|p| (p.path.clone(), p.shape.clone(), p.step)).collect(),
+        };
+        let state_path = temporary.join("state.json");
+        let text = serde_json::to_string_pretty(&state).expect("state serialises");
+        peft_core::files::write_atomic(&state_path, text.as_bytes())?;
+        let destination = self.root.join(&name);
+        if destination.exists() {
+            std::fs::remove_dir_all(&destination).map_err(io(&destination))?;
+        }
+        std::fs::rename(&temporary, &destination).map_err(io(&destination))?;
+        if let Ok(dir) = std::fs::File::open(&self.root) {
+            let _ = dir.sync_all();
+        }
+        peft_core::files::write_atomic(&self.root.join("latest"), name.as_bytes())?;
+        let all = self.list();
+        for (_, path) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+            let _ = std::fs::remove_dir_all(path);
+        }
+        Ok(())
+    }
+
+    /// Reads the newest complete checkpoint, if there is one.
+    ///
+    /// # Errors
+    /// A checkpoint that exists but cannot be read, or does not fit `model`.
+    pub fn latest<B: Backend>(&self, model: &LlamaConfig, device: &B::Device) -> Result<Option<Checkpoint<B>>> {
+        let Some((_, dir)) = self.list().pop() else { return Ok(None) };
+        Self::read(&dir, model, device).map(Some)
+    }
+
+    /// Reads the checkpoint in `dir`.
+    ///
+    /// # Errors
+    /// Unreadable or inconsistent files.
+    pub fn read<B: Backend>(dir: &Path, model: &LlamaConfig, device: &B::Device) -> Result<Checkpoint<B>> {
+        let state_path = dir.join("state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
+        let state: StateFile =
+            serde_json::from_str(&text).map_err(|e| checkpoint_error(&state_path, format!("malformed: {e}")))?;
+        if state.format_version != 1 {
+            return Err(checkpoint_error(&state_path, format!("format_version {} is not supported", state.format_version)));
+        }
+        let adapter = load_native(&dir.join("adapter"), model, device)?;
+        let optimizer_path = dir.join("optimizer.safetensors");
+        let mut tensors = TensorMap::new(optimizer_path.display().to_string());
+        tensors.add_safetensors(&optimizer_path)?;
+        let mut params = Vec::with_capacity(state.params.len());
+        for (path, shape, step) in state.params {
+            let m = tensors.take_f32(&format!("m.{path}"), &shape)?;
+            let v = tensors.take_f32(&format!("v.{path}"), &shape)?;
+            params.push(ParamMoments { path, shape, step, m, v });
+        }
+        tensors.finish()?;
+        Ok(Checkpoint {
+            adapter,
+            optimizer: OptimizerState { steps: state.optimizer_steps, params },
+            position: state.position,
+        })
+    }
+}

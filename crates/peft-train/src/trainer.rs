@@ -1,0 +1,369 @@
+//! The training loop: gradient accumulation, the LLaMA-Adapter schedule, validation,
+//! metrics, atomic checkpoints and exact resumption.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::config::Config;
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use peft_core::{Adapter, AnyAdapter};
+use peft_llama::Llama;
+
+use crate::checkpoint::{CheckpointDir, TrainPosition};
+use crate::data::{BatchingConfig, Example};
+use crate::error::{Result, TrainError};
+use crate::loss::causal_lm_loss;
+use crate::metrics::{MetricsLog, StepMetrics};
+use crate::optim::{micro_batch_weights, AccumulationWeighting, AdamWConfig};
+use crate::schedule::LrScheduleConfig;
+
+/// Settings of a training run. Defaults are the LLaMA-Adapter paper's Alpaca recipe.
+#[derive(Config, Debug)]
+pub struct TrainerConfig {
+    /// Passes over the training data.
+    #[config(default = 5)]
+    pub epochs: usize,
+    /// Stop after this many optimiser steps (the schedule still spans `epochs`).
+    #[config(default = "None")]
+    pub max_steps: Option<usize>,
+    /// Examples per micro-batch.
+    #[config(default = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    #[config(default = 8)]
+    pub grad_accum: usize,
+    /// Base learning rate: the peak is `blr · effective_batch / 256`.
+    #[config(default = 9e-3)]
+    pub blr: f64,
+    /// Absolute peak learning rate; overrides `blr`.
+    #[config(default = "None")]
+    pub lr: Option<f64>,
+    /// Learning rate at the end of the cosine decay.
+    #[config(default = 0.0)]
+    pub min_lr: f64,
+    /// Epochs of linear warm-up.
+    #[config(default = 2.0)]
+    pub warmup_epochs: f64,
+    /// AdamW settings.
+    #[config(default = "AdamWConfig::llama_adapter()")]
+    pub optimizer: AdamWConfig,
+    /// How micro-batches are weighted within a step.
+    #[config(default = "AccumulationWeighting::TargetTokens")]
+    pub accumulation: AccumulationWeighting,
+    /// Batching (its `batch_size` is overwritten by [`TrainerConfig::batch_size`]).
+    #[config(default = "BatchingConfig::new(4)")]
+    pub batching: BatchingConfig,
+    /// Seed of data order and dropout.
+    #[config(default = 0)]
+    pub seed: u64,
+    /// Write a checkpoint every this many optimiser steps (and at the end).
+    #[config(default = "None")]
+    pub save_every: Option<usize>,
+    /// Validate every this many optimiser steps (and at the end).
+    #[config(default = "None")]
+    pub eval_every: Option<usize>,
+    /// Checkpoints kept on disk (the newest ones).
+    #[config(default = 2)]
+    pub keep_checkpoints: usize,
+}
+
+impl TrainerConfig {
+    /// Micro-batch size × accumulation.
+    pub fn effective_batch(&self) -> usize {
+        self.batch_size * self.grad_accum
+    }
+
+    /// The peak learning rate.
+    pub fn peak_lr(&self) -> f64 {
+        self.lr.unwrap_or(self.blr * self.effective_batch() as f64 / 256.0)
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    /// Optimiser steps taken in total (including those before a resume).
+    pub steps: usize,
+    /// Mean training loss of the last step.
+    pub last_loss: f64,
+    /// Validation loss at the end, if there is validation data.
+    pub val_loss: Option<f64>,
+    /// Whether this run continued from a checkpoint.
+    pub resumed_from: Option<usize>,
+    /// Wall time of this run in seconds.
+    pub seconds: f64,
+    /// Real (unpadded) tokens processed by this run.
+    pub tokens: usize,
+    /// Tokens including padding processed by this run.
+    pub padded_tokens: usize,
+}
+
+/// Receives progress as training runs (a progress bar, a test probe).
+pub trait TrainObserver {
+    /// After every optimiser step.
+    fn on_step(&mut self, metrics: &StepMetrics, total_steps: usize) {
+        let _ = (metrics, total_steps);
+    }
+    /// After every validation.
+    fn on_validation(&mut self, step: usize, loss: f64) {
+        let _ = (step, loss);
+    }
+}
+
+/// An observer that does nothing.
+pub struct Quiet;
+impl TrainObserver for Quiet {}
+
+/// Mean token cross-entropy of `adapter` (or the base model alone with `None`) over `examples`:
+/// `(loss, target tokens)`.
+///
+/// # Errors
+/// Batching or model errors.
+pub fn evaluate<B: Backend>(
+    base: &Llama<B>,
+    adapter: Option<&AnyAdapter<B>>,
+    examples: &[Example],
+    batching: &BatchingConfig,
+) -> Result<(f64, usize)> {
+    let batcher = batching.clone().with_drop_last(false).init()?;
+    let hooks: Box<dyn peft_llama::LayerHooks<B> + '_> = match adapter {
+        Some(adapter) => adapter.hooks(base),
+        None => Box::new(peft_llama::NoHooks),
+    };
+    let mut total = 0.0;
+    let mut count = 0;
+    // Epoch 0's plan; the order does not change a sum.
+    for batch in batcher.batches(examples, 0) {
+        let batch = batch?;
+        let logits = base.forward(&batch.tokens, hooks.as_ref(), None)?;
+        let loss = causal_lm_loss(logits, &batch.labels)?;
+        let value: f64 = loss.loss.into_scalar().to_f64_lossy();
+        total += value * loss.targets as f64;
+        count += loss.targets;
+    }
+    if count == 0 {
+        return Err(TrainError::input("evaluate", "no target tokens in the evaluation data"));
+    }
+    Ok((total / count as f64, count))
+}
+
+trait ToF64 {
+    fn to_f64_lossy(self) -> f64;
+}
+impl<E: burn::tensor::ElementConversion> ToF64 for E {
+    fn to_f64_lossy(self) -> f64 {
+        self.elem::<f64>()
+    }
+}
+
+/// Trains `adapter` on `train` and writes metrics, checkpoints and the final adapter under
+/// `output`. With `resume`, continues from the newest checkpoint there (the adapter given is
+/// then only a template of the right shapes).
+///
+/// # Errors
+/// Data, model or I/O errors; a non-finite loss (the last good checkpoint stays on disk).
+#[allow(clippy::too_many_arguments)]
+pub fn train<B: AutodiffBackend>(
+    base: &Llama<B>,
+    adapter: AnyAdapter<B>,
+    train: &[Example],
+    validation: &[Example],
+    config: &TrainerConfig,
+    output: &Path,
+    resume: bool,
+    observer: &mut dyn TrainObserver,
+) -> Result<(AnyAdapter<B>, TrainSummary)> {
+    match adapter {
+        AnyAdapter::Lora(a) => run(base, a, train, validation, config, output, resume, observer, AnyAdapter::Lora, |a| match a {
+            AnyAdapter::Lora(a) => Some(a),
+            _ => None,
+        }),
+        AnyAdapter::PrefixTuning(a) => run(base, a, train, validation, config, output, resume, observer, AnyAdapter::PrefixTuning, |a| match a {
+            AnyAdapter::PrefixTuning(a) => Some(a),
+            _ => None,
+        }),
+        AnyAdapter::AdaptionPrompt(a) => run(base, a, train, validation, config, output, resume, observer, AnyAdapter::AdaptionPrompt, |a| match a {
+            AnyAdapter::AdaptionPrompt(a) => Some(a),
+            _ => None,
+        }),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<B, A>(
+    base: &Llama<B>,
+    adapter: A,
+    train: &[Example],
+    validation: &[Example],
+    config: &TrainerConfig,
+    output: &Path,
+    resume: bool,
+    observer: &mut dyn TrainObserver,
+    wrap: fn(A) -> AnyAdapter<B>,
+    unwrap: fn(AnyAdapter<B>) -> Option<A>,
+) -> Result<(AnyAdapter<B>, TrainSummary)>
+where
+    B: AutodiffBackend,
+    A: Adapter<B> + AutodiffModule<B> + Clone,
+{
+    let started = Instant::now();
+    if train.is_empty() {
+        return Err(TrainError::input("train", "the training set is empty"));
+    }
+    if config.grad_accum == 0 || config.batch_size == 0 {
+        return Err(TrainError::config("batch_size / grad_accum", "must be positive"));
+    }
+    let mut batching = config.batching.clone();
+    batching.batch_size = config.batch_size;
+    batching.seed = config.seed;
+    let batcher = batching.init()?;
+    let micro_batches_per_epoch = batcher.num_batches(train.len());
+    let steps_per_epoch = micro_batches_per_epoch.div_ceil(config.grad_accum).max(1);
+    let schedule = LrScheduleConfig::new(config.blr, config.effective_batch(), config.epochs as f64)
+        .with_warmup_epochs(config.warmup_epochs)
+        .with_min_lr(config.min_lr)
+        .with_lr(config.lr)
+        .init()?;
+    let scheduled_steps = steps_per_epoch * config.epochs;
+    let total_steps = config.max_steps.map_or(scheduled_steps, |m| m.min(scheduled_steps));
+    let mut optimizer = config.optimizer.init::<B>()?;
+    let checkpoints = CheckpointDir::new(output.join("checkpoints"));
+    let device = base.device();
+
+    let mut adapter = adapter;
+    let mut position = TrainPosition::default();
+    let mut resumed_from = None;
+    if resume {
+        if let Some(checkpoint) = checkpoints.latest::<B>(&base.config, &device)? {
+            adapter = unwrap(checkpoint.adapter).ok_or_else(|| {
+                TrainError::config("resume", "the checkpoint holds an adapter of another method")
+            })?;
+            optimizer.load_state(&adapter, &checkpoint.optimizer)?;
+            position = checkpoint.position;
+            resumed_from = Some(position.step);
+        }
+    }
+    let mut metrics = MetricsLog::open(output, resumed_from.is_some())?;
+    let mut last_loss = f64::NAN;
+    let mut tokens = 0;
+    let mut padded_tokens = 0;
+    let mut val_loss = None;
+
+    'epochs: while position.step < total_steps {
+        let lengths: Vec<usize> = train.iter().map(Example::len).collect();
+        let plan = batcher.plan(&lengths, position.epoch as u64);
+        while position.micro_batch < plan.len() {
+            if position.step >= total_steps {
+                break 'epochs;
+            }
+            let step_started = Instant::now();
+            let group_end = (position.micro_batch + config.grad_accum).min(plan.len());
+            let group: Vec<_> = plan[position.micro_batch..group_end]
+                .iter()
+                .map(|indices| batcher.collate(&indices.iter().map(|&i| &train[i]).collect::<Vec<_>>()))
+                .collect::<Result<_>>()?;
+            let weights = micro_batch_weights(
+                &group.iter().map(|b| b.target_tokens).collect::<Vec<_>>(),
+                config.accumulation,
+            );
+            // Dropout (LoRA) draws from the backend's generator: seeding it per step makes a
+            // resumed run draw exactly what the uninterrupted run drew.
+            B::seed(&device, config.seed.wrapping_mul(1_000_003).wrapping_add(position.step as u64));
+            let lr = schedule.at_step(position.step, steps_per_epoch);
+            let mut accumulator = GradientsAccumulator::<A>::new();
+            let mut step_loss = 0.0;
+            let (mut step_tokens, mut step_padded) = (0, 0);
+            for (batch, weight) in group.iter().zip(&weights) {
+                let hooks = adapter.hooks(base);
+                let logits = base.forward(&batch.tokens, hooks.as_ref(), None)?;
+                drop(hooks);
+                let loss = causal_lm_loss(logits, &batch.labels)?;
+                let value = loss.loss.clone().into_scalar().to_f64_lossy();
+                if !value.is_finite() {
+                    return Err(TrainError::NonFiniteLoss {
+                        step: position.step,
+                        loss: value,
+                        checkpoint: checkpoints.latest_name(),
+                    });
+                }
+                step_loss += value * weight;
+                step_tokens += batch.real_tokens;
+                step_padded += batch.tokens.batch * batch.tokens.seq;
+                let grads = GradientsParams::from_grads((loss.loss * *weight).backward(), &adapter);
+                accumulator.accumulate(&adapter, grads);
+            }
+            let (updated, report) = optimizer.step(lr, adapter, accumulator.grads());
+            adapter = updated;
+            if report.skipped_non_finite {
+                return Err(TrainError::NonFiniteLoss {
+                    step: position.step,
+                    loss: report.grad_norm,
+                    checkpoint: checkpoints.latest_name(),
+                });
+            }
+            position.micro_batch = group_end;
+            position.step += 1;
+            last_loss = step_loss;
+            tokens += step_tokens;
+            padded_tokens += step_padded;
+            let seconds = step_started.elapsed().as_secs_f64();
+            let step_metrics = StepMetrics {
+                step: position.step,
+                epoch: position.epoch as f64 + position.micro_batch as f64 / plan.len() as f64,
+                loss: step_loss,
+                lr,
+                grad_norm: report.grad_norm,
+                tokens: step_tokens,
+                padded_tokens: step_padded,
+                seconds,
+                elapsed: started.elapsed().as_secs_f64(),
+            };
+            metrics.step(&step_metrics)?;
+            observer.on_step(&step_metrics, total_steps);
+            let last = position.step >= total_steps;
+            if config.eval_every.is_some_and(|e| position.step % e == 0) || (last && !validation.is_empty()) {
+                if !validation.is_empty() {
+                    // On the autodiff backend without a backward pass: nothing is kept.
+                    let current = wrap(adapter.clone());
+                    let (loss, _) = evaluate(base, Some(&current), validation, &batching)?;
+                    metrics.validation(position.step, loss)?;
+                    observer.on_validation(position.step, loss);
+                    val_loss = Some(loss);
+                }
+            }
+            if config.save_every.is_some_and(|s| position.step % s == 0) || last {
+                let mut saved_position = position;
+                if saved_position.micro_batch >= plan.len() {
+                    saved_position = TrainPosition { epoch: position.epoch + 1, micro_batch: 0, ..position };
+                }
+                checkpoints.save(
+                    &wrap(adapter.clone()),
+                    &base.config,
+                    &optimizer.state(&adapter)?,
+                    saved_position,
+                    config.keep_checkpoints,
+                )?;
+            }
+        }
+        position.epoch += 1;
+        position.micro_batch = 0;
+    }
+    metrics.plot(output)?;
+    let summary = TrainSummary {
+        steps: position.step,
+        last_loss,
+        val_loss,
+        resumed_from,
+        seconds: started.elapsed().as_secs_f64(),
+        tokens,
+        padded_tokens,
+    };
+    Ok((wrap(adapter), summary))
+}
+
+/// Where `train` writes the final adapter.
+pub fn final_adapter_dir(output: &Path) -> PathBuf {
+    output.join("adapter")
+}

@@ -1,0 +1,83 @@
+//! Writes the starting corpus of every fuzz target into `fuzz/corpus/<target>/` from the
+//! repository's fixtures (run once before fuzzing; see README.md):
+//!
+//! ```sh
+//! cd fuzz && cargo run --example seed_corpus
+//! ```
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use peft_core::native_format::{save_native, CONFIG_FILE as NATIVE_CONFIG};
+use peft_core::torch_pickle::state_dict_bytes;
+use peft_core::NamedTensor;
+use peft_fuzz::{config_cases, fixtures, model, native_adapters};
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+fn pickle_of(path: &Path) -> Vec<u8> {
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+    let name = archive.file_names().find(|n| n.ends_with("/data.pkl")).unwrap().to_string();
+    let mut bytes = Vec::new();
+    archive.by_name(&name).unwrap().read_to_end(&mut bytes).unwrap();
+    bytes
+}
+
+fn main() {
+    // Configurations: the selector byte is the index of the case in `config_cases()`.
+    let cases = config_cases();
+    for (index, case) in ["lora", "lora_all", "prefix", "adaption_prompt"].iter().enumerate() {
+        let config =
+            std::fs::read(fixtures().join("tiny-mha/adapters").join(case).join("adapter_config.json")).unwrap();
+        write("adapter_config", &format!("peft-{case}"), &[&[index as u8][..], &config].concat());
+    }
+    let scratch = std::env::temp_dir().join(format!("peft-fuzz-seeds-{}", std::process::id()));
+    for (offset, (name, adapter)) in native_adapters().into_iter().enumerate() {
+        let dir = scratch.join(name);
+        save_native(&adapter, model(), &dir).unwrap();
+        let config = std::fs::read(dir.join(NATIVE_CONFIG)).unwrap();
+        let index = 4 + offset;
+        assert!(cases[index].native);
+        write("adapter_config", &format!("native-{name}"), &[&[index as u8][..], &config].concat());
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    // Tensor files.
+    let tiny = fixtures().join("tiny-mha");
+    for case in ["lora", "lora_all", "prefix", "adaption_prompt", "official_adapter"] {
+        let dir = tiny.join("adapters").join(case);
+        for file in ["adapter_model.safetensors", "adapter.safetensors", "expected.safetensors"] {
+            if let Ok(bytes) = std::fs::read(dir.join(file)) {
+                write("safetensors_file", &format!("{case}-{file}"), &bytes);
+            }
+        }
+    }
+    write("safetensors_file", "inputs", &std::fs::read(tiny.join("inputs.safetensors")).unwrap());
+
+    let small = [
+        NamedTensor { key: "a.weight".into(), shape: vec![4, 4], values: (0..16).map(|i| i as f32).collect() },
+        NamedTensor { key: "layers.0.attention.gate".into(), shape: vec![1, 4, 1, 1], values: vec![0.5; 4] },
+        NamedTensor { key: "scalar".into(), shape: vec![], values: vec![1.0] },
+    ];
+    let ours = state_dict_bytes(&small, Path::new("seed.pth")).unwrap();
+    let pth_files = [
+        ("official", tiny.join("adapters/official_adapter/adapter.pth")),
+        ("meta", tiny.join("meta/consolidated.00.pth")),
+        ("bad-non-tensor", fixtures().join("bad/official_with_non_tensor_values.pth")),
+        ("bad-string", fixtures().join("bad/official_string_instead_of_tensor.pth")),
+    ];
+    write("pth_file", "ours", &ours);
+    let ours_path = scratch.with_extension("pth");
+    std::fs::write(&ours_path, &ours).unwrap();
+    write("pth_pickle", "ours", &pickle_of(&ours_path));
+    let _ = std::fs::remove_file(&ours_path);
+    for (name, path) in pth_files {
+        write("pth_file", name, &std::fs::read(&path).unwrap());
+        write("pth_pickle", name, &pickle_of(&path));
+    }
+    println!("corpus written to {}", PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus").display());
+}
