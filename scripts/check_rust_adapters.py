@@ -31,6 +31,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -42,6 +43,9 @@ import make_fixtures as mf  # noqa: E402  (reference forward, model specs, HF lo
 
 from peft import PeftModel, get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+
+# transformers 5.24 / peft 0.21.2 announce API changes (past_key_values -> cache) on every call.
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 RTOL, ATOL = 1e-4, 1e-5
 F32, F64 = torch.float32, torch.float64

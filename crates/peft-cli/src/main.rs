@@ -1,6 +1,7 @@
 //! `peft`: parameter-efficient fine-tuning of LLaMA models from the command line.
 
 mod backend;
+mod eval;
 mod generate;
 mod inspect;
 mod logits;
@@ -36,6 +37,8 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Fine-tune an adapter (LLaMA-Adapter's Alpaca recipe by default).
     Train(train::TrainArgs),
+    /// Mean token cross-entropy and perplexity on the response tokens of instruction data.
+    Eval(eval::EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

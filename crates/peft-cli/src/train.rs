@@ -17,7 +17,7 @@ use crate::AnyResult;
 
 /// The built-in Alpaca-format demo data.
 pub fn default_data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/alpaca_en_demo.json")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/alpaca_demo_small.json")
 }
 
 /// Fine-tune an adapter on instruction data.
@@ -135,6 +135,7 @@ pub fn load_examples(
     max_seq_len: usize,
     val_size: usize,
     seed: u64,
+    save_validation_to: Option<&std::path::Path>,
 ) -> AnyResult<(Vec<Example>, Vec<Example>)> {
     let head = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let first_line = head.split(|&b| b == b'\n').find(|l| !l.iter().all(u8::is_ascii_whitespace)).unwrap_or(&[]);
@@ -146,6 +147,16 @@ pub fn load_examples(
     } else {
         let records = load_alpaca(path)?;
         let (train, validation) = split_validation(records, val_size, seed)?;
+        if let Some(dir) = save_validation_to {
+            // The held-out records, so `peft eval --data <output>/validation.json` scores the
+            // same examples the run validated on.
+            let json: Vec<serde_json::Value> = validation
+                .iter()
+                .map(|r| serde_json::json!({"instruction": r.instruction, "input": r.input, "output": r.output}))
+                .collect();
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            peft_core::files::write_atomic(&dir.join("validation.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+        }
         Ok((
             tokenize_alpaca_records(&train, tokenizer, max_seq_len)?.examples,
             tokenize_alpaca_records(&validation, tokenizer, max_seq_len)?.examples,
@@ -161,7 +172,15 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
     let base = LlamaLoader::new(&model_dir).with_dtype(args.dtype).load::<Training>(&device)?;
     let tokenizer = LlamaTokenizer::from_dir(&model_dir)?;
     let (train_examples, validation) =
-        load_examples(&data, &tokenizer, base.config.vocab_size, args.max_seq_len, args.val_size, args.seed)?;
+        load_examples(
+            &data,
+            &tokenizer,
+            base.config.vocab_size,
+            args.max_seq_len,
+            args.val_size,
+            args.seed,
+            Some(&args.output),
+        )?;
     <Training as burn::tensor::backend::Backend>::seed(&device, args.seed);
     let adapter = args.adapter.init::<Training>(&base.config, &device)?;
     let config = TrainerConfig::new()

@@ -49,13 +49,12 @@ pub fn cast_to<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Ten
     }
 }
 
-/// The value masked attention scores are filled with: large, finite (so a fully masked row
-/// of padding gives a uniform distribution instead of NaN), and representable in `dtype`.
+/// The value masked attention scores are filled with. `-inf` gives exact zeros after the
+/// softmax and keeps `exp` on its fast path (a huge finite value takes libm's slow underflow
+/// path); [`Llama`] guarantees every query row keeps at least one visible key.
 pub(crate) fn mask_value(dtype: DType) -> f32 {
-    match dtype {
-        DType::F16 => -65504.0,
-        _ => f32::MIN,
-    }
+    let _ = dtype;
+    f32::NEG_INFINITY
 }
 
 /// Repeats key/value heads `[batch, kv_heads, seq, dim]` to `[batch, kv_heads · n_rep, seq, dim]`,
@@ -350,6 +349,8 @@ impl<B: Backend> Llama<B> {
             }
             for column in 0..seq {
                 let query = past + column;
+                let start = (row * seq + column) * keys + prefix;
+                let mut visible = prefix > 0;
                 for key in 0..past + seq {
                     let real = if key < past {
                         cache.is_some_and(|c| c.is_real(row, key))
@@ -357,9 +358,16 @@ impl<B: Backend> Llama<B> {
                         tokens.is_real(row, key - past)
                     };
                     if key > query || !real {
-                        mask[(row * seq + column) * keys + prefix + key] = true;
+                        mask[start + key] = true;
                         any_masked = true;
+                    } else {
+                        visible = true;
                     }
+                }
+                if !visible {
+                    // A padding query with nothing to attend to (left padding): let it see
+                    // itself, so that masking with -inf never yields a row of NaN.
+                    mask[start + query] = false;
                 }
             }
         }

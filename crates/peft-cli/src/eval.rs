@@ -1,0 +1,48 @@
+//! `peft eval`: mean token cross-entropy on the response tokens, and perplexity.
+
+use std::path::PathBuf;
+
+use peft_llama::LlamaTokenizer;
+use peft_train::{evaluate, BatchingConfig};
+
+use crate::model_args::{AdapterArgs, ModelArgs};
+use crate::train::load_examples;
+use crate::AnyResult;
+
+/// Score a model (with or without an adapter) on instruction data.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    adapter: AdapterArgs,
+    /// Alpaca `.json`/`.jsonl` or pre-tokenized `.jsonl`; every record is scored.
+    #[arg(long)]
+    data: PathBuf,
+    /// Longest example in tokens.
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Print one JSON object: loss, perplexity, tokens.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `peft eval`.
+pub fn run(args: EvalArgs) -> AnyResult<()> {
+    let model = args.model.load()?;
+    let adapter = args.adapter.load(&model)?;
+    let tokenizer = LlamaTokenizer::from_dir(args.model.dir())?;
+    let (examples, _) =
+        load_examples(&args.data, &tokenizer, model.config.vocab_size, args.max_seq_len, 0, 0, None)?;
+    let batching = BatchingConfig::new(args.batch_size).with_max_seq_len(args.max_seq_len);
+    let (loss, tokens) = evaluate(&model, adapter.as_ref(), &examples, &batching)?;
+    if args.json {
+        println!("{}", serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens}));
+    } else {
+        println!("loss {loss:.4}  perplexity {:.3}  over {tokens} response tokens", loss.exp());
+    }
+    Ok(())
+}
