@@ -96,9 +96,9 @@ fn resuming_after_kill_9_gives_the_same_adapter_as_an_uninterrupted_run() {
             }
             let status = peft().args(train_args(&data, &output, method)).arg("--resume").status().unwrap();
             assert!(status.success(), "{method}: resumed run failed");
-            assert_eq!(
-                adapter_bytes(&output),
-                adapter_bytes(&reference),
+            // Byte-identical files: same tensors, bit for bit.
+            assert!(
+                adapter_bytes(&output) == adapter_bytes(&reference),
                 "{method}: killed after step {kill_after} and resumed, the adapter differs"
             );
         }

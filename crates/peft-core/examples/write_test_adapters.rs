@@ -78,8 +78,11 @@ fn inputs(model: &str) -> Result<TokenBatch, Box<dyn std::error::Error>> {
     })
 }
 
+/// A case: its directory name, the format it is saved in, and the adapter.
+type Case = (&'static str, AdapterFormat, AnyAdapter<B>);
+
 /// The adapters of every case for `base`, with random non-zero parameters.
-fn adapters(base: &Llama<B>) -> Result<Vec<(&'static str, AdapterFormat, AnyAdapter<B>)>, peft_core::PeftError> {
+fn adapters(base: &Llama<B>) -> Result<Vec<Case>, peft_core::PeftError> {
     let config = &base.config;
     let device = Default::default();
     let lora = LoraConfig::new().with_r(4).with_lora_alpha(8.0).init::<B>(config, &device)?;

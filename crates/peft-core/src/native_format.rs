@@ -56,7 +56,9 @@ pub fn save_native<B: Backend>(adapter: &AnyAdapter<B>, model: &LlamaConfig, dir
         "model": model_sizes(model),
     });
     let weights = dir.join(WEIGHTS_FILE);
-    let mut store = SafetensorsStore::from_bytes(None);
+    // No metadata: burn-store keeps it in a hash map, which would make the header (and so the
+    // file) differ from run to run for the same tensors.
+    let mut store = SafetensorsStore::from_bytes(None).clear_metadata();
     let saved = match adapter {
         AnyAdapter::Lora(a) => a.save_into(&mut store),
         AnyAdapter::PrefixTuning(a) => a.save_into(&mut store),
