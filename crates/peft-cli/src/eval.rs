@@ -35,14 +35,27 @@ pub fn run(args: EvalArgs) -> AnyResult<()> {
     let model = args.model.load()?;
     let adapter = args.adapter.load(&model)?;
     let tokenizer = LlamaTokenizer::from_dir(args.model.dir())?;
-    let (examples, _) =
-        load_examples(&args.data, &tokenizer, model.config.vocab_size, args.max_seq_len, 0, 0, None)?;
+    let (examples, _) = load_examples(
+        &args.data,
+        &tokenizer,
+        model.config.vocab_size,
+        args.max_seq_len,
+        0,
+        0,
+        None,
+    )?;
     let batching = BatchingConfig::new(args.batch_size).with_max_seq_len(args.max_seq_len);
     let (loss, tokens) = evaluate(&model, adapter.as_ref(), &examples, &batching)?;
     if args.json {
-        println!("{}", serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens}));
+        println!(
+            "{}",
+            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens})
+        );
     } else {
-        println!("loss {loss:.4}  perplexity {:.3}  over {tokens} response tokens", loss.exp());
+        println!(
+            "loss {loss:.4}  perplexity {:.3}  over {tokens} response tokens",
+            loss.exp()
+        );
     }
     Ok(())
 }

@@ -56,7 +56,10 @@ pub fn run(args: GenerateArgs) -> AnyResult<()> {
             .collect(),
         other => return Err(format!("unknown template `{other}` (none, alpaca)").into()),
     };
-    let prompts = texts.iter().map(|p| tokenizer.encode(p, true)).collect::<Result<Vec<_>, _>>()?;
+    let prompts = texts
+        .iter()
+        .map(|p| tokenizer.encode(p, true))
+        .collect::<Result<Vec<_>, _>>()?;
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
@@ -82,7 +85,12 @@ pub fn run(args: GenerateArgs) -> AnyResult<()> {
             });
             println!("{line}");
         } else if args.template == "none" {
-            let full: Vec<u32> = result.prompt_ids.iter().chain(&result.generated_ids).copied().collect();
+            let full: Vec<u32> = result
+                .prompt_ids
+                .iter()
+                .chain(&result.generated_ids)
+                .copied()
+                .collect();
             println!("{}", tokenizer.decode(&full)?);
         } else {
             println!("{completion}");

@@ -39,8 +39,18 @@ fn inspect_model(dir: &Path) -> AnyResult<()> {
         c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
         c.intermediate_size, c.vocab_size
     );
-    println!("rope         theta {}, scaling {:?}", c.rope_theta, c.rope_scaling);
-    println!("embeddings   {}", if c.tie_word_embeddings { "tied" } else { "separate output head" });
+    println!(
+        "rope         theta {}, scaling {:?}",
+        c.rope_theta, c.rope_scaling
+    );
+    println!(
+        "embeddings   {}",
+        if c.tie_word_embeddings {
+            "tied"
+        } else {
+            "separate output head"
+        }
+    );
     println!("parameters   {}", c.num_parameters());
     println!("dtype        {:?}", model.dtype());
     println!("loaded       every tensor matched the configuration (none missing, none unexpected)");
@@ -50,10 +60,20 @@ fn inspect_model(dir: &Path) -> AnyResult<()> {
 fn inspect_adapter(path: &Path) -> AnyResult<()> {
     let format = detect_format(path)?;
     let (config, weights) = match format {
-        AdapterFormat::Peft => (Some(path.join("adapter_config.json")), path.join("adapter_model.safetensors")),
-        AdapterFormat::Native => (Some(path.join("peft_rs_config.json")), path.join("adapter.safetensors")),
+        AdapterFormat::Peft => (
+            Some(path.join("adapter_config.json")),
+            path.join("adapter_model.safetensors"),
+        ),
+        AdapterFormat::Native => (
+            Some(path.join("peft_rs_config.json")),
+            path.join("adapter.safetensors"),
+        ),
         AdapterFormat::Official => {
-            let file = if path.is_dir() { path.join("adapter.pth") } else { path.to_path_buf() };
+            let file = if path.is_dir() {
+                path.join("adapter.pth")
+            } else {
+                path.to_path_buf()
+            };
             (None, file)
         }
     };
@@ -63,26 +83,47 @@ fn inspect_adapter(path: &Path) -> AnyResult<()> {
         _ => tensors.add_pth(&weights)?,
     }
     let keys: Vec<String> = tensors.keys().cloned().collect();
-    let count: usize = keys.iter().map(|k| tensors.shape(k).unwrap_or_default().iter().product::<usize>()).sum();
+    let count: usize = keys
+        .iter()
+        .map(|k| {
+            tensors
+                .shape(k)
+                .unwrap_or_default()
+                .iter()
+                .product::<usize>()
+        })
+        .sum();
     let bytes = std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0);
     println!("adapter      {}", path.display());
     println!("format       {format:?}");
     match &config {
         Some(config_path) => {
             let config = peft_core::files::read_json(config_path)?;
-            let method = config.get("peft_type").and_then(|v| v.as_str()).unwrap_or("?");
+            let method = config
+                .get("peft_type")
+                .and_then(|v| v.as_str())
+                .unwrap_or("?");
             println!("method       {method}");
-            println!("config       {}", serde_json::to_string(config.get("config").unwrap_or(&config))?);
+            println!(
+                "config       {}",
+                serde_json::to_string(config.get("config").unwrap_or(&config))?
+            );
         }
         None => {
-            println!("method       ADAPTION_PROMPT (official LLaMA-Adapter v1: per-head tanh gates)");
+            println!(
+                "method       ADAPTION_PROMPT (official LLaMA-Adapter v1: per-head tanh gates)"
+            );
             if let Some(shape) = tensors.shape(peft_core::official_format::PROMPT_KEY) {
                 println!("config       adapter_query rows {} = adapter_layers × adapter_len (10 by default)", shape[0]);
             }
         }
     }
     println!("trainable    {count} parameters in {} tensors", keys.len());
-    println!("dtype        float32 values ({} bytes on disk, {:.1} KiB)", bytes, bytes as f64 / 1024.0);
+    println!(
+        "dtype        float32 values ({} bytes on disk, {:.1} KiB)",
+        bytes,
+        bytes as f64 / 1024.0
+    );
     for key in keys.iter().take(8) {
         println!("  {key} {:?}", tensors.shape(key).unwrap_or_default());
     }

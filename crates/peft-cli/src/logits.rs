@@ -26,16 +26,30 @@ pub struct LogitsArgs {
     output: PathBuf,
 }
 
-fn read_int_tensor(file: &SafeTensors, name: &str, path: &Path) -> AnyResult<Option<(Vec<i64>, Vec<usize>)>> {
-    let Ok(view) = file.tensor(name) else { return Ok(None) };
+fn read_int_tensor(
+    file: &SafeTensors,
+    name: &str,
+    path: &Path,
+) -> AnyResult<Option<(Vec<i64>, Vec<usize>)>> {
+    let Ok(view) = file.tensor(name) else {
+        return Ok(None);
+    };
     let bytes = view.data();
     let values: Vec<i64> = match view.dtype() {
-        Dtype::I64 => bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect(),
-        Dtype::I32 => {
-            bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64).collect()
-        }
+        Dtype::I64 => bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect(),
+        Dtype::I32 => bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
+            .collect(),
         other => {
-            return Err(format!("{}: `{name}` has dtype {other:?}, expected int32 or int64", path.display()).into())
+            return Err(format!(
+                "{}: `{name}` has dtype {other:?}, expected int32 or int64",
+                path.display()
+            )
+            .into())
         }
     };
     Ok(Some((values, view.shape().to_vec())))
@@ -51,21 +65,39 @@ pub fn run(args: LogitsArgs) -> AnyResult<()> {
     let (ids, shape) = read_int_tensor(&file, "input_ids", input)?
         .ok_or_else(|| format!("{}: no `input_ids` tensor", input.display()))?;
     if shape.len() != 2 {
-        return Err(format!("{}: `input_ids` must be [batch, seq], found {shape:?}", input.display()).into());
+        return Err(format!(
+            "{}: `input_ids` must be [batch, seq], found {shape:?}",
+            input.display()
+        )
+        .into());
     }
     let (batch, seq) = (shape[0], shape[1]);
     let mask = match read_int_tensor(&file, "attention_mask", input)? {
-        Some((values, mask_shape)) if mask_shape == shape => Some(values.iter().map(|&v| v != 0).collect()),
+        Some((values, mask_shape)) if mask_shape == shape => {
+            Some(values.iter().map(|&v| v != 0).collect())
+        }
         Some((_, mask_shape)) => {
-            return Err(format!("{}: `attention_mask` has shape {mask_shape:?}, `input_ids` {shape:?}", input.display()).into())
+            return Err(format!(
+                "{}: `attention_mask` has shape {mask_shape:?}, `input_ids` {shape:?}",
+                input.display()
+            )
+            .into())
         }
         None => None,
     };
     let ids = ids
         .iter()
-        .map(|&id| u32::try_from(id).map_err(|_| format!("{}: token id {id} is out of range", input.display())))
+        .map(|&id| {
+            u32::try_from(id)
+                .map_err(|_| format!("{}: token id {id} is out of range", input.display()))
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    let tokens = TokenBatch { ids, batch, seq, mask };
+    let tokens = TokenBatch {
+        ids,
+        batch,
+        seq,
+        mask,
+    };
     let hooks = match &adapter {
         Some(adapter) => adapter.hooks(&model),
         None => Box::new(NoHooks),
@@ -76,7 +108,11 @@ pub fn run(args: LogitsArgs) -> AnyResult<()> {
 
 fn write_logits<B: Backend>(path: &Path, logits: Tensor<B, 3>) -> AnyResult<()> {
     let shape = logits.dims().to_vec();
-    let values = logits.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+    let values = logits
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| format!("{e:?}"))?;
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(Dtype::F32, shape, &bytes)?;
     let tensors = HashMap::from([("logits".to_string(), view)]);

@@ -27,7 +27,11 @@ pub fn run(args: MergeArgs) -> AnyResult<()> {
     }
     let dir = args.model.dir();
     if !dir.join("config.json").is_file() {
-        return Err(format!("{}: merging needs a Hugging Face model directory (config.json)", dir.display()).into());
+        return Err(format!(
+            "{}: merging needs a Hugging Face model directory (config.json)",
+            dir.display()
+        )
+        .into());
     }
     let model = args.model.load()?;
     let adapter = args.adapter.load(&model)?.expect("checked above");
@@ -43,12 +47,24 @@ pub fn run(args: MergeArgs) -> AnyResult<()> {
     peft.merge_active()?;
     std::fs::create_dir_all(&args.output).map_err(|e| format!("{}: {e}", args.output.display()))?;
     save_hf_safetensors(peft.base(), &args.output.join("model.safetensors"))?;
-    for file in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"] {
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+    ] {
         let source = dir.join(file);
         if source.is_file() {
-            std::fs::copy(&source, args.output.join(file)).map_err(|e| format!("{}: {e}", source.display()))?;
+            std::fs::copy(&source, args.output.join(file))
+                .map_err(|e| format!("{}: {e}", source.display()))?;
         }
     }
-    println!("merged {} into {}", args.adapter.adapter.as_ref().expect("checked").display(), args.output.display());
+    println!(
+        "merged {} into {}",
+        args.adapter.adapter.as_ref().expect("checked").display(),
+        args.output.display()
+    );
     Ok(())
 }

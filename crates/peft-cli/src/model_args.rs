@@ -33,7 +33,9 @@ impl ModelArgs {
 
     /// Loads the model for inference.
     pub fn load(&self) -> AnyResult<Llama<Inference>> {
-        Ok(LlamaLoader::new(self.dir()).with_dtype(self.dtype).load(&device())?)
+        Ok(LlamaLoader::new(self.dir())
+            .with_dtype(self.dtype)
+            .load(&device())?)
     }
 }
 
@@ -52,7 +54,12 @@ impl AdapterArgs {
     /// Loads the adapter, if one was given, for `model`.
     pub fn load(&self, model: &Llama<Inference>) -> AnyResult<Option<AnyAdapter<Inference>>> {
         match &self.adapter {
-            Some(path) => Ok(Some(load_adapter(path, &model.config, self.adapter_len, &device())?)),
+            Some(path) => Ok(Some(load_adapter(
+                path,
+                &model.config,
+                self.adapter_len,
+                &device(),
+            )?)),
             None => Ok(None),
         }
     }
@@ -109,18 +116,29 @@ impl AdapterChoice {
         model: &peft_llama::LlamaConfig,
         device: &B::Device,
     ) -> AnyResult<AnyAdapter<B>> {
-        use peft_core::{AdaptionPromptConfig, GateActivation, GateShape, LoraConfig, PrefixTuningConfig};
+        use peft_core::{
+            AdaptionPromptConfig, GateActivation, GateShape, LoraConfig, PrefixTuningConfig,
+        };
         Ok(match self.method.as_str() {
             "adaption-prompt" | "adaption_prompt" | "llama-adapter" => {
                 let gate_shape = match self.gate_shape.as_str() {
                     "per-head" => GateShape::PerHead,
                     "scalar" => GateShape::Scalar,
-                    other => return Err(format!("--gate-shape `{other}`: expected per-head or scalar").into()),
+                    other => {
+                        return Err(
+                            format!("--gate-shape `{other}`: expected per-head or scalar").into(),
+                        )
+                    }
                 };
                 let gate_activation = match self.gate_activation.as_str() {
                     "tanh" => GateActivation::Tanh,
                     "identity" => GateActivation::Identity,
-                    other => return Err(format!("--gate-activation `{other}`: expected tanh or identity").into()),
+                    other => {
+                        return Err(format!(
+                            "--gate-activation `{other}`: expected tanh or identity"
+                        )
+                        .into())
+                    }
                 };
                 let layers = self
                     .adapter_layers
@@ -150,7 +168,11 @@ impl AdapterChoice {
                 .with_encoder_hidden_size(self.encoder_hidden_size)
                 .init::<B>(model, device)?
                 .into(),
-            other => return Err(format!("--method `{other}`: expected adaption-prompt, lora or prefix").into()),
+            other => {
+                return Err(
+                    format!("--method `{other}`: expected adaption-prompt, lora or prefix").into(),
+                )
+            }
         })
     }
 }

@@ -7,8 +7,8 @@ use std::time::Instant;
 use peft_core::save_adapter;
 use peft_llama::{LlamaLoader, LlamaTokenizer, WeightDtype};
 use peft_train::{
-    load_alpaca, load_pretokenized, split_validation, tokenize_alpaca_records, train, AdamWConfig, BatchStrategy,
-    BatchingConfig, Example, StepMetrics, TrainObserver, TrainerConfig,
+    load_alpaca, load_pretokenized, split_validation, tokenize_alpaca_records, train, AdamWConfig,
+    BatchStrategy, BatchingConfig, Example, StepMetrics, TrainObserver, TrainerConfig,
 };
 
 use crate::backend::{device, Training};
@@ -103,7 +103,11 @@ impl TrainObserver for ProgressBar {
         let done = m.step as f64 / total.max(1) as f64;
         let filled = (done * 24.0) as usize;
         let elapsed = self.started.elapsed().as_secs_f64();
-        let eta = if done > 0.0 { elapsed / done - elapsed } else { 0.0 };
+        let eta = if done > 0.0 {
+            elapsed / done - elapsed
+        } else {
+            0.0
+        };
         eprint!(
             "\r[{}{}] step {}/{} loss {:.4} lr {:.2e} {:.0} tok/s ({:.0} with padding) ETA {:.0}s   ",
             "#".repeat(filled),
@@ -138,9 +142,13 @@ pub fn load_examples(
     save_validation_to: Option<&std::path::Path>,
 ) -> AnyResult<(Vec<Example>, Vec<Example>)> {
     let head = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let first_line = head.split(|&b| b == b'\n').find(|l| !l.iter().all(u8::is_ascii_whitespace)).unwrap_or(&[]);
+    let first_line = head
+        .split(|&b| b == b'\n')
+        .find(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .unwrap_or(&[]);
     let pretokenized = path.extension().is_some_and(|e| e == "jsonl")
-        && serde_json::from_slice::<serde_json::Value>(first_line).is_ok_and(|v| v.get("input_ids").is_some());
+        && serde_json::from_slice::<serde_json::Value>(first_line)
+            .is_ok_and(|v| v.get("input_ids").is_some());
     if pretokenized {
         let dataset = load_pretokenized(path, vocab, max_seq_len)?;
         Ok(split_validation(dataset.examples, val_size, seed)?)
@@ -155,7 +163,10 @@ pub fn load_examples(
                 .map(|r| serde_json::json!({"instruction": r.instruction, "input": r.input, "output": r.output}))
                 .collect();
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            peft_core::files::write_atomic(&dir.join("validation.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+            peft_core::files::write_atomic(
+                &dir.join("validation.json"),
+                serde_json::to_string_pretty(&json)?.as_bytes(),
+            )?;
         }
         Ok((
             tokenize_alpaca_records(&train, tokenizer, max_seq_len)?.examples,
@@ -169,18 +180,19 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
     let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
     let data = args.data.clone().unwrap_or_else(default_data);
     let device = device();
-    let base = LlamaLoader::new(&model_dir).with_dtype(args.dtype).load::<Training>(&device)?;
+    let base = LlamaLoader::new(&model_dir)
+        .with_dtype(args.dtype)
+        .load::<Training>(&device)?;
     let tokenizer = LlamaTokenizer::from_dir(&model_dir)?;
-    let (train_examples, validation) =
-        load_examples(
-            &data,
-            &tokenizer,
-            base.config.vocab_size,
-            args.max_seq_len,
-            args.val_size,
-            args.seed,
-            Some(&args.output),
-        )?;
+    let (train_examples, validation) = load_examples(
+        &data,
+        &tokenizer,
+        base.config.vocab_size,
+        args.max_seq_len,
+        args.val_size,
+        args.seed,
+        Some(&args.output),
+    )?;
     <Training as burn::tensor::backend::Backend>::seed(&device, args.seed);
     let adapter = args.adapter.init::<Training>(&base.config, &device)?;
     let config = TrainerConfig::new()
@@ -191,11 +203,19 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         .with_blr(args.blr)
         .with_lr(args.lr)
         .with_warmup_epochs(args.warmup_epochs)
-        .with_optimizer(AdamWConfig::llama_adapter().with_weight_decay(args.weight_decay).with_max_grad_norm(args.max_grad_norm))
+        .with_optimizer(
+            AdamWConfig::llama_adapter()
+                .with_weight_decay(args.weight_decay)
+                .with_max_grad_norm(args.max_grad_norm),
+        )
         .with_batching(
             BatchingConfig::new(args.batch_size)
                 .with_max_seq_len(args.max_seq_len)
-                .with_strategy(if args.fixed_length { BatchStrategy::FixedLength } else { BatchStrategy::LengthGrouped }),
+                .with_strategy(if args.fixed_length {
+                    BatchStrategy::FixedLength
+                } else {
+                    BatchStrategy::LengthGrouped
+                }),
         )
         .with_seed(args.seed)
         .with_save_every(args.save_every)
@@ -210,9 +230,20 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         config.peak_lr(),
         config.effective_batch()
     );
-    let mut progress = ProgressBar { quiet: args.quiet, started: Instant::now() };
-    let (adapter, summary) =
-        train(&base, adapter, &train_examples, &validation, &config, &args.output, args.resume, &mut progress)?;
+    let mut progress = ProgressBar {
+        quiet: args.quiet,
+        started: Instant::now(),
+    };
+    let (adapter, summary) = train(
+        &base,
+        adapter,
+        &train_examples,
+        &validation,
+        &config,
+        &args.output,
+        args.resume,
+        &mut progress,
+    )?;
     if !args.quiet {
         eprintln!();
     }

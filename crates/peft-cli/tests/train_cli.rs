@@ -18,7 +18,9 @@ fn scratch(name: &str) -> PathBuf {
 
 /// Short Alpaca records, so that steps are fast on the CPU.
 fn small_dataset(dir: &Path) -> PathBuf {
-    let words = ["cat", "dog", "sun", "tree", "ball", "red", "blue", "happy", "little", "park"];
+    let words = [
+        "cat", "dog", "sun", "tree", "ball", "red", "blue", "happy", "little", "park",
+    ];
     let records: Vec<serde_json::Value> = (0..48)
         .map(|i| {
             serde_json::json!({
@@ -35,9 +37,32 @@ fn small_dataset(dir: &Path) -> PathBuf {
 
 fn train_args(data: &Path, output: &Path, method: &str) -> Vec<String> {
     [
-        "train", "--quiet", "--method", method, "--data", data.to_str().unwrap(), "--output", output.to_str().unwrap(),
-        "--batch-size", "2", "--grad-accum", "2", "--epochs", "2", "--warmup-epochs", "0.5", "--lr", "0.01",
-        "--max-seq-len", "128", "--val-size", "4", "--save-every", "1", "--seed", "5",
+        "train",
+        "--quiet",
+        "--method",
+        method,
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "0.5",
+        "--lr",
+        "0.01",
+        "--max-seq-len",
+        "128",
+        "--val-size",
+        "4",
+        "--save-every",
+        "1",
+        "--seed",
+        "5",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -50,7 +75,12 @@ fn adapter_bytes(output: &Path) -> Vec<(String, Vec<u8>)> {
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap())
         .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
         .collect();
     files.sort();
     files
@@ -59,7 +89,11 @@ fn adapter_bytes(output: &Path) -> Vec<(String, Vec<u8>)> {
 fn latest_step(output: &Path) -> usize {
     std::fs::read_to_string(output.join("checkpoints/latest"))
         .ok()
-        .and_then(|name| name.trim().strip_prefix("step-").and_then(|s| s.parse().ok()))
+        .and_then(|name| {
+            name.trim()
+                .strip_prefix("step-")
+                .and_then(|s| s.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -69,7 +103,10 @@ fn resuming_after_kill_9_gives_the_same_adapter_as_an_uninterrupted_run() {
     let data = small_dataset(&dir);
     for method in ["adaption-prompt", "lora"] {
         let reference = dir.join(format!("{method}-reference"));
-        let status = peft().args(train_args(&data, &reference, method)).status().unwrap();
+        let status = peft()
+            .args(train_args(&data, &reference, method))
+            .status()
+            .unwrap();
         assert!(status.success());
         assert!(reference.join("metrics.jsonl").is_file() && reference.join("loss.svg").is_file());
 
@@ -85,7 +122,8 @@ fn resuming_after_kill_9_gives_the_same_adapter_as_an_uninterrupted_run() {
                 let mut child = peft().args(&args).stdout(Stdio::null()).spawn().unwrap();
                 let started = Instant::now();
                 let target = kill_after * (round + 1);
-                while latest_step(&output) < target && started.elapsed() < Duration::from_secs(120) {
+                while latest_step(&output) < target && started.elapsed() < Duration::from_secs(120)
+                {
                     if child.try_wait().unwrap().is_some() {
                         break;
                     }
@@ -94,7 +132,11 @@ fn resuming_after_kill_9_gives_the_same_adapter_as_an_uninterrupted_run() {
                 let _ = child.kill(); // SIGKILL
                 let _ = child.wait();
             }
-            let status = peft().args(train_args(&data, &output, method)).arg("--resume").status().unwrap();
+            let status = peft()
+                .args(train_args(&data, &output, method))
+                .arg("--resume")
+                .status()
+                .unwrap();
             assert!(status.success(), "{method}: resumed run failed");
             // Byte-identical files: same tensors, bit for bit.
             assert!(
@@ -120,7 +162,10 @@ fn non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint() {
     assert!(stderr.contains("non-finite"), "{stderr}");
     let step = latest_step(&output);
     if step > 0 {
-        assert!(stderr.contains(&format!("step-{step:08}")), "the message names the kept checkpoint: {stderr}");
+        assert!(
+            stderr.contains(&format!("step-{step:08}")),
+            "the message names the kept checkpoint: {stderr}"
+        );
         let checkpoint = output.join(format!("checkpoints/step-{step:08}"));
         assert!(checkpoint.join("state.json").is_file() && checkpoint.join("adapter").is_dir());
     }

@@ -28,8 +28,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use peft_core::peft_format::safetensors_bytes;
 use peft_core::{
-    host_values, save_adapter, AdapterFormat, AdaptionPromptConfig, AnyAdapter, GateActivation, GateShape, LoraConfig,
-    NamedTensor, PrefixTuningConfig,
+    host_values, save_adapter, AdapterFormat, AdaptionPromptConfig, AnyAdapter, GateActivation,
+    GateShape, LoraConfig, NamedTensor, PrefixTuningConfig,
 };
 use peft_llama::{Llama, LlamaLoader, Projection, TokenBatch};
 use safetensors::{Dtype, SafeTensors};
@@ -45,8 +45,16 @@ struct Randomise(f64);
 impl<Bk: Backend> ModuleMapper<Bk> for Randomise {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<Bk, D>>) -> Param<Tensor<Bk, D>> {
         let (id, tensor, mapper) = param.consume();
-        let noise = Tensor::random(tensor.shape(), Distribution::Normal(0.0, self.0), &tensor.device());
-        let noise = if tensor.is_require_grad() { noise.require_grad() } else { noise };
+        let noise = Tensor::random(
+            tensor.shape(),
+            Distribution::Normal(0.0, self.0),
+            &tensor.device(),
+        );
+        let noise = if tensor.is_require_grad() {
+            noise.require_grad()
+        } else {
+            noise
+        };
         Param::from_mapped_value(id, noise, mapper)
     }
 }
@@ -57,7 +65,10 @@ fn repository() -> PathBuf {
 
 /// The fixture's right-padded batch (`input_ids`, `attention_mask`, both i64).
 fn inputs(model: &str) -> Result<TokenBatch, Box<dyn std::error::Error>> {
-    let path = repository().join("fixtures").join(model).join("inputs.safetensors");
+    let path = repository()
+        .join("fixtures")
+        .join(model)
+        .join("inputs.safetensors");
     let bytes = std::fs::read(&path)?;
     let file = SafeTensors::deserialize(&bytes)?;
     let read = |key: &str| -> Result<(Vec<i64>, Vec<usize>), Box<dyn std::error::Error>> {
@@ -65,7 +76,11 @@ fn inputs(model: &str) -> Result<TokenBatch, Box<dyn std::error::Error>> {
         if view.dtype() != Dtype::I64 {
             return Err(format!("{}: `{key}` is not int64", path.display()).into());
         }
-        let values = view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        let values = view
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         Ok((values, view.shape().to_vec()))
     };
     let (ids, shape) = read("input_ids")?;
@@ -85,14 +100,19 @@ type Case = (&'static str, AdapterFormat, AnyAdapter<B>);
 fn adapters(base: &Llama<B>) -> Result<Vec<Case>, peft_core::PeftError> {
     let config = &base.config;
     let device = Default::default();
-    let lora = LoraConfig::new().with_r(4).with_lora_alpha(8.0).init::<B>(config, &device)?;
+    let lora = LoraConfig::new()
+        .with_r(4)
+        .with_lora_alpha(8.0)
+        .init::<B>(config, &device)?;
     let lora_all = LoraConfig::new()
         .with_r(2)
         .with_lora_alpha(4.0)
         .with_use_rslora(true)
         .with_target_modules(Projection::ALL.to_vec())
         .init::<B>(config, &device)?;
-    let prefix = PrefixTuningConfig::new().with_num_virtual_tokens(3).init::<B>(config, &device)?;
+    let prefix = PrefixTuningConfig::new()
+        .with_num_virtual_tokens(3)
+        .init::<B>(config, &device)?;
     let prompt = AdaptionPromptConfig::peft_compatible(4, 2).init::<B>(config, &device)?;
     let official = AdaptionPromptConfig::new()
         .with_adapter_len(4)
@@ -101,22 +121,49 @@ fn adapters(base: &Llama<B>) -> Result<Vec<Case>, peft_core::PeftError> {
         .with_gate_activation(GateActivation::Tanh)
         .init::<B>(config, &device)?;
     Ok(vec![
-        ("lora", AdapterFormat::Peft, lora.map(&mut Randomise(0.2)).into()),
-        ("lora_all_rslora", AdapterFormat::Peft, lora_all.map(&mut Randomise(0.2)).into()),
-        ("prefix", AdapterFormat::Peft, prefix.map(&mut Randomise(1.0)).into()),
-        ("adaption_prompt", AdapterFormat::Peft, prompt.map(&mut Randomise(0.8)).into()),
-        ("official", AdapterFormat::Official, official.map(&mut Randomise(0.8)).into()),
+        (
+            "lora",
+            AdapterFormat::Peft,
+            lora.map(&mut Randomise(0.2)).into(),
+        ),
+        (
+            "lora_all_rslora",
+            AdapterFormat::Peft,
+            lora_all.map(&mut Randomise(0.2)).into(),
+        ),
+        (
+            "prefix",
+            AdapterFormat::Peft,
+            prefix.map(&mut Randomise(1.0)).into(),
+        ),
+        (
+            "adaption_prompt",
+            AdapterFormat::Peft,
+            prompt.map(&mut Randomise(0.8)).into(),
+        ),
+        (
+            "official",
+            AdapterFormat::Official,
+            official.map(&mut Randomise(0.8)).into(),
+        ),
     ])
 }
 
 fn write_logits(path: &Path, logits: Tensor<B, 3>) -> Result<(), Box<dyn std::error::Error>> {
-    let tensor = NamedTensor { key: "logits".into(), shape: logits.dims().to_vec(), values: host_values(logits) };
+    let tensor = NamedTensor {
+        key: "logits".into(),
+        shape: logits.dims().to_vec(),
+        values: host_values(logits),
+    };
     std::fs::write(path, safetensors_bytes(&[tensor], path)?)?;
     Ok(())
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let out = std::env::args_os().nth(1).map(PathBuf::from).ok_or("usage: write_test_adapters OUT_DIR")?;
+    let out = std::env::args_os()
+        .nth(1)
+        .map(PathBuf::from)
+        .ok_or("usage: write_test_adapters OUT_DIR")?;
     let device = Default::default();
     B::seed(&device, 2024);
     let mut manifest = Vec::new();
@@ -147,6 +194,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
-    std::fs::write(out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?)?;
+    std::fs::write(
+        out.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?,
+    )?;
     Ok(())
 }

@@ -23,13 +23,27 @@ pub enum AdapterFormat {
 /// Detects the format of `path` (a directory or a checkpoint file).
 ///
 /// # Errors
-/// Nothing recognisable at `path`.
+/// Nothing recognisable at `path`, or a directory holding both PEFT's and this crate's
+/// configuration (which adapter is meant cannot be told).
 pub fn detect_format(path: &Path) -> Result<AdapterFormat> {
     if path.is_dir() {
-        if path.join(native_format::CONFIG_FILE).is_file() {
+        let native = path.join(native_format::CONFIG_FILE).is_file();
+        let peft = path.join(peft_format::CONFIG_FILE).is_file();
+        if native && peft {
+            return Err(PeftError::Format {
+                path: path.into(),
+                message: format!(
+                    "ambiguous adapter directory: it holds both {} (this crate's format) and {} \
+                     (Hugging Face PEFT's); remove the adapter that is not wanted",
+                    native_format::CONFIG_FILE,
+                    peft_format::CONFIG_FILE
+                ),
+            });
+        }
+        if native {
             return Ok(AdapterFormat::Native);
         }
-        if path.join(peft_format::CONFIG_FILE).is_file() {
+        if peft {
             return Ok(AdapterFormat::Peft);
         }
         if path.join("adapter.pth").is_file() {
@@ -66,8 +80,17 @@ pub fn load_adapter<B: Backend>(
         AdapterFormat::Peft => peft_format::load_peft(path, model, device),
         AdapterFormat::Native => native_format::load_native(path, model, device),
         AdapterFormat::Official => {
-            let file = if path.is_dir() { path.join("adapter.pth") } else { path.to_path_buf() };
-            Ok(AnyAdapter::AdaptionPrompt(official_format::load_official(&file, adapter_len, model, device)?))
+            let file = if path.is_dir() {
+                path.join("adapter.pth")
+            } else {
+                path.to_path_buf()
+            };
+            Ok(AnyAdapter::AdaptionPrompt(official_format::load_official(
+                &file,
+                adapter_len,
+                model,
+                device,
+            )?))
         }
     }
 }
@@ -83,8 +106,13 @@ pub fn peft_representable<B: Backend>(adapter: &AnyAdapter<B>, model: &LlamaConf
 /// Saves `adapter` to the directory `dir` in `format`, or, with `None`, in PEFT's format where it
 /// represents the adapter exactly and in this crate's format otherwise. Returns the format used.
 ///
+/// Once saved, a PEFT or native adapter already in `dir` in another format (its configuration,
+/// then its weights) is removed, so that the directory holds one adapter and loads as the one
+/// just saved. An official `adapter.pth` already there is left alone when saving in another
+/// format: the configuration file takes precedence over it when loading.
+///
 /// # Errors
-/// A format that cannot hold the adapter, and I/O errors.
+/// A format that cannot hold the adapter, and I/O errors (naming the file).
 pub fn save_adapter<B: Backend>(
     adapter: &AnyAdapter<B>,
     model: &LlamaConfig,
@@ -97,17 +125,14 @@ pub fn save_adapter<B: Backend>(
         AdapterFormat::Native
     });
     match format {
-        AdapterFormat::Peft => {
-            if let AnyAdapter::PrefixTuning(prefix) = adapter {
-                if prefix.projection.is_some() {
-                    // PEFT saves the MLP's output, as we do here; training state is not kept.
-                    let inference = AnyAdapter::PrefixTuning(prefix.clone().into_inference());
-                    peft_format::save_peft(&inference, model, dir)?;
-                    return Ok(format);
-                }
+        AdapterFormat::Peft => match adapter {
+            AnyAdapter::PrefixTuning(prefix) if prefix.projection.is_some() => {
+                // PEFT saves the MLP's output, as we do here; training state is not kept.
+                let inference = AnyAdapter::PrefixTuning(prefix.clone().into_inference());
+                peft_format::save_peft(&inference, model, dir)?
             }
-            peft_format::save_peft(adapter, model, dir)?
-        }
+            _ => peft_format::save_peft(adapter, model, dir)?,
+        },
         AdapterFormat::Native => native_format::save_native(adapter, model, dir)?,
         AdapterFormat::Official => {
             let AnyAdapter::AdaptionPrompt(prompt) = adapter else {
@@ -119,5 +144,35 @@ pub fn save_adapter<B: Backend>(
             official_format::save_official(prompt, model, &dir.join("adapter.pth"))?
         }
     }
+    for other in [AdapterFormat::Peft, AdapterFormat::Native] {
+        if other != format {
+            remove_adapter(dir, other)?;
+        }
+    }
     Ok(format)
+}
+
+/// Removes the PEFT or native adapter in `dir`, if there is one: its configuration first, so
+/// that an interruption leaves at most an orphaned weight file, which nothing loads.
+fn remove_adapter(dir: &Path, format: AdapterFormat) -> Result<()> {
+    let (config, weights) = match format {
+        AdapterFormat::Peft => (peft_format::CONFIG_FILE, peft_format::WEIGHTS_FILE),
+        AdapterFormat::Native => (native_format::CONFIG_FILE, native_format::WEIGHTS_FILE),
+        AdapterFormat::Official => return Ok(()),
+    };
+    let config = dir.join(config);
+    // Without its configuration a weight file may belong to something else: the official
+    // format's `.safetensors` variant is also called `adapter.safetensors`.
+    if !config.is_file() {
+        return Ok(());
+    }
+    for path in [config, dir.join(weights)] {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(PeftError::Io { path, source: e })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }

@@ -79,7 +79,9 @@ impl AdaptionPromptConfig {
     /// Zero sizes or more adapted layers than the model has.
     pub fn validate(&self, model: &LlamaConfig) -> Result<()> {
         if self.adapter_len == 0 || self.adapter_layers == 0 {
-            return Err(PeftError::Config("adapter_len and adapter_layers must be positive".into()));
+            return Err(PeftError::Config(
+                "adapter_len and adapter_layers must be positive".into(),
+            ));
         }
         if self.adapter_layers > model.num_hidden_layers {
             return Err(PeftError::Incompatible(format!(
@@ -101,7 +103,11 @@ impl AdaptionPromptConfig {
     ///
     /// # Errors
     /// See [`AdaptionPromptConfig::validate`].
-    pub fn init<B: Backend>(&self, model: &LlamaConfig, device: &B::Device) -> Result<AdaptionPrompt<B>> {
+    pub fn init<B: Backend>(
+        &self,
+        model: &LlamaConfig,
+        device: &B::Device,
+    ) -> Result<AdaptionPrompt<B>> {
         self.validate(model)?;
         let prompts = Tensor::random(
             [self.adapter_layers, self.adapter_len, model.hidden_size],
@@ -109,7 +115,12 @@ impl AdaptionPromptConfig {
             device,
         );
         let gates = Tensor::zeros([self.adapter_layers, self.gates_per_layer(model)], device);
-        Ok(AdaptionPrompt::from_tensors(self.clone(), model, prompts, gates))
+        Ok(AdaptionPrompt::from_tensors(
+            self.clone(),
+            model,
+            prompts,
+            gates,
+        ))
     }
 }
 
@@ -233,7 +244,11 @@ impl<B: Backend> Adapter<B> for AdaptionPrompt<B> {
                 let (keys, values) = attention.project_key_values(prompt);
                 let gate = gates.clone().narrow(0, index, 1);
                 let count = gate.dims()[1];
-                (repeat_kv(keys, n_rep), repeat_kv(values, n_rep), gate.reshape([1, count, 1, 1]))
+                (
+                    repeat_kv(keys, n_rep),
+                    repeat_kv(values, n_rep),
+                    gate.reshape([1, count, 1, 1]),
+                )
             })
             .collect();
         Box::new(PreparedPrompts {
@@ -253,7 +268,10 @@ impl<B: Backend> Adapter<B> for AdaptionPrompt<B> {
         let per_layer = gates.len() / layers;
         let mut out = Vec::with_capacity(2 * layers);
         for index in 0..layers {
-            let prefix = format!("base_model.model.model.layers.{}.self_attn", self.first_layer + index);
+            let prefix = format!(
+                "base_model.model.model.layers.{}.self_attn",
+                self.first_layer + index
+            );
             out.push(NamedTensor {
                 key: format!("{prefix}.adaption_prompt"),
                 shape: vec![1, len, width],

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::Value;
 
@@ -12,25 +13,40 @@ use crate::error::{PeftError, Result};
 /// # Errors
 /// I/O errors and malformed JSON, naming the file (and line and column).
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read(path).map_err(|e| PeftError::Io { path: path.into(), source: e })?;
-    serde_json::from_slice(&text)
-        .map_err(|e| PeftError::Format { path: path.into(), message: format!("malformed JSON: {e}") })
+    let text = std::fs::read(path).map_err(|e| PeftError::Io {
+        path: path.into(),
+        source: e,
+    })?;
+    serde_json::from_slice(&text).map_err(|e| PeftError::Format {
+        path: path.into(),
+        message: format!("malformed JSON: {e}"),
+    })
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory, synced and then
-/// renamed, so a crash leaves either the old file or the new one, never a half-written one.
+/// renamed, so a crash leaves either the old file or the new one, never a half-written one. The
+/// temporary file is removed when writing or renaming fails, and its name is unique to the call
+/// (process id and a process-wide counter), so concurrent saves of one path never share it.
 ///
 /// # Errors
-/// I/O errors.
+/// I/O errors, naming `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |e| PeftError::Io { path: path.into(), source: e };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let temporary = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let mut file = std::fs::File::create(&temporary).map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    drop(file);
-    std::fs::rename(&temporary, path).map_err(io)?;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let call = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let temporary = path.with_file_name(format!(".{name}.tmp-{}-{call}", std::process::id()));
+    let written = write_and_rename(&temporary, path, bytes);
+    if written.is_err() {
+        // A failed save leaves nothing behind (removing a file never created fails harmlessly).
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written.map_err(|e| PeftError::Io {
+        path: path.into(),
+        source: e,
+    })?;
     if let Some(parent) = path.parent() {
         // Make the rename itself durable.
         if let Ok(dir) = std::fs::File::open(parent) {
@@ -38,4 +54,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn write_and_rename(temporary: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(temporary, path)
 }

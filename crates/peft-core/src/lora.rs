@@ -83,8 +83,12 @@ impl LoraConfig {
         let mut out = Vec::new();
         for layer in self.layers(model) {
             for &projection in &self.target_modules {
-                let (d, q, kv, f) =
-                    (model.hidden_size, model.query_width(), model.kv_width(), model.intermediate_size);
+                let (d, q, kv, f) = (
+                    model.hidden_size,
+                    model.query_width(),
+                    model.kv_width(),
+                    model.intermediate_size,
+                );
                 let (input, output) = match projection {
                     Projection::Query => (d, q),
                     Projection::Key | Projection::Value => (d, kv),
@@ -110,9 +114,16 @@ impl LoraConfig {
             return Err(PeftError::Config("target_modules is empty".into()));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(PeftError::Config(format!("lora_dropout {} is not in [0, 1)", self.lora_dropout)));
+            return Err(PeftError::Config(format!(
+                "lora_dropout {} is not in [0, 1)",
+                self.lora_dropout
+            )));
         }
-        if let Some(bad) = self.layers(model).into_iter().find(|&l| l >= model.num_hidden_layers) {
+        if let Some(bad) = self
+            .layers(model)
+            .into_iter()
+            .find(|&l| l >= model.num_hidden_layers)
+        {
             return Err(PeftError::Incompatible(format!(
                 "layers_to_transform names layer {bad}, the model has {} layers",
                 model.num_hidden_layers
@@ -124,7 +135,10 @@ impl LoraConfig {
     /// Trainable parameters for `model`, computed without allocating anything: `r·(in + out)`
     /// per adapted projection.
     pub fn num_trainable_parameters(&self, model: &LlamaConfig) -> usize {
-        self.targets(model).iter().map(|&(_, _, i, o)| self.r * (i + o)).sum()
+        self.targets(model)
+            .iter()
+            .map(|&(_, _, i, o)| self.r * (i + o))
+            .sum()
     }
 
     /// Creates the adapter: `A` Kaiming-uniform as `nn.Linear`'s default (U(±1/√in)), `B` zero,
@@ -152,7 +166,11 @@ impl LoraConfig {
                 }
             })
             .collect();
-        Ok(Lora { modules, config: self.clone(), num_layers: model.num_hidden_layers })
+        Ok(Lora {
+            modules,
+            config: self.clone(),
+            num_layers: model.num_hidden_layers,
+        })
     }
 }
 
@@ -208,7 +226,10 @@ struct LoraHooks<'a, B: Backend> {
 }
 
 fn projection_index(projection: Projection) -> usize {
-    Projection::ALL.iter().position(|&p| p == projection).unwrap_or(0)
+    Projection::ALL
+        .iter()
+        .position(|&p| p == projection)
+        .unwrap_or(0)
 }
 
 impl<B: Backend> LayerHooks<B> for LoraHooks<'_, B> {
@@ -219,19 +240,29 @@ impl<B: Backend> LayerHooks<B> for LoraHooks<'_, B> {
         input: &Tensor<B, 3>,
         output: Tensor<B, 3>,
     ) -> Tensor<B, 3> {
-        match self.slots.get(layer).and_then(|s| s[projection_index(projection)]) {
+        match self
+            .slots
+            .get(layer)
+            .and_then(|s| s[projection_index(projection)])
+        {
             Some(index) => output + self.modules[index].delta(input, self.scaling),
             None => output,
         }
     }
 
     fn first_adapted_layer(&self) -> Option<usize> {
-        self.slots.iter().position(|s| s.iter().any(Option::is_some))
+        self.slots
+            .iter()
+            .position(|s| s.iter().any(Option::is_some))
     }
 }
 
 impl<B: Backend> Lora<B> {
-    fn linear_mut<'m>(base: &'m mut Llama<B>, layer: usize, projection: &str) -> Option<&'m mut Linear<B>> {
+    fn linear_mut<'m>(
+        base: &'m mut Llama<B>,
+        layer: usize,
+        projection: &str,
+    ) -> Option<&'m mut Linear<B>> {
         let layer = base.layers.get_mut(layer)?;
         Some(match Projection::from_hf_name(projection)? {
             Projection::Query => &mut layer.self_attn.q_proj,
@@ -284,10 +315,15 @@ impl<B: Backend> Adapter<B> for Lora<B> {
                 self.num_layers, config.num_hidden_layers
             )));
         }
-        for (module, (layer, projection, input, output)) in self.modules.iter().zip(self.config.targets(config)) {
+        for (module, (layer, projection, input, output)) in
+            self.modules.iter().zip(self.config.targets(config))
+        {
             let found = [module.lora_a.dims(), module.lora_b.dims()];
             let expected = [[input, self.config.r], [self.config.r, output]];
-            if found != expected || module.layer != layer || module.projection != projection.hf_name() {
+            if found != expected
+                || module.layer != layer
+                || module.projection != projection.hf_name()
+            {
                 return Err(PeftError::Incompatible(format!(
                     "layers.{}.{}: LoRA A/B have shapes {:?}, the model needs {:?} (layer {layer} {projection})",
                     module.layer, module.projection, found, expected
@@ -306,7 +342,11 @@ impl<B: Backend> Adapter<B> for Lora<B> {
                 }
             }
         }
-        Box::new(LoraHooks { slots, modules: &self.modules, scaling: self.config.scaling() })
+        Box::new(LoraHooks {
+            slots,
+            modules: &self.modules,
+            scaling: self.config.scaling(),
+        })
     }
 
     /// PEFT's names: `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight`
@@ -314,8 +354,12 @@ impl<B: Backend> Adapter<B> for Lora<B> {
     fn named_tensors(&self) -> Vec<NamedTensor> {
         let mut out = Vec::with_capacity(2 * self.modules.len());
         for module in &self.modules {
-            let parent = Projection::from_hf_name(&module.projection).map_or("self_attn", Projection::hf_parent);
-            let prefix = format!("base_model.model.model.layers.{}.{parent}.{}", module.layer, module.projection);
+            let parent = Projection::from_hf_name(&module.projection)
+                .map_or("self_attn", Projection::hf_parent);
+            let prefix = format!(
+                "base_model.model.model.layers.{}.{parent}.{}",
+                module.layer, module.projection
+            );
             let [input, r] = module.lora_a.dims();
             let [_, output] = module.lora_b.dims();
             out.push(NamedTensor {

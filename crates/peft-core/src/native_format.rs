@@ -9,10 +9,11 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
+use peft_llama::weights::TensorMap;
 use peft_llama::LlamaConfig;
 use serde_json::{json, Value};
 
-use crate::adaption_prompt::AdaptionPromptConfig;
+use crate::adaption_prompt::{AdaptionPromptConfig, GateShape};
 use crate::any_adapter::AnyAdapter;
 use crate::error::{PeftError, Result};
 use crate::files::{read_json, write_atomic};
@@ -41,7 +42,11 @@ fn model_sizes(model: &LlamaConfig) -> Value {
 ///
 /// # Errors
 /// I/O errors.
-pub fn save_native<B: Backend>(adapter: &AnyAdapter<B>, model: &LlamaConfig, dir: &Path) -> Result<()> {
+pub fn save_native<B: Backend>(
+    adapter: &AnyAdapter<B>,
+    model: &LlamaConfig,
+    dir: &Path,
+) -> Result<()> {
     let to_json = |c: &dyn erased::Serialize| c.to_value();
     let (method, config) = match adapter {
         AnyAdapter::Lora(a) => ("LORA", to_json(&a.config)),
@@ -66,8 +71,14 @@ pub fn save_native<B: Backend>(adapter: &AnyAdapter<B>, model: &LlamaConfig, dir
     };
     let bytes = saved
         .and_then(|()| store.get_bytes())
-        .map_err(|e| PeftError::Format { path: weights.clone(), message: e.to_string() })?;
-    std::fs::create_dir_all(dir).map_err(|e| PeftError::Io { path: dir.into(), source: e })?;
+        .map_err(|e| PeftError::Format {
+            path: weights.clone(),
+            message: e.to_string(),
+        })?;
+    std::fs::create_dir_all(dir).map_err(|e| PeftError::Io {
+        path: dir.into(),
+        source: e,
+    })?;
     write_atomic(&weights, &bytes)?;
     let text = serde_json::to_string_pretty(&manifest).expect("JSON values serialise");
     write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
@@ -86,15 +97,22 @@ mod erased {
 }
 
 fn apply<B: Backend, M: ModuleSnapshot<B>>(module: &mut M, path: &Path) -> Result<()> {
-    let format = |message: String| PeftError::Format { path: path.into(), message };
+    let format = |message: String| PeftError::Format {
+        path: path.into(),
+        message,
+    };
     if !path.is_file() {
         return Err(PeftError::Io {
             path: path.into(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         });
     }
-    let mut store = SafetensorsStore::from_file(path).allow_partial(true).validate(true);
-    let result = module.load_from(&mut store).map_err(|e| format(e.to_string()))?;
+    let mut store = SafetensorsStore::from_file(path)
+        .allow_partial(true)
+        .validate(true);
+    let result = module
+        .load_from(&mut store)
+        .map_err(|e| format(e.to_string()))?;
     if let Some(error) = result.errors.first() {
         return Err(format(error.to_string()));
     }
@@ -110,18 +128,33 @@ fn apply<B: Backend, M: ModuleSnapshot<B>>(module: &mut M, path: &Path) -> Resul
 /// Loads an adapter saved by [`save_native`] for a model with configuration `model`.
 ///
 /// # Errors
-/// Malformed files, an adapter made for a model of other sizes, and every missing, unexpected or
-/// mis-shaped tensor.
-pub fn load_native<B: Backend>(dir: &Path, model: &LlamaConfig, device: &B::Device) -> Result<AnyAdapter<B>> {
+/// Malformed files, an adapter made for a model of other sizes, an invalid configuration or one
+/// whose sizes do not match the tensor file's (checked before anything is allocated), and every
+/// missing, unexpected or mis-shaped tensor.
+pub fn load_native<B: Backend>(
+    dir: &Path,
+    model: &LlamaConfig,
+    device: &B::Device,
+) -> Result<AnyAdapter<B>> {
     let config_path = dir.join(CONFIG_FILE);
     let manifest = read_json(&config_path)?;
-    let format = |message: String| PeftError::Format { path: config_path.clone(), message };
+    let format = |message: String| PeftError::Format {
+        path: config_path.clone(),
+        message,
+    };
     if manifest.get("format").and_then(Value::as_str) != Some("peft-rs") {
-        return Err(format("not a peft-rs adapter (`format` is not \"peft-rs\")".into()));
+        return Err(format(
+            "not a peft-rs adapter (`format` is not \"peft-rs\")".into(),
+        ));
     }
-    let version = manifest.get("format_version").and_then(Value::as_u64).unwrap_or(0);
+    let version = manifest
+        .get("format_version")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
     if version != FORMAT_VERSION {
-        return Err(format(format!("format_version {version} is not supported (this build reads {FORMAT_VERSION})")));
+        return Err(format(format!(
+            "format_version {version} is not supported (this build reads {FORMAT_VERSION})"
+        )));
     }
     let expected = model_sizes(model);
     if manifest.get("model") != Some(&expected) {
@@ -133,23 +166,44 @@ pub fn load_native<B: Backend>(dir: &Path, model: &LlamaConfig, device: &B::Devi
     }
     let config = manifest.get("config").cloned().unwrap_or(Value::Null);
     let parse_error = |e: serde_json::Error| format(format!("`config`: {e}"));
+    let invalid = |e: PeftError| format(format!("`config`: {e}"));
     let weights = dir.join(WEIGHTS_FILE);
+    // Every size in the configuration is checked against the tensor file before `init`
+    // allocates anything: a corrupt or hostile `"r": 2000000000` must be an error, not an abort.
+    let check = |expected| check_parameter_count(expected, &config, &config_path, &weights);
     let adapter = match manifest.get("peft_type").and_then(Value::as_str) {
         Some("LORA") => {
-            let config: LoraConfig = serde_json::from_value(config).map_err(parse_error)?;
-            let mut adapter = config.init::<B>(model, device)?;
+            let lora: LoraConfig = serde_json::from_value(config.clone()).map_err(parse_error)?;
+            lora.validate(model).map_err(invalid)?;
+            check(lora_parameters(&lora, model))?;
+            let mut adapter = lora.init::<B>(model, device)?;
             apply(&mut adapter, &weights)?;
             AnyAdapter::Lora(adapter)
         }
         Some("PREFIX_TUNING") => {
-            let config: PrefixTuningConfig = serde_json::from_value(config).map_err(parse_error)?;
-            let mut adapter = config.init::<B>(model, device)?;
+            let prefix: PrefixTuningConfig =
+                serde_json::from_value(config.clone()).map_err(parse_error)?;
+            if prefix.num_virtual_tokens == 0 {
+                return Err(format(
+                    "`config`: num_virtual_tokens must be positive".into(),
+                ));
+            }
+            if prefix.prefix_projection && prefix.encoder_hidden_size == 0 {
+                return Err(format(
+                    "`config`: encoder_hidden_size must be positive with prefix_projection".into(),
+                ));
+            }
+            check(prefix_parameters(&prefix, model))?;
+            let mut adapter = prefix.init::<B>(model, device)?;
             apply(&mut adapter, &weights)?;
             AnyAdapter::PrefixTuning(adapter)
         }
         Some("ADAPTION_PROMPT") => {
-            let config: AdaptionPromptConfig = serde_json::from_value(config).map_err(parse_error)?;
-            let mut adapter = config.init::<B>(model, device)?;
+            let prompt: AdaptionPromptConfig =
+                serde_json::from_value(config.clone()).map_err(parse_error)?;
+            prompt.validate(model).map_err(invalid)?;
+            check(adaption_prompt_parameters(&prompt, model))?;
+            let mut adapter = prompt.init::<B>(model, device)?;
             apply(&mut adapter, &weights)?;
             AnyAdapter::AdaptionPrompt(adapter)
         }
@@ -157,4 +211,83 @@ pub fn load_native<B: Backend>(dir: &Path, model: &LlamaConfig, device: &B::Devi
     };
     adapter.check_compatible(model)?;
     Ok(adapter)
+}
+
+/// Fails unless the tensors of `weights` hold `expected` values in all, reading only the
+/// file's header. `None` means the count overflows `usize`: no file can match it.
+fn check_parameter_count(
+    expected: Option<usize>,
+    config: &Value,
+    config_path: &Path,
+    weights: &Path,
+) -> Result<()> {
+    let mut tensors = TensorMap::new(weights.display().to_string());
+    tensors.add_safetensors(weights)?;
+    let found = tensors
+        .keys()
+        .map(|key| tensors.shape(key).unwrap_or_default())
+        .try_fold(0usize, |sum, shape| {
+            shape
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .and_then(|n| sum.checked_add(n))
+        });
+    if expected.is_some() && expected == found {
+        return Ok(());
+    }
+    let expected = match expected {
+        Some(n) => format!("{n} values"),
+        None => "more values than this machine can address".into(),
+    };
+    let found = found.map_or_else(|| "more than can be addressed".into(), |n| n.to_string());
+    Err(PeftError::Format {
+        path: config_path.into(),
+        message: format!(
+            "`config` {config} needs {expected} for this model, but {} holds {found} \
+             in {} tensor(s)",
+            weights.display(),
+            tensors.keys().count()
+        ),
+    })
+}
+
+/// The number of values a LoRA with `config` has for `model`, or `None` on overflow (the same
+/// count as [`LoraConfig::num_trainable_parameters`], checked: the configuration is read from a
+/// file).
+fn lora_parameters(config: &LoraConfig, model: &LlamaConfig) -> Option<usize> {
+    config
+        .targets(model)
+        .iter()
+        .try_fold(0usize, |sum, &(_, _, input, output)| {
+            sum.checked_add(config.r.checked_mul(input.checked_add(output)?)?)
+        })
+}
+
+/// [`PrefixTuningConfig::num_trainable_parameters`], checked.
+fn prefix_parameters(config: &PrefixTuningConfig, model: &LlamaConfig) -> Option<usize> {
+    let width = PrefixTuningConfig::prompt_width(model);
+    let tokens = config.num_virtual_tokens;
+    if config.prefix_projection {
+        let token = model.kv_width();
+        let hidden = config.encoder_hidden_size;
+        let embedding = tokens.checked_mul(token)?;
+        let first = token.checked_add(1)?.checked_mul(hidden)?;
+        let second = hidden.checked_add(1)?.checked_mul(width)?;
+        embedding.checked_add(first)?.checked_add(second)
+    } else {
+        tokens.checked_mul(width)
+    }
+}
+
+/// [`AdaptionPromptConfig::num_trainable_parameters`], checked.
+fn adaption_prompt_parameters(config: &AdaptionPromptConfig, model: &LlamaConfig) -> Option<usize> {
+    let gates = match config.gate_shape {
+        GateShape::PerHead => model.num_attention_heads,
+        GateShape::Scalar => 1,
+    };
+    let per_layer = config
+        .adapter_len
+        .checked_mul(model.hidden_size)?
+        .checked_add(gates)?;
+    config.adapter_layers.checked_mul(per_layer)
 }

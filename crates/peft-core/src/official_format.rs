@@ -34,15 +34,20 @@ pub fn load_official<B: Backend>(
     model: &LlamaConfig,
     device: &B::Device,
 ) -> Result<AdaptionPrompt<B>> {
-    let format = |message: String| PeftError::Format { path: path.into(), message };
+    let format = |message: String| PeftError::Format {
+        path: path.into(),
+        message,
+    };
     let mut tensors = TensorMap::new(path.display().to_string());
     match path.extension().and_then(|e| e.to_str()) {
         Some("safetensors") => tensors.add_safetensors(path)?,
         _ => tensors.add_pth(path)?,
     }
-    let shape = tensors
-        .shape(PROMPT_KEY)
-        .ok_or_else(|| format(format!("no `{PROMPT_KEY}`: not an official LLaMA-Adapter checkpoint")))?;
+    let shape = tensors.shape(PROMPT_KEY).ok_or_else(|| {
+        format(format!(
+            "no `{PROMPT_KEY}`: not an official LLaMA-Adapter checkpoint"
+        ))
+    })?;
     if shape.len() != 2 || shape[1] != model.hidden_size {
         return Err(PeftError::Incompatible(format!(
             "{}: `{PROMPT_KEY}` has shape {shape:?}, the model needs [L·K, {}]",
@@ -57,12 +62,30 @@ pub fn load_official<B: Backend>(
         )));
     }
     let layers = shape[0] / adapter_len;
+    if layers == 0 {
+        return Err(format(format!(
+            "`{PROMPT_KEY}` has no rows: the checkpoint holds no adaption prompts"
+        )));
+    }
+    if layers > model.num_hidden_layers {
+        // The file does not store adapter_len, so a wrong --adapter-len is the likely cause.
+        return Err(format(format!(
+            "`{PROMPT_KEY}` has {} rows, which with adapter_len {adapter_len} makes {layers} adapted \
+             layers, but the model has {} layers (pass the right --adapter-len)",
+            shape[0], model.num_hidden_layers
+        )));
+    }
     let config = AdaptionPromptConfig::new()
         .with_adapter_len(adapter_len)
         .with_adapter_layers(layers)
         .with_gate_shape(GateShape::PerHead)
         .with_gate_activation(GateActivation::Tanh);
-    config.validate(model)?;
+    config.validate(model).map_err(|e| {
+        format(format!(
+            "{e} (`{PROMPT_KEY}` has {} rows, adapter_len {adapter_len}: check --adapter-len)",
+            shape[0]
+        ))
+    })?;
     let prompts = tensors.take_f32(PROMPT_KEY, &shape)?;
     let heads = model.num_attention_heads;
     let first = model.num_hidden_layers - layers;
@@ -88,7 +111,10 @@ pub fn load_official<B: Backend>(
     Ok(AdaptionPrompt::from_tensors(
         config,
         model,
-        Tensor::from_data(TensorData::new(prompts, [layers, adapter_len, width]), device),
+        Tensor::from_data(
+            TensorData::new(prompts, [layers, adapter_len, width]),
+            device,
+        ),
         Tensor::from_data(TensorData::new(gates, [layers, heads]), device),
     ))
 }
@@ -98,8 +124,13 @@ pub fn load_official<B: Backend>(
 ///
 /// # Errors
 /// An adapter whose gates are not per head with `tanh`: the official format has no other form.
-pub fn official_tensors<B: Backend>(adapter: &AdaptionPrompt<B>, model: &LlamaConfig) -> Result<Vec<NamedTensor>> {
-    if adapter.config.gate_shape != GateShape::PerHead || adapter.config.gate_activation != GateActivation::Tanh {
+pub fn official_tensors<B: Backend>(
+    adapter: &AdaptionPrompt<B>,
+    model: &LlamaConfig,
+) -> Result<Vec<NamedTensor>> {
+    if adapter.config.gate_shape != GateShape::PerHead
+        || adapter.config.gate_activation != GateActivation::Tanh
+    {
         return Err(PeftError::Unsupported(format!(
             "the official LLaMA-Adapter format holds per-head tanh gates; this adapter has {:?} {:?} gates",
             adapter.config.gate_shape, adapter.config.gate_activation
@@ -118,7 +149,11 @@ pub fn official_tensors<B: Backend>(adapter: &AdaptionPrompt<B>, model: &LlamaCo
             Some(index) => gates[index * heads..(index + 1) * heads].to_vec(),
             None => vec![0.0; heads],
         };
-        out.push(NamedTensor { key: gate_key(layer), shape: vec![1, heads, 1, 1], values });
+        out.push(NamedTensor {
+            key: gate_key(layer),
+            shape: vec![1, heads, 1, 1],
+            values,
+        });
     }
     Ok(out)
 }
@@ -128,10 +163,17 @@ pub fn official_tensors<B: Backend>(adapter: &AdaptionPrompt<B>, model: &LlamaCo
 ///
 /// # Errors
 /// See [`official_tensors`]; I/O errors.
-pub fn save_official<B: Backend>(adapter: &AdaptionPrompt<B>, model: &LlamaConfig, path: &Path) -> Result<()> {
+pub fn save_official<B: Backend>(
+    adapter: &AdaptionPrompt<B>,
+    model: &LlamaConfig,
+    path: &Path,
+) -> Result<()> {
     let tensors = official_tensors(adapter, model)?;
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| PeftError::Io { path: parent.into(), source: e })?;
+        std::fs::create_dir_all(parent).map_err(|e| PeftError::Io {
+            path: parent.into(),
+            source: e,
+        })?;
     }
     let bytes = match path.extension().and_then(|e| e.to_str()) {
         Some("safetensors") => crate::peft_format::safetensors_bytes(&tensors, path)?,

@@ -2,7 +2,10 @@
 //! `adapter_model.safetensors` (metadata `{"format": "pt"}`), with PEFT's key names and shapes.
 //!
 //! Files written here load in Python with `PeftModel.from_pretrained` and give our logits;
-//! directories PEFT writes load here and give its logits (see `tests/peft_files.rs`).
+//! directories PEFT writes load here and give its logits. Tested by this crate's
+//! `tests/parity.rs` (PEFT's own files against its logits and gradients) and
+//! `tests/adapter_files.rs` (round trips, every malformed file), and by the repository's
+//! `scripts/check_rust_adapters.py` (our files loaded by PEFT in Python).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,13 +15,13 @@ use peft_llama::weights::{transpose, TensorMap};
 use peft_llama::LlamaConfig;
 use serde_json::{json, Value};
 
+use crate::adapter::NamedTensor;
 use crate::adaption_prompt::{AdaptionPrompt, AdaptionPromptConfig};
 use crate::any_adapter::AnyAdapter;
 use crate::error::{PeftError, Result};
 use crate::files::{read_json, write_atomic};
 use crate::lora::{Lora, LoraConfig, LoraLinear};
 use crate::prefix::{PrefixTuning, PrefixTuningConfig};
-use crate::adapter::NamedTensor;
 
 /// The configuration file of a PEFT adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -26,11 +29,17 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 fn format_error(path: &Path, message: impl Into<String>) -> PeftError {
-    PeftError::Format { path: path.into(), message: message.into() }
+    PeftError::Format {
+        path: path.into(),
+        message: message.into(),
+    }
 }
 
 fn field<'v>(config: &'v Value, key: &str, path: &Path) -> Result<&'v Value> {
-    config.get(key).filter(|v| !v.is_null()).ok_or_else(|| format_error(path, format!("`{key}` is missing")))
+    config
+        .get(key)
+        .filter(|v| !v.is_null())
+        .ok_or_else(|| format_error(path, format!("`{key}` is missing")))
 }
 
 fn usize_field(config: &Value, key: &str, path: &Path) -> Result<usize> {
@@ -41,7 +50,9 @@ fn usize_field(config: &Value, key: &str, path: &Path) -> Result<usize> {
 }
 
 fn f64_field(config: &Value, key: &str, path: &Path) -> Result<f64> {
-    field(config, key, path)?.as_f64().ok_or_else(|| format_error(path, format!("`{key}` must be a number")))
+    field(config, key, path)?
+        .as_f64()
+        .ok_or_else(|| format_error(path, format!("`{key}` must be a number")))
 }
 
 fn bool_field(config: &Value, key: &str, default: bool, path: &Path) -> Result<bool> {
@@ -68,9 +79,15 @@ fn lora_config(config: &Value, path: &Path) -> Result<LoraConfig> {
     refuse(config, path, "rank_pattern", empty)?;
     refuse(config, path, "alpha_pattern", empty)?;
     refuse(config, path, "use_dora", |v| v.as_bool() != Some(true))?;
-    refuse(config, path, "bias", |v| v.is_null() || v.as_str() == Some("none"))?;
-    refuse(config, path, "fan_in_fan_out", |v| v.as_bool() != Some(true))?;
-    refuse(config, path, "modules_to_save", |v| v.is_null() || v.as_array().is_some_and(Vec::is_empty))?;
+    refuse(config, path, "bias", |v| {
+        v.is_null() || v.as_str() == Some("none")
+    })?;
+    refuse(config, path, "fan_in_fan_out", |v| {
+        v.as_bool() != Some(true)
+    })?;
+    refuse(config, path, "modules_to_save", |v| {
+        v.is_null() || v.as_array().is_some_and(Vec::is_empty)
+    })?;
     refuse(config, path, "layer_replication", Value::is_null)?;
     refuse(config, path, "lora_bias", |v| v.as_bool() != Some(true))?;
     let targets: Vec<String> = match field(config, "target_modules", path)? {
@@ -80,10 +97,15 @@ fn lora_config(config: &Value, path: &Path) -> Result<LoraConfig> {
             .map(|v| v.as_str().map(str::to_string))
             .collect::<Option<_>>()
             .ok_or_else(|| format_error(path, "`target_modules` must be a list of module names"))?,
-        _ => return Err(format_error(path, "`target_modules` must be a list of module names")),
+        _ => {
+            return Err(format_error(
+                path,
+                "`target_modules` must be a list of module names",
+            ))
+        }
     };
-    let target_modules =
-        LoraConfig::parse_target_modules(&targets).map_err(|e| format_error(path, e.to_string()))?;
+    let target_modules = LoraConfig::parse_target_modules(&targets)
+        .map_err(|e| format_error(path, e.to_string()))?;
     let layers_to_transform = match config.get("layers_to_transform") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => Some(vec![n.as_u64().unwrap_or(0) as usize]),
@@ -94,18 +116,32 @@ fn lora_config(config: &Value, path: &Path) -> Result<LoraConfig> {
                 .collect::<Option<_>>()
                 .ok_or_else(|| format_error(path, "`layers_to_transform` must be layer indices"))?,
         ),
-        Some(_) => return Err(format_error(path, "`layers_to_transform` must be layer indices")),
+        Some(_) => {
+            return Err(format_error(
+                path,
+                "`layers_to_transform` must be layer indices",
+            ))
+        }
     };
     Ok(LoraConfig::new()
         .with_r(usize_field(config, "r", path)?)
         .with_lora_alpha(f64_field(config, "lora_alpha", path)?)
         .with_target_modules(target_modules)
-        .with_lora_dropout(config.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0))
+        .with_lora_dropout(
+            config
+                .get("lora_dropout")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0),
+        )
         .with_use_rslora(bool_field(config, "use_rslora", false, path)?)
         .with_layers_to_transform(layers_to_transform))
 }
 
-fn tensor<B: Backend, const D: usize>(values: Vec<f32>, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+fn tensor<B: Backend, const D: usize>(
+    values: Vec<f32>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D> {
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
@@ -127,12 +163,19 @@ pub fn read_peft_type(dir: &Path) -> Result<String> {
 /// # Errors
 /// A missing or malformed file, an unknown or unsupported `peft_type` or setting, and every
 /// missing, unexpected, mis-shaped or non-finite tensor, each naming the file and key.
-pub fn load_peft<B: Backend>(dir: &Path, model: &LlamaConfig, device: &B::Device) -> Result<AnyAdapter<B>> {
+pub fn load_peft<B: Backend>(
+    dir: &Path,
+    model: &LlamaConfig,
+    device: &B::Device,
+) -> Result<AnyAdapter<B>> {
     let config_path = dir.join(CONFIG_FILE);
     let config = read_json(&config_path)?;
     if let Some(task) = config.get("task_type").and_then(Value::as_str) {
         if task != "CAUSAL_LM" {
-            return Err(format_error(&config_path, format!("task_type `{task}` is not CAUSAL_LM")));
+            return Err(format_error(
+                &config_path,
+                format!("task_type `{task}` is not CAUSAL_LM"),
+            ));
         }
     }
     let peft_type = read_peft_type(dir)?;
@@ -195,8 +238,11 @@ pub fn load_peft<B: Backend>(dir: &Path, model: &LlamaConfig, device: &B::Device
             prompt_config.validate(model).map_err(|e| format_error(&config_path, e.to_string()))?;
             let first = model.num_hidden_layers - layers;
             let width = model.hidden_size;
-            let mut prompts = Vec::with_capacity(layers * len * width);
-            let mut gates = Vec::with_capacity(layers);
+            // Nothing is reserved from the configuration's sizes (`"adapter_len": 3000000000`
+            // would abort, and the product can overflow): `take_f32` checks each tensor's shape
+            // against the file before reading it, so memory follows what the file holds.
+            let mut prompts = Vec::new();
+            let mut gates = Vec::new();
             for layer in first..model.num_hidden_layers {
                 let prefix = format!("base_model.model.model.layers.{layer}.self_attn");
                 prompts.extend(tensors.take_f32(&format!("{prefix}.adaption_prompt"), &[1, len, width])?);
@@ -334,7 +380,10 @@ pub fn peft_tensors<B: Backend>(adapter: &AnyAdapter<B>) -> Result<Vec<NamedTens
     if let AnyAdapter::AdaptionPrompt(prompt) = adapter {
         let gates = scalar_gates(prompt)?;
         let mut index = 0;
-        for tensor in tensors.iter_mut().filter(|t| t.key.ends_with(".adaption_gate")) {
+        for tensor in tensors
+            .iter_mut()
+            .filter(|t| t.key.ends_with(".adaption_gate"))
+        {
             tensor.shape = vec![1];
             tensor.values = vec![gates[index]];
             index += 1;
@@ -348,11 +397,18 @@ pub fn peft_tensors<B: Backend>(adapter: &AnyAdapter<B>) -> Result<Vec<NamedTens
 /// # Errors
 /// Shapes that do not match the values.
 pub fn safetensors_bytes(tensors: &[NamedTensor], path: &Path) -> Result<Vec<u8>> {
-    let buffers: Vec<Vec<u8>> = tensors.iter().map(|t| t.values.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+    let buffers: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| t.values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
     let mut views = Vec::with_capacity(tensors.len());
     for (tensor, buffer) in tensors.iter().zip(&buffers) {
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, tensor.shape.clone(), buffer)
-            .map_err(|e| format_error(path, format!("tensor '{}': {e}", tensor.key)))?;
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            tensor.shape.clone(),
+            buffer,
+        )
+        .map_err(|e| format_error(path, format!("tensor '{}': {e}", tensor.key)))?;
         views.push((tensor.key.clone(), view));
     }
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -363,13 +419,19 @@ pub fn safetensors_bytes(tensors: &[NamedTensor], path: &Path) -> Result<Vec<u8>
 ///
 /// # Errors
 /// See [`peft_config`]; I/O errors.
-pub fn save_peft<B: Backend>(adapter: &AnyAdapter<B>, model: &LlamaConfig, dir: &Path) -> Result<()> {
+pub fn save_peft<B: Backend>(
+    adapter: &AnyAdapter<B>,
+    model: &LlamaConfig,
+    dir: &Path,
+) -> Result<()> {
     let config = peft_config(adapter, model)?;
     let tensors = peft_tensors(adapter)?;
-    std::fs::create_dir_all(dir).map_err(|e| PeftError::Io { path: dir.into(), source: e })?;
+    std::fs::create_dir_all(dir).map_err(|e| PeftError::Io {
+        path: dir.into(),
+        source: e,
+    })?;
     let weights = dir.join(WEIGHTS_FILE);
     write_atomic(&weights, &safetensors_bytes(&tensors, &weights)?)?;
     let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
     write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
 }
-

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::{backend::Backend, Tensor};
-use peft_llama::{generate, Generation, GenerationConfig, KvCache, LayerHooks, Llama, NoHooks, TokenBatch};
+use peft_llama::{
+    generate, Generation, GenerationConfig, KvCache, LayerHooks, Llama, NoHooks, TokenBatch,
+};
 
 use crate::any_adapter::AnyAdapter;
 use crate::error::{PeftError, Result};
@@ -23,7 +25,13 @@ pub struct PeftModel<B: Backend> {
 impl<B: Backend> PeftModel<B> {
     /// Wraps a base model with no adapter.
     pub fn new(base: Llama<B>) -> Self {
-        Self { base, adapters: BTreeMap::new(), active: None, enabled: true, merged: None }
+        Self {
+            base,
+            adapters: BTreeMap::new(),
+            active: None,
+            enabled: true,
+            merged: None,
+        }
     }
 
     /// The base model (with a merged LoRA's weights, if one is merged).
@@ -63,7 +71,10 @@ impl<B: Backend> PeftModel<B> {
     }
 
     fn unknown(&self, name: &str) -> PeftError {
-        PeftError::UnknownAdapter { name: name.into(), loaded: self.adapters.keys().cloned().collect() }
+        PeftError::UnknownAdapter {
+            name: name.into(),
+            loaded: self.adapters.keys().cloned().collect(),
+        }
     }
 
     fn refuse_if_merged(&self) -> Result<()> {
@@ -77,12 +88,18 @@ impl<B: Backend> PeftModel<B> {
     ///
     /// # Errors
     /// The adapter does not fit the base model, or the name is taken.
-    pub fn add_adapter(&mut self, name: impl Into<String>, adapter: impl Into<AnyAdapter<B>>) -> Result<()> {
+    pub fn add_adapter(
+        &mut self,
+        name: impl Into<String>,
+        adapter: impl Into<AnyAdapter<B>>,
+    ) -> Result<()> {
         let name = name.into();
         let adapter = adapter.into();
         adapter.check_compatible(&self.base.config)?;
         if self.adapters.contains_key(&name) {
-            return Err(PeftError::Config(format!("an adapter named `{name}` is already loaded")));
+            return Err(PeftError::Config(format!(
+                "an adapter named `{name}` is already loaded"
+            )));
         }
         self.adapters.insert(name.clone(), adapter);
         if self.active.is_none() {
@@ -99,7 +116,10 @@ impl<B: Backend> PeftModel<B> {
         if self.merged.as_deref() == Some(name) {
             return Err(PeftError::Merged(name.into()));
         }
-        let adapter = self.adapters.remove(name).ok_or_else(|| self.unknown(name))?;
+        let adapter = self
+            .adapters
+            .remove(name)
+            .ok_or_else(|| self.unknown(name))?;
         if self.active.as_deref() == Some(name) {
             self.active = None;
         }
@@ -142,7 +162,10 @@ impl<B: Backend> PeftModel<B> {
     /// No active adapter, a method that cannot merge, or something already merged.
     pub fn merge_active(&mut self) -> Result<()> {
         self.refuse_if_merged()?;
-        let name = self.active.clone().ok_or_else(|| PeftError::Config("no active adapter to merge".into()))?;
+        let name = self
+            .active
+            .clone()
+            .ok_or_else(|| PeftError::Config("no active adapter to merge".into()))?;
         match &self.adapters[&name] {
             AnyAdapter::Lora(lora) => {
                 // Cloning a module only clones reference-counted parameter handles.
@@ -162,7 +185,10 @@ impl<B: Backend> PeftModel<B> {
     /// # Errors
     /// Nothing is merged.
     pub fn unmerge(&mut self) -> Result<()> {
-        let name = self.merged.take().ok_or_else(|| PeftError::Config("no adapter is merged".into()))?;
+        let name = self
+            .merged
+            .take()
+            .ok_or_else(|| PeftError::Config("no adapter is merged".into()))?;
         if let AnyAdapter::Lora(lora) = &self.adapters[&name] {
             self.base = lora.unmerge_from(self.base.clone());
         }
@@ -181,7 +207,11 @@ impl<B: Backend> PeftModel<B> {
     ///
     /// # Errors
     /// See [`Llama::forward`].
-    pub fn forward(&self, tokens: &TokenBatch, cache: Option<&mut KvCache<B>>) -> Result<Tensor<B, 3>> {
+    pub fn forward(
+        &self,
+        tokens: &TokenBatch,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Result<Tensor<B, 3>> {
         Ok(self.base.forward(tokens, self.hooks().as_ref(), cache)?)
     }
 
@@ -189,7 +219,16 @@ impl<B: Backend> PeftModel<B> {
     ///
     /// # Errors
     /// See [`generate`].
-    pub fn generate(&self, prompts: &[Vec<u32>], config: &GenerationConfig) -> Result<Vec<Generation>> {
-        Ok(generate(&self.base, self.hooks().as_ref(), prompts, config)?)
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        config: &GenerationConfig,
+    ) -> Result<Vec<Generation>> {
+        Ok(generate(
+            &self.base,
+            self.hooks().as_ref(),
+            prompts,
+            config,
+        )?)
     }
 }

@@ -48,9 +48,15 @@ impl PrefixTuningConfig {
     ///
     /// # Errors
     /// Zero virtual tokens.
-    pub fn init<B: Backend>(&self, model: &LlamaConfig, device: &B::Device) -> Result<PrefixTuning<B>> {
+    pub fn init<B: Backend>(
+        &self,
+        model: &LlamaConfig,
+        device: &B::Device,
+    ) -> Result<PrefixTuning<B>> {
         if self.num_virtual_tokens == 0 {
-            return Err(PeftError::Config("num_virtual_tokens must be positive".into()));
+            return Err(PeftError::Config(
+                "num_virtual_tokens must be positive".into(),
+            ));
         }
         let width = Self::prompt_width(model);
         let (embedding_width, projection) = if self.prefix_projection {
@@ -140,10 +146,17 @@ impl<B: Backend> LayerHooks<B> for PreparedPrefix<B> {
         self.tokens
     }
 
-    fn prefix_key_values(&self, layer: usize, batch: usize) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
+    fn prefix_key_values(
+        &self,
+        layer: usize,
+        batch: usize,
+    ) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
         let [_, heads, tokens, dim] = self.key_values.dims();
         let pick = |index: usize| {
-            self.key_values.clone().narrow(0, index, 1).expand([batch, heads, tokens, dim])
+            self.key_values
+                .clone()
+                .narrow(0, index, 1)
+                .expand([batch, heads, tokens, dim])
         };
         Some((pick(2 * layer), pick(2 * layer + 1)))
     }
@@ -160,7 +173,11 @@ impl<B: Backend> Adapter<B> for PrefixTuning<B> {
 
     fn check_compatible(&self, config: &LlamaConfig) -> Result<()> {
         let found = [self.num_layers, self.kv_heads, self.head_dim];
-        let expected = [config.num_hidden_layers, config.num_key_value_heads, config.head_dim];
+        let expected = [
+            config.num_hidden_layers,
+            config.num_key_value_heads,
+            config.head_dim,
+        ];
         if found != expected {
             return Err(PeftError::Incompatible(format!(
                 "prefix made for layers/kv_heads/head_dim {found:?}, the model has {expected:?}"
@@ -196,6 +213,10 @@ impl<B: Backend> Adapter<B> for PrefixTuning<B> {
     fn named_tensors(&self) -> Vec<NamedTensor> {
         let prompts = self.prompt_embeddings();
         let shape = prompts.dims().to_vec();
-        vec![NamedTensor { key: "prompt_embeddings".into(), shape, values: host_values(prompts) }]
+        vec![NamedTensor {
+            key: "prompt_embeddings".into(),
+            shape,
+            values: host_values(prompts),
+        }]
     }
 }

@@ -129,7 +129,10 @@ impl Pickler {
         } else {
             // LONG1: little-endian two's complement, as short as possible with a clear sign bit.
             let mut bytes = value.to_le_bytes().to_vec();
-            while bytes.len() > 1 && bytes[bytes.len() - 1] == 0 && bytes[bytes.len() - 2] & 0x80 == 0 {
+            while bytes.len() > 1
+                && bytes[bytes.len() - 1] == 0
+                && bytes[bytes.len() - 2] & 0x80 == 0
+            {
                 bytes.pop();
             }
             self.out.extend([0x8a, bytes.len() as u8]);
@@ -157,11 +160,17 @@ impl Pickler {
     /// `_rebuild_tensor_v2(persistent_load(("storage", FloatStorage, key, "cpu", numel)),
     /// 0, shape, stride, False, OrderedDict())` for a contiguous tensor.
     fn tensor(&mut self, storage_key: &str, shape: &[usize], numel: usize) {
-        self.once(|p| &mut p.rebuild, |p| p.global("torch._utils", "_rebuild_tensor_v2"));
+        self.once(
+            |p| &mut p.rebuild,
+            |p| p.global("torch._utils", "_rebuild_tensor_v2"),
+        );
         self.out.push(b'(');
         self.out.push(b'(');
         self.once(|p| &mut p.storage, |p| p.string_unmemoized("storage"));
-        self.once(|p| &mut p.float_storage, |p| p.global("torch", "FloatStorage"));
+        self.once(
+            |p| &mut p.float_storage,
+            |p| p.global("torch", "FloatStorage"),
+        );
         self.string(storage_key);
         self.once(|p| &mut p.cpu, |p| p.string_unmemoized("cpu"));
         self.int(numel as u64);
@@ -172,7 +181,10 @@ impl Pickler {
         self.int_tuple(shape);
         self.int_tuple(&contiguous_strides(shape));
         self.out.push(0x89);
-        self.once(|p| &mut p.ordered_dict, |p| p.global("collections", "OrderedDict"));
+        self.once(
+            |p| &mut p.ordered_dict,
+            |p| p.global("collections", "OrderedDict"),
+        );
         self.out.extend([b')', b'R']);
         self.memoize();
         self.out.push(b't');
@@ -233,10 +245,16 @@ fn archive_folder(path: &Path) -> String {
 /// [`PeftError::Format`] naming the tensor when a shape does not match the number of values,
 /// when two tensors share a key, or when a key is longer than a pickle string can be.
 pub fn state_dict_bytes(tensors: &[NamedTensor], path: &Path) -> Result<Vec<u8>> {
-    let format = |message: String| PeftError::Format { path: path.into(), message };
+    let format = |message: String| PeftError::Format {
+        path: path.into(),
+        message,
+    };
     let mut keys = HashSet::with_capacity(tensors.len());
     for tensor in tensors {
-        let numel = tensor.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let numel = tensor
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d));
         if numel != Some(tensor.values.len()) {
             return Err(format(format!(
                 "tensor '{}' has shape {:?} but {} values",
@@ -246,17 +264,25 @@ pub fn state_dict_bytes(tensors: &[NamedTensor], path: &Path) -> Result<Vec<u8>>
             )));
         }
         if !keys.insert(tensor.key.as_str()) {
-            return Err(format(format!("tensor '{}' appears twice in the state dict", tensor.key)));
+            return Err(format(format!(
+                "tensor '{}' appears twice in the state dict",
+                tensor.key
+            )));
         }
         if u32::try_from(tensor.key.len()).is_err() {
-            return Err(format(format!("a tensor key of {} bytes is too long for a pickle", tensor.key.len())));
+            return Err(format(format!(
+                "a tensor key of {} bytes is too long for a pickle",
+                tensor.key.len()
+            )));
         }
     }
 
     let folder = archive_folder(path);
     let mut zip = ZipWriter::new(Cursor::new(Vec::new()));
     // `DEFAULT` dates every entry 1980-01-01 as torch does, so the bytes do not depend on the clock.
-    let options = SimpleFileOptions::DEFAULT.compression_method(CompressionMethod::Stored).with_alignment(ALIGNMENT);
+    let options = SimpleFileOptions::DEFAULT
+        .compression_method(CompressionMethod::Stored)
+        .with_alignment(ALIGNMENT);
     let mut entry = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
         let large = u32::try_from(bytes.len()).is_err();
         zip.start_file(format!("{folder}/{name}"), options.large_file(large))?;
@@ -274,7 +300,9 @@ pub fn state_dict_bytes(tensors: &[NamedTensor], path: &Path) -> Result<Vec<u8>>
         entry("version", b"3\n")
     })();
     written.map_err(|e| format(format!("writing the archive: {e}")))?;
-    let bytes = zip.finish().map_err(|e| format(format!("writing the archive: {e}")))?;
+    let bytes = zip
+        .finish()
+        .map_err(|e| format(format!("writing the archive: {e}")))?;
     Ok(bytes.into_inner())
 }
 
@@ -284,7 +312,11 @@ mod tests {
 
     fn tensor(key: &str, shape: &[usize]) -> NamedTensor {
         let numel = shape.iter().product();
-        NamedTensor { key: key.into(), shape: shape.to_vec(), values: (0..numel).map(|i| i as f32 * 0.5).collect() }
+        NamedTensor {
+            key: key.into(),
+            shape: shape.to_vec(),
+            values: (0..numel).map(|i| i as f32 * 0.5).collect(),
+        }
     }
 
     /// The `data.pkl` torch 2.15 writes for
@@ -293,16 +325,25 @@ mod tests {
 
     #[test]
     fn pickle_equals_what_torch_writes() {
-        assert_eq!(pickle(&[tensor("a.weight", &[2, 3]), tensor("b", &[1, 4, 1, 1])]), TORCH_PICKLE);
+        assert_eq!(
+            pickle(&[tensor("a.weight", &[2, 3]), tensor("b", &[1, 4, 1, 1])]),
+            TORCH_PICKLE
+        );
     }
 
     #[test]
     fn a_lone_item_uses_setitem_and_large_ints_use_wider_opcodes() {
         let bytes = pickle(&[tensor("w", &[300, 70000])]);
         assert_eq!(bytes[bytes.len() - 2..], *b"s.");
-        assert!(bytes.windows(3).any(|w| w == [b'M', 0x2c, 0x01]), "300 as BININT2");
+        assert!(
+            bytes.windows(3).any(|w| w == [b'M', 0x2c, 0x01]),
+            "300 as BININT2"
+        );
         let numel = (300u32 * 70000).to_le_bytes();
-        assert!(bytes.windows(5).any(|w| w[0] == b'J' && w[1..] == numel), "numel as BININT");
+        assert!(
+            bytes.windows(5).any(|w| w[0] == b'J' && w[1..] == numel),
+            "numel as BININT"
+        );
     }
 
     #[test]
@@ -314,7 +355,8 @@ mod tests {
 
     #[test]
     fn archive_entries_live_in_one_folder_with_aligned_data() {
-        let bytes = state_dict_bytes(&[tensor("x", &[3, 5])], Path::new("dir/adapter.pth")).unwrap();
+        let bytes =
+            state_dict_bytes(&[tensor("x", &[3, 5])], Path::new("dir/adapter.pth")).unwrap();
         let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).unwrap();
         let names: Vec<String> = archive.file_names().map(str::to_string).collect();
         assert_eq!(
@@ -331,7 +373,12 @@ mod tests {
         for index in 0..archive.len() {
             let file = archive.by_index(index).unwrap();
             assert_eq!(file.compression(), CompressionMethod::Stored);
-            assert_eq!(file.data_start().unwrap() % u64::from(ALIGNMENT), 0, "{}", file.name());
+            assert_eq!(
+                file.data_start().unwrap() % u64::from(ALIGNMENT),
+                0,
+                "{}",
+                file.name()
+            );
         }
     }
 
@@ -339,10 +386,16 @@ mod tests {
     fn mismatched_shapes_and_duplicate_keys_are_refused() {
         let mut bad = tensor("x", &[2, 2]);
         bad.values.pop();
-        let message = state_dict_bytes(&[bad], Path::new("a.pth")).unwrap_err().to_string();
-        assert!(message.contains("'x'") && message.contains("[2, 2]") && message.contains("3 values"), "{message}");
-        let message =
-            state_dict_bytes(&[tensor("x", &[1]), tensor("x", &[1])], Path::new("a.pth")).unwrap_err().to_string();
+        let message = state_dict_bytes(&[bad], Path::new("a.pth"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("'x'") && message.contains("[2, 2]") && message.contains("3 values"),
+            "{message}"
+        );
+        let message = state_dict_bytes(&[tensor("x", &[1]), tensor("x", &[1])], Path::new("a.pth"))
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("'x' appears twice"), "{message}");
     }
 }

@@ -34,14 +34,18 @@ fn case_dir(model: &str, case: &str) -> PathBuf {
 }
 
 fn base<B: Backend>(model: &str) -> Llama<B> {
-    LlamaLoader::new(fixtures().join(model).join("model")).load::<B>(&Default::default()).unwrap()
+    LlamaLoader::new(fixtures().join(model).join("model"))
+        .load::<B>(&Default::default())
+        .unwrap()
 }
 
 fn load_case<B: Backend>(model: &str, case: &str, base: &Llama<B>) -> AnyAdapter<B> {
     let dir = case_dir(model, case);
     let device = Default::default();
     if case == "official_adapter" {
-        AnyAdapter::AdaptionPrompt(load_official(&dir.join("adapter.pth"), 4, &base.config, &device).unwrap())
+        AnyAdapter::AdaptionPrompt(
+            load_official(&dir.join("adapter.pth"), 4, &base.config, &device).unwrap(),
+        )
     } else {
         load_peft(&dir, &base.config, &device).unwrap()
     }
@@ -60,11 +64,16 @@ fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, tokens: &TokenBatch) -> Tens
     for row in 0..batch {
         for column in 1..seq {
             targets.push(tokens.ids[row * seq + column] as i64);
-            weights.push(if tokens.is_real(row, column) { 1.0f32 } else { 0.0 });
+            weights.push(if tokens.is_real(row, column) {
+                1.0f32
+            } else {
+                0.0
+            });
         }
     }
     let count: f32 = weights.iter().sum();
-    let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [batch, seq - 1, 1]), &device);
+    let targets =
+        Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [batch, seq - 1, 1]), &device);
     let weights = Tensor::<B, 3>::from_data(TensorData::new(weights, [batch, seq - 1, 1]), &device);
     let log_probs = log_softmax(logits.narrow(1, 0, seq - 1), 2);
     debug_assert_eq!(log_probs.dims()[2], vocab);
@@ -73,24 +82,45 @@ fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, tokens: &TokenBatch) -> Tens
 
 fn check_logits(model: &str, case: &str, adapter: &AnyAdapter<B32>, base: &Llama<B32>, key: &str) {
     let tokens = inputs(model);
-    let logits = host(base.forward(&tokens, adapter.hooks(base).as_ref(), None).unwrap());
+    let logits = host(
+        base.forward(&tokens, adapter.hooks(base).as_ref(), None)
+            .unwrap(),
+    );
     let (expected, _) = Fixture::open(case_dir(model, case).join("expected.safetensors")).f32(key);
-    assert_close(&logits, &expected, 1e-4, 1e-5, &format!("{model}/{case} {key}"));
+    assert_close(
+        &logits,
+        &expected,
+        1e-4,
+        1e-5,
+        &format!("{model}/{case} {key}"),
+    );
 }
 
 fn check_gradients(model: &str, case: &str, gradients: Vec<NamedTensor>) {
     let expected = Fixture::open(case_dir(model, case).join("expected.safetensors"));
-    let expected_keys: Vec<String> =
-        expected.keys().into_iter().filter(|k| k.starts_with("grad.") && !k.starts_with("grad.prompt_encoder")).collect();
+    let expected_keys: Vec<String> = expected
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with("grad.") && !k.starts_with("grad.prompt_encoder"))
+        .collect();
     assert_eq!(
-        gradients.iter().map(|g| format!("grad.{}", g.key)).collect::<std::collections::BTreeSet<_>>(),
+        gradients
+            .iter()
+            .map(|g| format!("grad.{}", g.key))
+            .collect::<std::collections::BTreeSet<_>>(),
         expected_keys.iter().cloned().collect(),
         "{model}/{case}: gradient keys"
     );
     for gradient in gradients {
         let (values, shape) = expected.f32(&format!("grad.{}", gradient.key));
         assert_eq!(gradient.shape, shape, "{model}/{case} {}", gradient.key);
-        assert_close(&gradient.values, &values, 1e-4, 1e-6, &format!("{model}/{case} grad {}", gradient.key));
+        assert_close(
+            &gradient.values,
+            &values,
+            1e-4,
+            1e-6,
+            &format!("{model}/{case} grad {}", gradient.key),
+        );
     }
 }
 
@@ -99,10 +129,19 @@ fn gradients_of(model: &str, case: &str) -> Vec<NamedTensor> {
     let adapter = load_case(model, case, &base);
     let tokens = inputs(model);
     let loss_and_grads = |adapter: &AnyAdapter<B64>| {
-        let logits = base.forward(&tokens, adapter.hooks(&base).as_ref(), None).unwrap();
+        let logits = base
+            .forward(&tokens, adapter.hooks(&base).as_ref(), None)
+            .unwrap();
         let loss = causal_lm_loss(logits, &tokens);
-        let (expected, _) = Fixture::open(case_dir(model, case).join("expected.safetensors")).f32("loss");
-        assert_close(&host(loss.clone()), &expected, 1e-6, 1e-7, &format!("{model}/{case} loss"));
+        let (expected, _) =
+            Fixture::open(case_dir(model, case).join("expected.safetensors")).f32("loss");
+        assert_close(
+            &host(loss.clone()),
+            &expected,
+            1e-6,
+            1e-7,
+            &format!("{model}/{case} loss"),
+        );
         loss.backward()
     };
     match &adapter {
@@ -138,7 +177,10 @@ impl<M: burn::module::Module<B64>> TrainAll for M {
     fn train_all(self) -> Self {
         struct RequireGrad;
         impl burn::module::ModuleMapper<B64> for RequireGrad {
-            fn map_float<const D: usize>(&mut self, param: Param<Tensor<B64, D>>) -> Param<Tensor<B64, D>> {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B64, D>>,
+            ) -> Param<Tensor<B64, D>> {
                 param.set_require_grad(true)
             }
         }
@@ -166,11 +208,31 @@ macro_rules! parity_case {
     };
 }
 
-parity_case!(lora_q_v_logits_match_peft, lora_q_v_gradients_match_peft, "lora");
-parity_case!(rslora_all_linear_logits_match_peft, rslora_all_linear_gradients_match_peft, "lora_all");
-parity_case!(prefix_tuning_logits_match_peft, prefix_tuning_gradients_match_peft, "prefix");
-parity_case!(saved_projected_prefix_logits_match_peft, saved_projected_prefix_gradients_match_peft, "prefix_projection");
-parity_case!(peft_adaption_prompt_logits_match_peft, peft_adaption_prompt_gradients_match_peft, "adaption_prompt");
+parity_case!(
+    lora_q_v_logits_match_peft,
+    lora_q_v_gradients_match_peft,
+    "lora"
+);
+parity_case!(
+    rslora_all_linear_logits_match_peft,
+    rslora_all_linear_gradients_match_peft,
+    "lora_all"
+);
+parity_case!(
+    prefix_tuning_logits_match_peft,
+    prefix_tuning_gradients_match_peft,
+    "prefix"
+);
+parity_case!(
+    saved_projected_prefix_logits_match_peft,
+    saved_projected_prefix_gradients_match_peft,
+    "prefix_projection"
+);
+parity_case!(
+    peft_adaption_prompt_logits_match_peft,
+    peft_adaption_prompt_gradients_match_peft,
+    "adaption_prompt"
+);
 parity_case!(
     official_per_head_tanh_adapter_logits_match_reference,
     official_per_head_tanh_adapter_gradients_match_reference,
@@ -184,18 +246,30 @@ fn linear_from_torch<B: Backend>(file: &Fixture, prefix: &str) -> Linear<B> {
     let (out, inp) = (shape[0], shape[1]);
     let weight = peft_llama::weights::transpose(&weight, out, inp);
     Linear {
-        weight: Param::from_tensor(Tensor::from_data(TensorData::new(weight, [inp, out]), &device)),
-        bias: Some(Param::from_tensor(Tensor::from_data(TensorData::new(bias, [out]), &device))),
+        weight: Param::from_tensor(Tensor::from_data(
+            TensorData::new(weight, [inp, out]),
+            &device,
+        )),
+        bias: Some(Param::from_tensor(Tensor::from_data(
+            TensorData::new(bias, [out]),
+            &device,
+        ))),
     }
 }
 
 fn projected_prefix<B: Backend>(model: &str, base: &Llama<B>) -> PrefixTuning<B> {
-    let AnyAdapter::PrefixTuning(saved) = load_case(model, "prefix_projection", base) else { unreachable!() };
-    let file = Fixture::open(case_dir(model, "prefix_projection").join("encoder_params.safetensors"));
+    let AnyAdapter::PrefixTuning(saved) = load_case(model, "prefix_projection", base) else {
+        unreachable!()
+    };
+    let file =
+        Fixture::open(case_dir(model, "prefix_projection").join("encoder_params.safetensors"));
     let (embedding, shape) = file.f32("embedding.weight");
     let device = Default::default();
     PrefixTuning {
-        embedding: Param::from_tensor(Tensor::from_data(TensorData::new(embedding, [shape[0], shape[1]]), &device)),
+        embedding: Param::from_tensor(Tensor::from_data(
+            TensorData::new(embedding, [shape[0], shape[1]]),
+            &device,
+        )),
         projection: Some(PrefixProjection {
             first: linear_from_torch(&file, "transform.0"),
             second: linear_from_torch(&file, "transform.2"),
@@ -220,10 +294,17 @@ fn prefix_projection_mlp_gradients_match_peft() {
         let base = base::<B64>(model);
         let prefix = projected_prefix(model, &base).train_all();
         let tokens = inputs(model);
-        let logits = base.forward(&tokens, peft_core::Adapter::hooks(&prefix, &base).as_ref(), None).unwrap();
+        let logits = base
+            .forward(
+                &tokens,
+                peft_core::Adapter::hooks(&prefix, &base).as_ref(),
+                None,
+            )
+            .unwrap();
         let grads = causal_lm_loss(logits, &tokens).backward();
         let g = gradients_as_module(&prefix, &grads);
-        let expected = Fixture::open(case_dir(model, "prefix_projection").join("expected.safetensors"));
+        let expected =
+            Fixture::open(case_dir(model, "prefix_projection").join("expected.safetensors"));
         let projection = g.projection.as_ref().unwrap();
         let torch_weight = |linear: &Linear<<B64 as AutodiffBackend>::InnerBackend>| {
             let [inp, out] = linear.weight.dims();
@@ -232,9 +313,15 @@ fn prefix_projection_mlp_gradients_match_peft() {
         let pairs = [
             ("embedding.weight", host(g.embedding.val())),
             ("transform.0.weight", torch_weight(&projection.first)),
-            ("transform.0.bias", host(projection.first.bias.as_ref().unwrap().val())),
+            (
+                "transform.0.bias",
+                host(projection.first.bias.as_ref().unwrap().val()),
+            ),
             ("transform.2.weight", torch_weight(&projection.second)),
-            ("transform.2.bias", host(projection.second.bias.as_ref().unwrap().val())),
+            (
+                "transform.2.bias",
+                host(projection.second.bias.as_ref().unwrap().val()),
+            ),
         ];
         for (name, values) in pairs {
             let (reference, _) = expected.f32(&format!("grad.prompt_encoder.{name}"));

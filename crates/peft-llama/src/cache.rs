@@ -49,7 +49,10 @@ impl<B: Backend> KvCache<B> {
         self.real[row].iter().filter(|&&r| r).count()
     }
 
-    pub(crate) fn layer_mut(&mut self, layer: usize) -> &mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>) {
+    pub(crate) fn layer_mut(
+        &mut self,
+        layer: usize,
+    ) -> &mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>) {
         &mut self.layers[layer]
     }
 

@@ -110,7 +110,12 @@ fn read_json(path: &Path) -> Result<String> {
 }
 
 fn token_ids(value: &Option<Value>, origin: &str, key: &str) -> Result<Vec<u32>> {
-    let bad = || LlamaError::config(origin, format!("`{key}` must be a token id or a list of ids"));
+    let bad = || {
+        LlamaError::config(
+            origin,
+            format!("`{key}` must be a token id or a list of ids"),
+        )
+    };
     match value {
         None | Some(Value::Null) => Ok(vec![]),
         Some(Value::Number(n)) => Ok(vec![n.as_u64().ok_or_else(bad)? as u32]),
@@ -133,7 +138,10 @@ fn parse_rope_scaling(value: &Value, origin: &str) -> Result<Option<Llama3RopeSc
         "llama3" => {
             let number = |key: &str| {
                 value.get(key).and_then(Value::as_f64).ok_or_else(|| {
-                    LlamaError::config(origin, format!("llama3 rope scaling needs a numeric `{key}`"))
+                    LlamaError::config(
+                        origin,
+                        format!("llama3 rope scaling needs a numeric `{key}`"),
+                    )
                 })
             };
             Ok(Some(Llama3RopeScaling {
@@ -173,7 +181,10 @@ impl LlamaConfig {
             }
         }
         if hf.attention_bias == Some(true) || hf.mlp_bias == Some(true) {
-            return Err(LlamaError::config(origin, "attention/MLP biases are not supported"));
+            return Err(LlamaError::config(
+                origin,
+                "attention/MLP biases are not supported",
+            ));
         }
         if let Some(act) = &hf.hidden_act {
             if act != "silu" {
@@ -199,16 +210,15 @@ impl LlamaConfig {
             }
         }
         let heads = hf.num_attention_heads;
-        let head_dim = match hf.head_dim {
-            Some(d) => d,
-            None if heads > 0 && hf.hidden_size % heads == 0 => hf.hidden_size / heads,
-            None => {
-                return Err(LlamaError::config(
+        let head_dim =
+            match hf.head_dim {
+                Some(d) => d,
+                None if heads > 0 && hf.hidden_size % heads == 0 => hf.hidden_size / heads,
+                None => return Err(LlamaError::config(
                     origin,
                     "hidden_size is not a multiple of num_attention_heads and no head_dim is given",
-                ))
-            }
-        };
+                )),
+            };
         let eos = token_ids(&hf.eos_token_id, origin, "eos_token_id")?;
         let config = Self {
             vocab_size: hf.vocab_size,
@@ -223,7 +233,9 @@ impl LlamaConfig {
             rope_scaling,
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(2048),
-            bos_token_id: token_ids(&hf.bos_token_id, origin, "bos_token_id")?.first().copied(),
+            bos_token_id: token_ids(&hf.bos_token_id, origin, "bos_token_id")?
+                .first()
+                .copied(),
             eos_token_ids: if eos.is_empty() { vec![2] } else { eos },
         };
         config.validate(origin)?;
@@ -275,13 +287,18 @@ impl LlamaConfig {
             }
         };
         if params.n_heads == 0 || params.dim % params.n_heads != 0 {
-            return Err(LlamaError::config(origin, "dim must be a multiple of n_heads"));
+            return Err(LlamaError::config(
+                origin,
+                "dim must be a multiple of n_heads",
+            ));
         }
         let rope_scaling = (params.use_scaled_rope == Some(true)).then_some(Llama3RopeScaling {
             factor: params.rope_scaling_factor.unwrap_or(8.0),
             low_freq_factor: params.rope_low_freq_factor.unwrap_or(1.0),
             high_freq_factor: params.rope_high_freq_factor.unwrap_or(4.0),
-            original_max_position_embeddings: params.rope_original_max_position_embeddings.unwrap_or(8192),
+            original_max_position_embeddings: params
+                .rope_original_max_position_embeddings
+                .unwrap_or(8192),
         });
         let config = Self {
             vocab_size,
@@ -319,7 +336,10 @@ impl LlamaConfig {
         ];
         for (name, value) in sizes {
             if value == 0 {
-                return Err(LlamaError::config(origin, format!("{name} must be positive")));
+                return Err(LlamaError::config(
+                    origin,
+                    format!("{name} must be positive"),
+                ));
             }
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
@@ -407,7 +427,10 @@ impl LlamaConfig {
             other => {
                 return Err(LlamaError::config(
                     other,
-                    format!("unknown preset; known presets: {}", Self::PRESETS.join(", ")),
+                    format!(
+                        "unknown preset; known presets: {}",
+                        Self::PRESETS.join(", ")
+                    ),
                 ))
             }
         };
@@ -430,7 +453,11 @@ impl LlamaConfig {
         let attention = 2 * d * self.query_width() + 2 * d * self.kv_width();
         let mlp = 3 * d * self.intermediate_size;
         let norms = 2 * d;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * d
+        };
         self.vocab_size * d + self.num_hidden_layers * (attention + mlp + norms) + d + head
     }
 }
@@ -468,7 +495,9 @@ mod tests {
     fn non_llama_model_type_is_rejected_with_its_name() {
         let text = r#"{"model_type":"gpt2","vocab_size":10,"hidden_size":8,"intermediate_size":16,
             "num_hidden_layers":1,"num_attention_heads":2}"#;
-        let err = LlamaConfig::from_hf_json(text, "cfg.json").unwrap_err().to_string();
+        let err = LlamaConfig::from_hf_json(text, "cfg.json")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("gpt2") && err.contains("cfg.json"), "{err}");
     }
 
@@ -476,7 +505,9 @@ mod tests {
     fn indivisible_head_counts_are_rejected() {
         let text = r#"{"vocab_size":10,"hidden_size":12,"intermediate_size":16,
             "num_hidden_layers":1,"num_attention_heads":3,"num_key_value_heads":2}"#;
-        let err = LlamaConfig::from_hf_json(text, "cfg").unwrap_err().to_string();
+        let err = LlamaConfig::from_hf_json(text, "cfg")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("num_key_value_heads"), "{err}");
     }
 

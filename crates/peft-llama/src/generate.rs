@@ -65,8 +65,11 @@ pub fn sample(logits: &[f32], config: &GenerationConfig, rng: &mut StdRng) -> u3
     if config.temperature <= 0.0 {
         return argmax();
     }
-    let mut candidates: Vec<(usize, f32)> =
-        logits.iter().map(|&v| v / config.temperature).enumerate().collect();
+    let mut candidates: Vec<(usize, f32)> = logits
+        .iter()
+        .map(|&v| v / config.temperature)
+        .enumerate()
+        .collect();
     candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
     if config.top_k > 0 {
         candidates.truncate(config.top_k);
@@ -121,7 +124,9 @@ pub fn generate<B: Backend>(
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); batch];
     let mut finished = vec![false; batch];
     let pad = config.eos_token_ids.first().copied().unwrap_or(0);
-    let mut cache = config.use_cache.then(|| KvCache::new(model.config.num_hidden_layers, batch));
+    let mut cache = config
+        .use_cache
+        .then(|| KvCache::new(model.config.num_hidden_layers, batch));
     let mut step_input = TokenBatch::left_padded(prompts, pad)?;
     for _ in 0..config.max_new_tokens {
         let logits = model.forward(&step_input, hooks, cache.as_mut())?;
@@ -145,7 +150,12 @@ pub fn generate<B: Backend>(
             break;
         }
         step_input = match &cache {
-            Some(_) => TokenBatch { ids: next, batch, seq: 1, mask: None },
+            Some(_) => TokenBatch {
+                ids: next,
+                batch,
+                seq: 1,
+                mask: None,
+            },
             None => {
                 let rows: Vec<Vec<u32>> = prompts
                     .iter()
@@ -160,6 +170,9 @@ pub fn generate<B: Backend>(
     Ok(prompts
         .iter()
         .zip(generated)
-        .map(|(p, g)| Generation { prompt_ids: p.clone(), generated_ids: g })
+        .map(|(p, g)| Generation {
+            prompt_ids: p.clone(),
+            generated_ids: g,
+        })
         .collect())
 }

@@ -112,7 +112,11 @@ pub trait LayerHooks<B: Backend> {
 
     /// Keys and values joined in front of the real tokens' in the layer's softmax, each
     /// `[batch, kv_heads, P, head_dim]`, already in the attention's key space (no rotary).
-    fn prefix_key_values(&self, layer: usize, batch: usize) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
+    fn prefix_key_values(
+        &self,
+        layer: usize,
+        batch: usize,
+    ) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
         let _ = (layer, batch);
         None
     }

@@ -24,7 +24,7 @@ pub mod weights;
 pub use cache::KvCache;
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::{LlamaError, Result};
-pub use generate::{generate, GenerationConfig, Generation};
+pub use generate::{generate, Generation, GenerationConfig};
 pub use hooks::{LayerHooks, NoHooks, Projection};
 pub use model::{Attention, DecoderLayer, Llama, Mlp, RmsNorm, TokenBatch};
 pub use rope::RotaryEmbedding;

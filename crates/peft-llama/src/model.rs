@@ -102,7 +102,8 @@ impl<B: Backend> Attention<B> {
     /// Splits `[batch, seq, heads · dim]` into `[batch, heads, seq, dim]`.
     pub fn split_heads(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
         let [batch, seq, width] = x.dims();
-        x.reshape([batch, seq, heads, width / heads]).swap_dims(1, 2)
+        x.reshape([batch, seq, heads, width / heads])
+            .swap_dims(1, 2)
     }
 
     /// Projects `x` `[batch, seq, hidden]` to keys and values `[batch, kv_heads, seq, head_dim]`
@@ -158,7 +159,9 @@ impl<B: Backend> Attention<B> {
         if let Some(branch) = hooks.attention_branch(layer, &queries) {
             output = output + branch;
         }
-        let output = output.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]);
+        let output = output
+            .swap_dims(1, 2)
+            .reshape([batch, seq, self.num_heads * self.head_dim]);
         hooks.adapt_projection(
             layer,
             Projection::Output,
@@ -181,11 +184,26 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     /// `x` `[batch, seq, hidden]` → `[batch, seq, hidden]`.
-    pub fn forward(&self, layer: usize, x: Tensor<B, 3>, hooks: &dyn LayerHooks<B>) -> Tensor<B, 3> {
-        let gate = hooks.adapt_projection(layer, Projection::Gate, &x, self.gate_proj.forward(x.clone()));
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: Tensor<B, 3>,
+        hooks: &dyn LayerHooks<B>,
+    ) -> Tensor<B, 3> {
+        let gate = hooks.adapt_projection(
+            layer,
+            Projection::Gate,
+            &x,
+            self.gate_proj.forward(x.clone()),
+        );
         let up = hooks.adapt_projection(layer, Projection::Up, &x, self.up_proj.forward(x.clone()));
         let hidden = silu(gate) * up;
-        hooks.adapt_projection(layer, Projection::Down, &hidden, self.down_proj.forward(hidden.clone()))
+        hooks.adapt_projection(
+            layer,
+            Projection::Down,
+            &hidden,
+            self.down_proj.forward(hidden.clone()),
+        )
     }
 }
 
@@ -220,7 +238,11 @@ impl<B: Backend> DecoderLayer<B> {
             cache,
         );
         let x = x + attended;
-        let fed = self.mlp.forward(layer, self.post_attention_layernorm.forward(x.clone()), hooks);
+        let fed = self.mlp.forward(
+            layer,
+            self.post_attention_layernorm.forward(x.clone()),
+            hooks,
+        );
         x + fed
     }
 }
@@ -245,11 +267,21 @@ impl TokenBatch {
     /// # Errors
     /// Rows of different lengths, or no rows.
     pub fn from_rows(rows: &[Vec<u32>]) -> Result<Self> {
-        let seq = rows.first().map(Vec::len).ok_or_else(|| LlamaError::Input("empty batch".into()))?;
+        let seq = rows
+            .first()
+            .map(Vec::len)
+            .ok_or_else(|| LlamaError::Input("empty batch".into()))?;
         if rows.iter().any(|r| r.len() != seq) {
-            return Err(LlamaError::Input("rows of different lengths need padding and a mask".into()));
+            return Err(LlamaError::Input(
+                "rows of different lengths need padding and a mask".into(),
+            ));
         }
-        Ok(Self { ids: rows.concat(), batch: rows.len(), seq, mask: None })
+        Ok(Self {
+            ids: rows.concat(),
+            batch: rows.len(),
+            seq,
+            mask: None,
+        })
     }
 
     /// Pads rows of different lengths on the right with `pad_id` and masks the padding.
@@ -270,7 +302,9 @@ impl TokenBatch {
 
     fn padded(rows: &[Vec<u32>], pad_id: u32, left: bool) -> Result<Self> {
         if rows.is_empty() || rows.iter().any(Vec::is_empty) {
-            return Err(LlamaError::Input("every row needs at least one token".into()));
+            return Err(LlamaError::Input(
+                "every row needs at least one token".into(),
+            ));
         }
         let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(rows.len() * seq);
@@ -285,12 +319,19 @@ impl TokenBatch {
             ids.extend(std::iter::repeat_n(pad_id, after));
             mask.extend(std::iter::repeat_n(false, after));
         }
-        Ok(Self { ids, batch: rows.len(), seq, mask: Some(mask) })
+        Ok(Self {
+            ids,
+            batch: rows.len(),
+            seq,
+            mask: Some(mask),
+        })
     }
 
     /// Whether token `column` of row `row` is real.
     pub fn is_real(&self, row: usize, column: usize) -> bool {
-        self.mask.as_ref().is_none_or(|m| m[row * self.seq + column])
+        self.mask
+            .as_ref()
+            .is_none_or(|m| m[row * self.seq + column])
     }
 }
 
@@ -325,7 +366,12 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Positions, RoPE tables and the attention mask for `tokens` following `cache`.
-    fn context(&self, tokens: &TokenBatch, cache: Option<&KvCache<B>>, prefix: usize) -> LayerContext<B> {
+    fn context(
+        &self,
+        tokens: &TokenBatch,
+        cache: Option<&KvCache<B>>,
+        prefix: usize,
+    ) -> LayerContext<B> {
         let device = self.device();
         let (batch, seq) = (tokens.batch, tokens.seq);
         let past = cache.map_or(0, KvCache::len);
@@ -386,10 +432,11 @@ impl<B: Backend> Llama<B> {
         let device = self.device();
         let ids: Vec<i64> = tokens.ids.iter().map(|&id| id as i64).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [tokens.ids.len()]), &device);
-        self.embed_tokens
-            .val()
-            .select(0, ids)
-            .reshape([tokens.batch, tokens.seq, self.config.hidden_size])
+        self.embed_tokens.val().select(0, ids).reshape([
+            tokens.batch,
+            tokens.seq,
+            self.config.hidden_size,
+        ])
     }
 
     /// Runs the decoder stack and the final norm: `[batch, seq, hidden]`.
@@ -471,15 +518,64 @@ impl<B: Backend> Llama<B> {
         }
         if let Some(mask) = &tokens.mask {
             if mask.len() != tokens.ids.len() {
-                return Err(LlamaError::Input("attention mask and ids differ in length".into()));
+                return Err(LlamaError::Input(
+                    "attention mask and ids differ in length".into(),
+                ));
             }
         }
-        if let Some(&bad) = tokens.ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+        if let Some(&bad) = tokens
+            .ids
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
             return Err(LlamaError::Input(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 self.config.vocab_size
             )));
         }
         Ok(())
+    }
+}
+
+impl LlamaConfig {
+    /// A model of this architecture with random weights (N(0, 0.02²) as Hugging Face's
+    /// `initializer_range`, norms at 1) in `dtype`, created directly on `device`: for benchmarks
+    /// and tests where no checkpoint exists. Every parameter is frozen, as a base model is.
+    pub fn init<B: Backend>(&self, device: &B::Device, dtype: DType) -> Llama<B> {
+        use burn::tensor::Distribution;
+        let weight = |shape: [usize; 2]| {
+            let tensor = Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 0.02), device);
+            Param::from_tensor(cast_to(tensor, dtype)).set_require_grad(false)
+        };
+        let linear = |input: usize, output: usize| Linear { weight: weight([input, output]), bias: None };
+        let norm = || RmsNorm {
+            weight: Param::from_tensor(cast_to(Tensor::ones([self.hidden_size], device), dtype)).set_require_grad(false),
+            eps: self.rms_norm_eps,
+        };
+        let (d, f) = (self.hidden_size, self.intermediate_size);
+        let layers = (0..self.num_hidden_layers)
+            .map(|_| DecoderLayer {
+                self_attn: Attention {
+                    q_proj: linear(d, self.query_width()),
+                    k_proj: linear(d, self.kv_width()),
+                    v_proj: linear(d, self.kv_width()),
+                    o_proj: linear(self.query_width(), d),
+                    num_heads: self.num_attention_heads,
+                    num_kv_heads: self.num_key_value_heads,
+                    head_dim: self.head_dim,
+                },
+                mlp: Mlp { gate_proj: linear(d, f), up_proj: linear(d, f), down_proj: linear(f, d) },
+                input_layernorm: norm(),
+                post_attention_layernorm: norm(),
+            })
+            .collect();
+        Llama {
+            embed_tokens: weight([self.vocab_size, d]),
+            layers,
+            norm: norm(),
+            lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size)),
+            config: self.clone(),
+            rope: RotaryEmbedding::new(self),
+        }
     }
 }

@@ -87,7 +87,11 @@ impl RotaryEmbedding {
 
 /// Applies rotary embeddings to `x` `[batch, heads, seq, head_dim]` with tables from
 /// [`RotaryEmbedding::tables`].
-pub fn apply_rotary<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+pub fn apply_rotary<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Tensor<B, 4> {
     let [batch, heads, seq, dim] = x.dims();
     let half = dim / 2;
     let first = x.clone().narrow(3, 0, half);

@@ -53,7 +53,11 @@ impl LlamaTokenizer {
         };
         let bos = special_token(&config, "bos_token").unwrap_or_else(|| "<s>".into());
         let eos = special_token(&config, "eos_token").unwrap_or_else(|| "</s>".into());
-        Ok(Self { bos: inner.token_to_id(&bos), eos: inner.token_to_id(&eos), inner })
+        Ok(Self {
+            bos: inner.token_to_id(&bos),
+            eos: inner.token_to_id(&eos),
+            inner,
+        })
     }
 
     /// Beginning-of-sequence id.
@@ -89,6 +93,8 @@ impl LlamaTokenizer {
     /// # Errors
     /// An id outside the vocabulary.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| LlamaError::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| LlamaError::Tokenizer(e.to_string()))
     }
 }

@@ -1,13 +1,14 @@
 //! Loading checkpoints: Hugging Face safetensors (single file or sharded) and Meta's original
 //! `consolidated.00.pth` + `params.json`, in f32, f16 or bf16, through `burn-store`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
-use burn_store::pytorch::PytorchReader;
+use burn_store::pytorch::reader::PickleValue;
+use burn_store::pytorch::{PytorchError, PytorchReader};
 use burn_store::{ModuleStore, SafetensorsStore, TensorSnapshot};
 
 use crate::config::LlamaConfig;
@@ -60,7 +61,10 @@ pub struct TensorMap {
 impl TensorMap {
     /// An empty map; `origin` names it in error messages.
     pub fn new(origin: impl Into<String>) -> Self {
-        Self { origin: origin.into(), tensors: BTreeMap::new() }
+        Self {
+            origin: origin.into(),
+            tensors: BTreeMap::new(),
+        }
     }
 
     /// The name used in error messages.
@@ -73,10 +77,16 @@ impl TensorMap {
     /// # Errors
     /// An unreadable, truncated or corrupt file, or a name already present.
     pub fn add_safetensors(&mut self, path: &Path) -> Result<()> {
-        let bad = |message: String| LlamaError::WeightFile { path: path.into(), message };
+        let bad = |message: String| LlamaError::WeightFile {
+            path: path.into(),
+            message,
+        };
         let metadata = std::fs::metadata(path).map_err(|e| LlamaError::io(path, e))?;
         if metadata.len() < 8 {
-            return Err(bad(format!("{} bytes is too short for a safetensors header", metadata.len())));
+            return Err(bad(format!(
+                "{} bytes is too short for a safetensors header",
+                metadata.len()
+            )));
         }
         let mut store = SafetensorsStore::from_file(path);
         let snapshots = store.get_all_snapshots().map_err(|e| bad(e.to_string()))?;
@@ -89,13 +99,42 @@ impl TensorMap {
     /// Adds every tensor of a PyTorch `.pth` state dict (read without executing any code).
     ///
     /// # Errors
-    /// An unreadable or malformed file, or a name already present.
+    /// An unreadable or malformed file, a value that is not a tensor (a number, string, list,
+    /// `None`, object or empty dict, each named by its key), or a name already present.
     pub fn add_pth(&mut self, path: &Path) -> Result<()> {
-        let reader = PytorchReader::new(path).map_err(|e| LlamaError::WeightFile {
+        let unreadable = |e: PytorchError| LlamaError::WeightFile {
             path: path.into(),
             message: e.to_string(),
-        })?;
-        for (name, snapshot) in reader.into_tensors() {
+        };
+        let reader = PytorchReader::new(path).map_err(unreadable)?;
+        let modern = reader.metadata().is_modern_format();
+        let tensors = reader.into_tensors();
+        // burn-store keeps the tensors and drops everything else, which would make a `.pth`
+        // holding e.g. `"epoch": 3` or a string in place of a weight load as if it were fine.
+        // The pickle's structure shows those values. burn-store exposes it for the zip format
+        // only (what `torch.save` writes since PyTorch 1.6); older formats are not checked.
+        if modern {
+            let structure = PytorchReader::read_pickle_data(path, None).map_err(unreadable)?;
+            let mut others = Vec::new();
+            if let PickleValue::Dict(entries) = &structure {
+                non_tensor_values(entries, "", &tensors, &mut others);
+            }
+            if !others.is_empty() {
+                others.sort();
+                let list: Vec<String> = others
+                    .iter()
+                    .map(|(key, what)| format!("key '{key}' holds a non-tensor ({what})"))
+                    .collect();
+                return Err(LlamaError::WeightFile {
+                    path: path.into(),
+                    message: format!(
+                        "{}; a state dict here must hold tensors only",
+                        list.join(", ")
+                    ),
+                });
+            }
+        }
+        for (name, snapshot) in tensors {
             self.insert(name, snapshot, path)?;
         }
         Ok(())
@@ -137,11 +176,14 @@ impl TensorMap {
     /// # Errors
     /// Missing, mis-shaped, unreadable, or non-finite.
     pub fn take_f32(&mut self, key: &str, expected: &[usize]) -> Result<Vec<f32>> {
-        let (snapshot, path) = self.tensors.remove(key).ok_or_else(|| LlamaError::MissingTensor {
-            origin: self.origin.clone(),
-            key: key.into(),
-            expected: expected.to_vec(),
-        })?;
+        let (snapshot, path) =
+            self.tensors
+                .remove(key)
+                .ok_or_else(|| LlamaError::MissingTensor {
+                    origin: self.origin.clone(),
+                    key: key.into(),
+                    expected: expected.to_vec(),
+                })?;
         let found = snapshot.shape.to_vec();
         if found != expected {
             return Err(LlamaError::ShapeMismatch {
@@ -165,9 +207,15 @@ impl TensorMap {
                 })
             }
         }
-        .map_err(|e| LlamaError::WeightFile { path: path.clone(), message: format!("tensor '{key}': {e:?}") })?;
+        .map_err(|e| LlamaError::WeightFile {
+            path: path.clone(),
+            message: format!("tensor '{key}': {e:?}"),
+        })?;
         if values.iter().any(|v| !v.is_finite()) {
-            return Err(LlamaError::NonFinite { origin: self.origin.clone(), key: key.into() });
+            return Err(LlamaError::NonFinite {
+                origin: self.origin.clone(),
+                key: key.into(),
+            });
         }
         Ok(values)
     }
@@ -185,6 +233,44 @@ impl TensorMap {
                 keys: self.tensors.into_keys().collect(),
             })
         }
+    }
+}
+
+/// Collects `(key, what it holds)` for every leaf of a pickled dict that is not one of `tensors`,
+/// with keys joined by `.` as burn-store names the tensors of nested dicts.
+fn non_tensor_values(
+    entries: &HashMap<String, PickleValue>,
+    prefix: &str,
+    tensors: &HashMap<String, TensorSnapshot>,
+    out: &mut Vec<(String, &'static str)>,
+) {
+    for (key, value) in entries {
+        let key = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            PickleValue::Dict(nested) if !nested.is_empty() => {
+                non_tensor_values(nested, &key, tensors, out)
+            }
+            // burn-store shows tensors (and objects, and `None`) as `None` in the structure.
+            _ if tensors.contains_key(&key) => {}
+            other => out.push((key, pickle_kind(other))),
+        }
+    }
+}
+
+fn pickle_kind(value: &PickleValue) -> &'static str {
+    match value {
+        PickleValue::None => "None or a Python object",
+        PickleValue::Bool(_) => "a boolean",
+        PickleValue::Int(_) => "an integer",
+        PickleValue::Float(_) => "a float",
+        PickleValue::String(_) => "a string",
+        PickleValue::List(_) => "a list or tuple",
+        PickleValue::Dict(_) => "an empty dict",
+        PickleValue::Bytes(_) => "raw bytes",
     }
 }
 
@@ -289,16 +375,30 @@ impl<B: Backend> Builder<'_, B> {
     fn norm(&mut self, hf: &str) -> Result<RmsNorm<B>> {
         let width = self.config.hidden_size;
         let values = self.tensors.take_f32(&key_for(self.layout, hf), &[width])?;
-        Ok(RmsNorm { weight: self.param(values, [width]), eps: self.config.rms_norm_eps })
+        Ok(RmsNorm {
+            weight: self.param(values, [width]),
+            eps: self.config.rms_norm_eps,
+        })
     }
 
     /// A projection stored PyTorch-style `[out, in]`, kept Burn-style `[in, out]`.
-    fn linear(&mut self, hf: &str, out: usize, inp: usize, rotary_heads: Option<usize>) -> Result<Linear<B>> {
-        let mut values = self.tensors.take_f32(&key_for(self.layout, hf), &[out, inp])?;
+    fn linear(
+        &mut self,
+        hf: &str,
+        out: usize,
+        inp: usize,
+        rotary_heads: Option<usize>,
+    ) -> Result<Linear<B>> {
+        let mut values = self
+            .tensors
+            .take_f32(&key_for(self.layout, hf), &[out, inp])?;
         if let (CheckpointLayout::Meta, Some(heads)) = (self.layout, rotary_heads) {
             values = meta_to_hf_rows(&values, heads, self.config.head_dim, inp);
         }
-        Ok(Linear { weight: self.param(transpose(&values, out, inp), [inp, out]), bias: None })
+        Ok(Linear {
+            weight: self.param(transpose(&values, out, inp), [inp, out]),
+            bias: None,
+        })
     }
 
     fn build(mut self) -> Result<Llama<B>> {
@@ -311,8 +411,18 @@ impl<B: Backend> Builder<'_, B> {
         for i in 0..c.num_hidden_layers {
             let p = |name: &str| format!("model.layers.{i}.{name}");
             let self_attn = Attention {
-                q_proj: self.linear(&p("self_attn.q_proj.weight"), c.query_width(), d, Some(c.num_attention_heads))?,
-                k_proj: self.linear(&p("self_attn.k_proj.weight"), c.kv_width(), d, Some(c.num_key_value_heads))?,
+                q_proj: self.linear(
+                    &p("self_attn.q_proj.weight"),
+                    c.query_width(),
+                    d,
+                    Some(c.num_attention_heads),
+                )?,
+                k_proj: self.linear(
+                    &p("self_attn.k_proj.weight"),
+                    c.kv_width(),
+                    d,
+                    Some(c.num_key_value_heads),
+                )?,
                 v_proj: self.linear(&p("self_attn.v_proj.weight"), c.kv_width(), d, None)?,
                 o_proj: self.linear(&p("self_attn.o_proj.weight"), d, c.query_width(), None)?,
                 num_heads: c.num_attention_heads,
@@ -340,14 +450,24 @@ impl<B: Backend> Builder<'_, B> {
         } else {
             Some(self.linear("lm_head.weight", v, d, None)?)
         };
-        Ok(Llama { embed_tokens, layers, norm, lm_head, config: c.clone(), rope: RotaryEmbedding::new(c) })
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            config: c.clone(),
+            rope: RotaryEmbedding::new(c),
+        })
     }
 }
 
 impl LlamaLoader {
     /// A loader for the checkpoint directory `dir` (Hugging Face or Meta layout).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), dtype: WeightDtype::F32 }
+        Self {
+            dir: dir.into(),
+            dtype: WeightDtype::F32,
+        }
     }
 
     /// Converts the weights to `dtype` on load.
@@ -411,10 +531,14 @@ impl LlamaLoader {
                 // LLaMA-1 checkpoints carry the RoPE frequencies, which the model recomputes.
                 tensors.discard("rope.freqs");
                 let params = self.dir.join("params.json");
-                let text = std::fs::read_to_string(&params).map_err(|e| LlamaError::io(&params, e))?;
+                let text =
+                    std::fs::read_to_string(&params).map_err(|e| LlamaError::io(&params, e))?;
                 let vocab = tensors.shape("tok_embeddings.weight").map(|s| s[0]);
-                let ffn = tensors.shape("layers.0.feed_forward.w1.weight").map(|s| s[0]);
-                let config = LlamaConfig::from_meta_json(&text, &params.display().to_string(), vocab, ffn)?;
+                let ffn = tensors
+                    .shape("layers.0.feed_forward.w1.weight")
+                    .map(|s| s[0]);
+                let config =
+                    LlamaConfig::from_meta_json(&text, &params.display().to_string(), vocab, ffn)?;
                 Ok((config, tensors, layout))
             }
         }
@@ -426,8 +550,14 @@ impl LlamaLoader {
     /// Unreadable files, and every missing, unexpected, mis-shaped or non-finite tensor.
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<Llama<B>> {
         let (config, mut tensors, layout) = self.read()?;
-        let model = Builder { tensors: &mut tensors, layout, config: &config, device, dtype: self.dtype.dtype() }
-            .build()?;
+        let model = Builder {
+            tensors: &mut tensors,
+            layout,
+            config: &config,
+            device,
+            dtype: self.dtype.dtype(),
+        }
+        .build()?;
         tensors.finish()?;
         Ok(model)
     }
@@ -435,12 +565,17 @@ impl LlamaLoader {
 
 fn shard_files(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| LlamaError::io(index, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| LlamaError::Json { path: index.into(), message: e.to_string() })?;
-    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| LlamaError::Json {
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| LlamaError::Json {
         path: index.into(),
-        message: "no `weight_map` object".into(),
+        message: e.to_string(),
     })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| LlamaError::Json {
+            path: index.into(),
+            message: "no `weight_map` object".into(),
+        })?;
     let mut files: Vec<String> = Vec::new();
     for (key, file) in map {
         let file = file.as_str().ok_or_else(|| LlamaError::Json {
@@ -450,7 +585,9 @@ fn shard_files(index: &Path) -> Result<Vec<String>> {
         if file.contains('/') || file.contains("..") {
             return Err(LlamaError::Json {
                 path: index.into(),
-                message: format!("weight_map entry '{key}' points outside the model directory: {file}"),
+                message: format!(
+                    "weight_map entry '{key}' points outside the model directory: {file}"
+                ),
             });
         }
         if !files.iter().any(|f| f == file) {
@@ -465,11 +602,18 @@ fn shard_files(index: &Path) -> Result<Vec<String>> {
 /// as f32 host values with shapes; the tied output head is omitted as `transformers` does.
 pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().into_vec::<f32>().expect("float tensor data converts to f32")
+        t.into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("float tensor data converts to f32")
     }
     let linear = |name: String, linear: &Linear<B>| {
         let [inp, out] = linear.weight.dims();
-        (name, vec![out, inp], transpose(&host(linear.weight.val()), inp, out))
+        (
+            name,
+            vec![out, inp],
+            transpose(&host(linear.weight.val()), inp, out),
+        )
     };
     let norm = |name: String, norm: &RmsNorm<B>| {
         let width = norm.weight.dims()[0];
@@ -483,15 +627,30 @@ pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<(String, Vec<usize>, Vec<
     )];
     for (i, layer) in model.layers.iter().enumerate() {
         let p = |name: &str| format!("model.layers.{i}.{name}");
-        out.push(linear(p("self_attn.q_proj.weight"), &layer.self_attn.q_proj));
-        out.push(linear(p("self_attn.k_proj.weight"), &layer.self_attn.k_proj));
-        out.push(linear(p("self_attn.v_proj.weight"), &layer.self_attn.v_proj));
-        out.push(linear(p("self_attn.o_proj.weight"), &layer.self_attn.o_proj));
+        out.push(linear(
+            p("self_attn.q_proj.weight"),
+            &layer.self_attn.q_proj,
+        ));
+        out.push(linear(
+            p("self_attn.k_proj.weight"),
+            &layer.self_attn.k_proj,
+        ));
+        out.push(linear(
+            p("self_attn.v_proj.weight"),
+            &layer.self_attn.v_proj,
+        ));
+        out.push(linear(
+            p("self_attn.o_proj.weight"),
+            &layer.self_attn.o_proj,
+        ));
         out.push(linear(p("mlp.gate_proj.weight"), &layer.mlp.gate_proj));
         out.push(linear(p("mlp.up_proj.weight"), &layer.mlp.up_proj));
         out.push(linear(p("mlp.down_proj.weight"), &layer.mlp.down_proj));
         out.push(norm(p("input_layernorm.weight"), &layer.input_layernorm));
-        out.push(norm(p("post_attention_layernorm.weight"), &layer.post_attention_layernorm));
+        out.push(norm(
+            p("post_attention_layernorm.weight"),
+            &layer.post_attention_layernorm,
+        ));
     }
     out.push(norm("model.norm.weight".into(), &model.norm));
     if let Some(head) = &model.lm_head {
@@ -507,18 +666,32 @@ pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<(String, Vec<usize>, Vec<
 /// I/O errors.
 pub fn save_hf_safetensors<B: Backend>(model: &Llama<B>, path: &Path) -> Result<()> {
     let tensors = hf_tensors(model);
-    let buffers: Vec<Vec<u8>> =
-        tensors.iter().map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+    let buffers: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
     let mut views = Vec::with_capacity(tensors.len());
     for ((name, shape, _), buffer) in tensors.iter().zip(&buffers) {
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), buffer)
-            .map_err(|e| LlamaError::WeightFile { path: path.into(), message: format!("{name}: {e}") })?;
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), buffer)
+                .map_err(|e| LlamaError::WeightFile {
+                    path: path.into(),
+                    message: format!("{name}: {e}"),
+                })?;
         views.push((name.clone(), view));
     }
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| LlamaError::WeightFile { path: path.into(), message: e.to_string() })?;
+    let bytes =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| LlamaError::WeightFile {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
     let temporary = path.with_extension("safetensors.partial");
-    std::fs::write(&temporary, bytes).map_err(|e| LlamaError::io(&temporary, e))?;
-    std::fs::rename(&temporary, path).map_err(|e| LlamaError::io(path, e))
+    let written =
+        std::fs::write(&temporary, bytes).and_then(|()| std::fs::rename(&temporary, path));
+    if written.is_err() {
+        // A failed save leaves nothing behind (removing a file never created fails harmlessly).
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written.map_err(|e| LlamaError::io(path, e))
 }

@@ -61,11 +61,17 @@ pub struct CheckpointDir {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.into(), source }
+    move |source| TrainError::Io {
+        path: path.into(),
+        source,
+    }
 }
 
 fn checkpoint_error(path: &Path, message: impl Into<String>) -> TrainError {
-    TrainError::Checkpoint { path: path.into(), message: message.into() }
+    TrainError::Checkpoint {
+        path: path.into(),
+        message: message.into(),
+    }
 }
 
 impl CheckpointDir {
@@ -80,7 +86,9 @@ impl CheckpointDir {
 
     /// Complete checkpoints on disk, oldest first.
     pub fn list(&self) -> Vec<(usize, PathBuf)> {
-        let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
         let mut found: Vec<(usize, PathBuf)> = entries
             .filter_map(|e| e.ok())
             .filter_map(|e| {
@@ -113,7 +121,9 @@ impl CheckpointDir {
     ) -> Result<()> {
         std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
         let name = Self::name(position.step);
-        let temporary = self.root.join(format!(".tmp-{name}-{}", std::process::id()));
+        let temporary = self
+            .root
+            .join(format!(".tmp-{name}-{}", std::process::id()));
         if temporary.exists() {
             std::fs::remove_dir_all(&temporary).map_err(io(&temporary))?;
         }
@@ -121,16 +131,31 @@ impl CheckpointDir {
         save_native(adapter, model, &temporary.join("adapter"))?;
         let mut tensors = Vec::with_capacity(2 * optimizer.params.len());
         for param in &optimizer.params {
-            tensors.push(NamedTensor { key: format!("m.{}", param.path), shape: param.shape.clone(), values: param.m.clone() });
-            tensors.push(NamedTensor { key: format!("v.{}", param.path), shape: param.shape.clone(), values: param.v.clone() });
+            tensors.push(NamedTensor {
+                key: format!("m.{}", param.path),
+                shape: param.shape.clone(),
+                values: param.m.clone(),
+            });
+            tensors.push(NamedTensor {
+                key: format!("v.{}", param.path),
+                shape: param.shape.clone(),
+                values: param.v.clone(),
+            });
         }
         let optimizer_path = temporary.join("optimizer.safetensors");
-        peft_core::files::write_atomic(&optimizer_path, &safetensors_bytes(&tensors, &optimizer_path)?)?;
+        peft_core::files::write_atomic(
+            &optimizer_path,
+            &safetensors_bytes(&tensors, &optimizer_path)?,
+        )?;
         let state = StateFile {
             format_version: 1,
             position,
             optimizer_steps: optimizer.steps,
-            params: optimizer.params.iter().map(|p| (p.path.clone(), p.shape.clone(), p.step)).collect(),
+            params: optimizer
+                .params
+                .iter()
+                .map(|p| (p.path.clone(), p.shape.clone(), p.step))
+                .collect(),
         };
         let state_path = temporary.join("state.json");
         let text = serde_json::to_string_pretty(&state).expect("state serialises");
@@ -155,8 +180,14 @@ impl CheckpointDir {
     ///
     /// # Errors
     /// A checkpoint that exists but cannot be read, or does not fit `model`.
-    pub fn latest<B: Backend>(&self, model: &LlamaConfig, device: &B::Device) -> Result<Option<Checkpoint<B>>> {
-        let Some((_, dir)) = self.list().pop() else { return Ok(None) };
+    pub fn latest<B: Backend>(
+        &self,
+        model: &LlamaConfig,
+        device: &B::Device,
+    ) -> Result<Option<Checkpoint<B>>> {
+        let Some((_, dir)) = self.list().pop() else {
+            return Ok(None);
+        };
         Self::read(&dir, model, device).map(Some)
     }
 
@@ -164,13 +195,20 @@ impl CheckpointDir {
     ///
     /// # Errors
     /// Unreadable or inconsistent files.
-    pub fn read<B: Backend>(dir: &Path, model: &LlamaConfig, device: &B::Device) -> Result<Checkpoint<B>> {
+    pub fn read<B: Backend>(
+        dir: &Path,
+        model: &LlamaConfig,
+        device: &B::Device,
+    ) -> Result<Checkpoint<B>> {
         let state_path = dir.join("state.json");
         let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
-        let state: StateFile =
-            serde_json::from_str(&text).map_err(|e| checkpoint_error(&state_path, format!("malformed: {e}")))?;
+        let state: StateFile = serde_json::from_str(&text)
+            .map_err(|e| checkpoint_error(&state_path, format!("malformed: {e}")))?;
         if state.format_version != 1 {
-            return Err(checkpoint_error(&state_path, format!("format_version {} is not supported", state.format_version)));
+            return Err(checkpoint_error(
+                &state_path,
+                format!("format_version {} is not supported", state.format_version),
+            ));
         }
         let adapter = load_native(&dir.join("adapter"), model, device)?;
         let optimizer_path = dir.join("optimizer.safetensors");
@@ -180,12 +218,21 @@ impl CheckpointDir {
         for (path, shape, step) in state.params {
             let m = tensors.take_f32(&format!("m.{path}"), &shape)?;
             let v = tensors.take_f32(&format!("v.{path}"), &shape)?;
-            params.push(ParamMoments { path, shape, step, m, v });
+            params.push(ParamMoments {
+                path,
+                shape,
+                step,
+                m,
+                v,
+            });
         }
         tensors.finish()?;
         Ok(Checkpoint {
             adapter,
-            optimizer: OptimizerState { steps: state.optimizer_steps, params },
+            optimizer: OptimizerState {
+                steps: state.optimizer_steps,
+                params,
+            },
             position: state.position,
         })
     }

@@ -41,6 +41,7 @@ pub mod optim;
 pub mod schedule;
 pub mod trainer;
 
+pub use checkpoint::{Checkpoint, CheckpointDir, TrainPosition};
 pub use data::{
     alpaca_prompt, load_alpaca, load_pretokenized, split_validation, tokenize_alpaca,
     tokenize_alpaca_records, AlpacaRecord, Batch, BatchStrategy, Batcher, BatchingConfig, Example,
@@ -48,11 +49,10 @@ pub use data::{
 };
 pub use error::{RecordLocation, Result, TrainError};
 pub use loss::{causal_lm_loss, CausalLmLoss};
+pub use metrics::{MetricsLog, StepMetrics};
 pub use optim::{
     clip_grad_norm, grad_norm, micro_batch_weights, AccumulationWeighting, AdamW, AdamWConfig,
     OptimizerState, ParamMoments, StepReport, WeightDecayRule,
 };
 pub use schedule::{LrSchedule, LrScheduleConfig};
-pub use checkpoint::{Checkpoint, CheckpointDir, TrainPosition};
-pub use metrics::{MetricsLog, StepMetrics};
 pub use trainer::{evaluate, train, Quiet, TrainObserver, TrainSummary, TrainerConfig};

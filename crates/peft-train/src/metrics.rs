@@ -56,7 +56,10 @@ impl MetricsLog {
     /// # Errors
     /// I/O errors.
     pub fn open(output: &Path, append: bool) -> Result<Self> {
-        std::fs::create_dir_all(output).map_err(|source| TrainError::Io { path: output.into(), source })?;
+        std::fs::create_dir_all(output).map_err(|source| TrainError::Io {
+            path: output.into(),
+            source,
+        })?;
         let path = output.join("metrics.jsonl");
         let file = OpenOptions::new()
             .create(true)
@@ -64,12 +67,18 @@ impl MetricsLog {
             .append(append)
             .truncate(!append)
             .open(&path)
-            .map_err(|source| TrainError::Io { path: path.clone(), source })?;
+            .map_err(|source| TrainError::Io {
+                path: path.clone(),
+                source,
+            })?;
         Ok(Self { path, file })
     }
 
     fn write(&mut self, value: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{value}").map_err(|source| TrainError::Io { path: self.path.clone(), source })
+        writeln!(self.file, "{value}").map_err(|source| TrainError::Io {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// Records a step.
@@ -97,19 +106,29 @@ impl MetricsLog {
     /// # Errors
     /// I/O errors.
     pub fn plot(&self, output: &Path) -> Result<()> {
-        let text = std::fs::read_to_string(&self.path).map_err(|source| TrainError::Io { path: self.path.clone(), source })?;
+        let text = std::fs::read_to_string(&self.path).map_err(|source| TrainError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
         let mut train = Vec::new();
         let mut validation = Vec::new();
         for line in text.lines() {
-            let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
             let step = value["step"].as_f64().unwrap_or(0.0);
             match value["kind"].as_str() {
                 Some("train") => train.push((step, value["loss"].as_f64().unwrap_or(f64::NAN))),
-                Some("validation") => validation.push((step, value["val_loss"].as_f64().unwrap_or(f64::NAN))),
+                Some("validation") => {
+                    validation.push((step, value["val_loss"].as_f64().unwrap_or(f64::NAN)))
+                }
                 _ => {}
             }
         }
-        let svg = loss_plot(&[("training loss", "#1f77b4", &train), ("validation loss", "#d62728", &validation)]);
+        let svg = loss_plot(&[
+            ("training loss", "#1f77b4", &train),
+            ("validation loss", "#d62728", &validation),
+        ]);
         peft_core::files::write_atomic(&output.join("loss.svg"), svg.as_bytes())?;
         Ok(())
     }
@@ -118,7 +137,10 @@ impl MetricsLog {
 /// An SVG line plot of loss curves `(label, colour, points)` over optimiser steps.
 pub fn loss_plot(series: &[(&str, &str, &[(f64, f64)])]) -> String {
     let (width, height, margin) = (640.0, 400.0, 60.0);
-    let points = series.iter().flat_map(|(_, _, p)| p.iter()).filter(|(_, y)| y.is_finite());
+    let points = series
+        .iter()
+        .flat_map(|(_, _, p)| p.iter())
+        .filter(|(_, y)| y.is_finite());
     let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in points {
         x_max = x_max.max(x);

@@ -77,7 +77,8 @@ impl TrainerConfig {
 
     /// The peak learning rate.
     pub fn peak_lr(&self) -> f64 {
-        self.lr.unwrap_or(self.blr * self.effective_batch() as f64 / 256.0)
+        self.lr
+            .unwrap_or(self.blr * self.effective_batch() as f64 / 256.0)
     }
 }
 
@@ -144,7 +145,10 @@ pub fn evaluate<B: Backend>(
         count += loss.targets;
     }
     if count == 0 {
-        return Err(TrainError::input("evaluate", "no target tokens in the evaluation data"));
+        return Err(TrainError::input(
+            "evaluate",
+            "no target tokens in the evaluation data",
+        ));
     }
     Ok((total / count as f64, count))
 }
@@ -176,18 +180,51 @@ pub fn train<B: AutodiffBackend>(
     observer: &mut dyn TrainObserver,
 ) -> Result<(AnyAdapter<B>, TrainSummary)> {
     match adapter {
-        AnyAdapter::Lora(a) => run(base, a, train, validation, config, output, resume, observer, AnyAdapter::Lora, |a| match a {
-            AnyAdapter::Lora(a) => Some(a),
-            _ => None,
-        }),
-        AnyAdapter::PrefixTuning(a) => run(base, a, train, validation, config, output, resume, observer, AnyAdapter::PrefixTuning, |a| match a {
-            AnyAdapter::PrefixTuning(a) => Some(a),
-            _ => None,
-        }),
-        AnyAdapter::AdaptionPrompt(a) => run(base, a, train, validation, config, output, resume, observer, AnyAdapter::AdaptionPrompt, |a| match a {
-            AnyAdapter::AdaptionPrompt(a) => Some(a),
-            _ => None,
-        }),
+        AnyAdapter::Lora(a) => run(
+            base,
+            a,
+            train,
+            validation,
+            config,
+            output,
+            resume,
+            observer,
+            AnyAdapter::Lora,
+            |a| match a {
+                AnyAdapter::Lora(a) => Some(a),
+                _ => None,
+            },
+        ),
+        AnyAdapter::PrefixTuning(a) => run(
+            base,
+            a,
+            train,
+            validation,
+            config,
+            output,
+            resume,
+            observer,
+            AnyAdapter::PrefixTuning,
+            |a| match a {
+                AnyAdapter::PrefixTuning(a) => Some(a),
+                _ => None,
+            },
+        ),
+        AnyAdapter::AdaptionPrompt(a) => run(
+            base,
+            a,
+            train,
+            validation,
+            config,
+            output,
+            resume,
+            observer,
+            AnyAdapter::AdaptionPrompt,
+            |a| match a {
+                AnyAdapter::AdaptionPrompt(a) => Some(a),
+                _ => None,
+            },
+        ),
     }
 }
 
@@ -213,7 +250,10 @@ where
         return Err(TrainError::input("train", "the training set is empty"));
     }
     if config.grad_accum == 0 || config.batch_size == 0 {
-        return Err(TrainError::config("batch_size / grad_accum", "must be positive"));
+        return Err(TrainError::config(
+            "batch_size / grad_accum",
+            "must be positive",
+        ));
     }
     let mut batching = config.batching.clone();
     batching.batch_size = config.batch_size;
@@ -221,13 +261,16 @@ where
     let batcher = batching.init()?;
     let micro_batches_per_epoch = batcher.num_batches(train.len());
     let steps_per_epoch = micro_batches_per_epoch.div_ceil(config.grad_accum).max(1);
-    let schedule = LrScheduleConfig::new(config.blr, config.effective_batch(), config.epochs as f64)
-        .with_warmup_epochs(config.warmup_epochs)
-        .with_min_lr(config.min_lr)
-        .with_lr(config.lr)
-        .init()?;
+    let schedule =
+        LrScheduleConfig::new(config.blr, config.effective_batch(), config.epochs as f64)
+            .with_warmup_epochs(config.warmup_epochs)
+            .with_min_lr(config.min_lr)
+            .with_lr(config.lr)
+            .init()?;
     let scheduled_steps = steps_per_epoch * config.epochs;
-    let total_steps = config.max_steps.map_or(scheduled_steps, |m| m.min(scheduled_steps));
+    let total_steps = config
+        .max_steps
+        .map_or(scheduled_steps, |m| m.min(scheduled_steps));
     let mut optimizer = config.optimizer.init::<B>()?;
     let checkpoints = CheckpointDir::new(output.join("checkpoints"));
     let device = base.device();
@@ -238,7 +281,10 @@ where
     if resume {
         if let Some(checkpoint) = checkpoints.latest::<B>(&base.config, &device)? {
             adapter = unwrap(checkpoint.adapter).ok_or_else(|| {
-                TrainError::config("resume", "the checkpoint holds an adapter of another method")
+                TrainError::config(
+                    "resume",
+                    "the checkpoint holds an adapter of another method",
+                )
             })?;
             optimizer.load_state(&adapter, &checkpoint.optimizer)?;
             position = checkpoint.position;
@@ -262,7 +308,9 @@ where
             let group_end = (position.micro_batch + config.grad_accum).min(plan.len());
             let group: Vec<_> = plan[position.micro_batch..group_end]
                 .iter()
-                .map(|indices| batcher.collate(&indices.iter().map(|&i| &train[i]).collect::<Vec<_>>()))
+                .map(|indices| {
+                    batcher.collate(&indices.iter().map(|&i| &train[i]).collect::<Vec<_>>())
+                })
                 .collect::<Result<_>>()?;
             let weights = micro_batch_weights(
                 &group.iter().map(|b| b.target_tokens).collect::<Vec<_>>(),
@@ -270,7 +318,13 @@ where
             );
             // Dropout (LoRA) draws from the backend's generator: seeding it per step makes a
             // resumed run draw exactly what the uninterrupted run drew.
-            B::seed(&device, config.seed.wrapping_mul(1_000_003).wrapping_add(position.step as u64));
+            B::seed(
+                &device,
+                config
+                    .seed
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add(position.step as u64),
+            );
             let lr = schedule.at_step(position.step, steps_per_epoch);
             let mut accumulator = GradientsAccumulator::<A>::new();
             let mut step_loss = 0.0;
@@ -323,7 +377,9 @@ where
             metrics.step(&step_metrics)?;
             observer.on_step(&step_metrics, total_steps);
             let last = position.step >= total_steps;
-            if config.eval_every.is_some_and(|e| position.step % e == 0) || (last && !validation.is_empty()) {
+            if config.eval_every.is_some_and(|e| position.step % e == 0)
+                || (last && !validation.is_empty())
+            {
                 if !validation.is_empty() {
                     // On the autodiff backend without a backward pass: nothing is kept.
                     let current = wrap(adapter.clone());
@@ -336,7 +392,11 @@ where
             if config.save_every.is_some_and(|s| position.step % s == 0) || last {
                 let mut saved_position = position;
                 if saved_position.micro_batch >= plan.len() {
-                    saved_position = TrainPosition { epoch: position.epoch + 1, micro_batch: 0, ..position };
+                    saved_position = TrainPosition {
+                        epoch: position.epoch + 1,
+                        micro_batch: 0,
+                        ..position
+                    };
                 }
                 checkpoints.save(
                     &wrap(adapter.clone()),

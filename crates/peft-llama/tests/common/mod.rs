@@ -37,17 +37,29 @@ impl Fixture {
 
     pub fn f32(&self, key: &str) -> (Vec<f32>, Vec<usize>) {
         let file = SafeTensors::deserialize(&self.bytes).unwrap();
-        let view = file.tensor(key).unwrap_or_else(|_| panic!("{}: no `{key}`", self.path.display()));
+        let view = file
+            .tensor(key)
+            .unwrap_or_else(|_| panic!("{}: no `{key}`", self.path.display()));
         assert_eq!(view.dtype(), Dtype::F32, "{key}");
-        let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         (values, view.shape().to_vec())
     }
 
     pub fn i64(&self, key: &str) -> (Vec<i64>, Vec<usize>) {
         let file = SafeTensors::deserialize(&self.bytes).unwrap();
-        let view = file.tensor(key).unwrap_or_else(|_| panic!("{}: no `{key}`", self.path.display()));
+        let view = file
+            .tensor(key)
+            .unwrap_or_else(|_| panic!("{}: no `{key}`", self.path.display()));
         assert_eq!(view.dtype(), Dtype::I64, "{key}");
-        let values = view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        let values = view
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         (values, view.shape().to_vec())
     }
 }
