@@ -25,8 +25,14 @@ type Inner = burn::backend::Cuda<f32>;
 type Inner = burn::backend::NdArray<f32>;
 type B = Autodiff<Inner>;
 
-fn bench<A>(name: &str, base: &Llama<B>, adapter: A, tokens: &TokenBatch, labels: &[i64], steps: usize)
-where
+fn bench<A>(
+    name: &str,
+    base: &Llama<B>,
+    adapter: A,
+    tokens: &TokenBatch,
+    labels: &[i64],
+    steps: usize,
+) where
     A: Adapter<B> + AutodiffModule<B> + Clone,
 {
     let device = base.device();
@@ -34,7 +40,9 @@ where
     let mut adapter = adapter;
     let trainable = adapter.num_trainable_parameters();
     let mut step = |adapter: A| {
-        let logits = base.forward(tokens, adapter.hooks(base).as_ref(), None).unwrap();
+        let logits = base
+            .forward(tokens, adapter.hooks(base).as_ref(), None)
+            .unwrap();
         let loss = causal_lm_loss(logits, labels).unwrap();
         let grads = GradientsParams::from_grads(loss.loss.backward(), &adapter);
         let (adapter, _) = optimizer.step(1e-3, adapter, grads);
@@ -77,15 +85,28 @@ fn main() {
     };
     let device = Default::default();
     let base = config.init::<B>(&device, dtype);
-    let ids: Vec<u32> = (0..batch * seq).map(|i| (i * 7919 % (config.vocab_size - 3) + 3) as u32).collect();
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|i| (i * 7919 % (config.vocab_size - 3) + 3) as u32)
+        .collect();
     let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let tokens = TokenBatch { ids, batch, seq, mask: None };
+    let tokens = TokenBatch {
+        ids,
+        batch,
+        seq,
+        mask: None,
+    };
     let layers = 30.min(config.num_hidden_layers.saturating_sub(2)).max(1);
-    let prompt = AdaptionPromptConfig::new().with_adapter_layers(layers).init::<B>(&config, &device).unwrap();
+    let prompt = AdaptionPromptConfig::new()
+        .with_adapter_layers(layers)
+        .init::<B>(&config, &device)
+        .unwrap();
     bench("adaption-prompt", &base, prompt, &tokens, &labels, steps);
     let lora = LoraConfig::new().init::<B>(&config, &device).unwrap();
     bench("lora-q-v-r8", &base, lora, &tokens, &labels, steps);
-    let prefix = PrefixTuningConfig::new().with_num_virtual_tokens(10).init::<B>(&config, &device).unwrap();
+    let prefix = PrefixTuningConfig::new()
+        .with_num_virtual_tokens(10)
+        .init::<B>(&config, &device)
+        .unwrap();
     bench("prefix-10", &base, prefix, &tokens, &labels, steps);
     let _ = <B as AutodiffBackend>::InnerBackend::name(&device);
 }

@@ -547,9 +547,13 @@ impl LlamaConfig {
             let tensor = Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 0.02), device);
             Param::from_tensor(cast_to(tensor, dtype)).set_require_grad(false)
         };
-        let linear = |input: usize, output: usize| Linear { weight: weight([input, output]), bias: None };
+        let linear = |input: usize, output: usize| Linear {
+            weight: weight([input, output]),
+            bias: None,
+        };
         let norm = || RmsNorm {
-            weight: Param::from_tensor(cast_to(Tensor::ones([self.hidden_size], device), dtype)).set_require_grad(false),
+            weight: Param::from_tensor(cast_to(Tensor::ones([self.hidden_size], device), dtype))
+                .set_require_grad(false),
             eps: self.rms_norm_eps,
         };
         let (d, f) = (self.hidden_size, self.intermediate_size);
@@ -564,7 +568,11 @@ impl LlamaConfig {
                     num_kv_heads: self.num_key_value_heads,
                     head_dim: self.head_dim,
                 },
-                mlp: Mlp { gate_proj: linear(d, f), up_proj: linear(d, f), down_proj: linear(f, d) },
+                mlp: Mlp {
+                    gate_proj: linear(d, f),
+                    up_proj: linear(d, f),
+                    down_proj: linear(f, d),
+                },
                 input_layernorm: norm(),
                 post_attention_layernorm: norm(),
             })
