@@ -179,53 +179,23 @@ pub fn train<B: AutodiffBackend>(
     resume: bool,
     observer: &mut dyn TrainObserver,
 ) -> Result<(AnyAdapter<B>, TrainSummary)> {
-    match adapter {
-        AnyAdapter::Lora(a) => run(
-            base,
-            a,
-            train,
-            validation,
-            config,
-            output,
-            resume,
-            observer,
-            AnyAdapter::Lora,
-            |a| match a {
-                AnyAdapter::Lora(a) => Some(a),
-                _ => None,
-            },
-        ),
-        AnyAdapter::PrefixTuning(a) => run(
-            base,
-            a,
-            train,
-            validation,
-            config,
-            output,
-            resume,
-            observer,
-            AnyAdapter::PrefixTuning,
-            |a| match a {
-                AnyAdapter::PrefixTuning(a) => Some(a),
-                _ => None,
-            },
-        ),
-        AnyAdapter::AdaptionPrompt(a) => run(
-            base,
-            a,
-            train,
-            validation,
-            config,
-            output,
-            resume,
-            observer,
-            AnyAdapter::AdaptionPrompt,
-            |a| match a {
-                AnyAdapter::AdaptionPrompt(a) => Some(a),
-                _ => None,
-            },
-        ),
+    // One generic loop per method: `wrap` puts the concrete adapter back into `AnyAdapter`
+    // (for checkpoints), the closure takes it out again (for resuming).
+    macro_rules! dispatch {
+        ($($variant:ident),*) => {
+            match adapter {
+                $(AnyAdapter::$variant(a) => run(
+                    base, a, train, validation, config, output, resume, observer,
+                    AnyAdapter::$variant,
+                    |a| match a {
+                        AnyAdapter::$variant(a) => Some(a),
+                        _ => None,
+                    },
+                ),)*
+            }
+        };
     }
+    dispatch!(Lora, PrefixTuning, AdaptionPrompt)
 }
 
 #[allow(clippy::too_many_arguments)]
