@@ -39,6 +39,20 @@ pub enum GateActivation {
     Identity,
 }
 
+/// How the gates start.
+#[derive(Config, Debug, Copy, PartialEq)]
+pub enum GateInit {
+    /// At zero, so that the adapted model starts exactly at the base model (the paper's
+    /// zero-initialised attention).
+    Zero,
+    /// Drawn from N(0, std²): the randomly initialised gates of the paper's ablation (its
+    /// Table 5 and Figure 5), which disturb the base model from the first step.
+    Random {
+        /// Standard deviation of the raw gates (before the activation).
+        std: f64,
+    },
+}
+
 /// Configuration of [`AdaptionPrompt`].
 #[derive(Config, Debug, PartialEq)]
 pub struct AdaptionPromptConfig {
@@ -54,6 +68,10 @@ pub struct AdaptionPromptConfig {
     /// Gate activation.
     #[config(default = "GateActivation::Tanh")]
     pub gate_activation: GateActivation,
+    /// How the gates start; `None` means [`GateInit::Zero`]. An `Option` so that
+    /// configurations written before this setting existed still read.
+    #[config(default = "None")]
+    pub gate_init: Option<GateInit>,
 }
 
 impl AdaptionPromptConfig {
@@ -76,12 +94,20 @@ impl AdaptionPromptConfig {
     /// Checks the configuration against a model.
     ///
     /// # Errors
-    /// Zero sizes or more adapted layers than the model has.
+    /// Zero sizes, more adapted layers than the model has, or a random gate initialisation
+    /// whose standard deviation is not a positive finite number.
     pub fn validate(&self, model: &LlamaConfig) -> Result<()> {
         if self.adapter_len == 0 || self.adapter_layers == 0 {
             return Err(PeftError::Config(
                 "adapter_len and adapter_layers must be positive".into(),
             ));
+        }
+        if let Some(GateInit::Random { std }) = self.gate_init {
+            if !(std.is_finite() && std > 0.0) {
+                return Err(PeftError::Config(format!(
+                    "gate_init: the standard deviation of random gates must be positive and finite, got {std}"
+                )));
+            }
         }
         if self.adapter_layers > model.num_hidden_layers {
             return Err(PeftError::Incompatible(format!(
@@ -99,7 +125,8 @@ impl AdaptionPromptConfig {
     }
 
     /// Creates the adapter for `model`: prompts drawn from N(0, 1) as the official code's
-    /// `nn.Embedding`, gates zero so that the adapted model starts exactly at the base model.
+    /// `nn.Embedding`, gates zero so that the adapted model starts exactly at the base model
+    /// (or random, with [`GateInit::Random`]).
     ///
     /// # Errors
     /// See [`AdaptionPromptConfig::validate`].
@@ -114,7 +141,13 @@ impl AdaptionPromptConfig {
             Distribution::Normal(0.0, 1.0),
             device,
         );
-        let gates = Tensor::zeros([self.adapter_layers, self.gates_per_layer(model)], device);
+        let gate_shape = [self.adapter_layers, self.gates_per_layer(model)];
+        let gates = match self.gate_init.unwrap_or(GateInit::Zero) {
+            GateInit::Zero => Tensor::zeros(gate_shape, device),
+            GateInit::Random { std } => {
+                Tensor::random(gate_shape, Distribution::Normal(0.0, std), device)
+            }
+        };
         Ok(AdaptionPrompt::from_tensors(
             self.clone(),
             model,
@@ -284,5 +317,83 @@ impl<B: Backend> Adapter<B> for AdaptionPrompt<B> {
             });
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    type B = NdArray<f32>;
+
+    fn small_model() -> LlamaConfig {
+        LlamaConfig::new(32, 16, 24, 3, 4, 2, 4)
+    }
+
+    #[test]
+    fn zero_gate_init_starts_every_gate_at_zero() {
+        let device = Default::default();
+        for gate_init in [None, Some(GateInit::Zero)] {
+            let adapter = AdaptionPromptConfig::new()
+                .with_adapter_layers(2)
+                .with_gate_init(gate_init)
+                .init::<B>(&small_model(), &device)
+                .unwrap();
+            assert_eq!(host_values(adapter.gates.val()), vec![0.0; 2 * 4]);
+        }
+    }
+
+    #[test]
+    fn random_gate_init_draws_gates_with_the_given_spread() {
+        let device = Default::default();
+        B::seed(&device, 7);
+        let model = LlamaConfig::new(32, 256, 24, 3, 64, 64, 4);
+        let adapter = AdaptionPromptConfig::new()
+            .with_adapter_layers(3)
+            .with_gate_init(Some(GateInit::Random { std: 0.5 }))
+            .init::<B>(&model, &device)
+            .unwrap();
+        let gates = host_values(adapter.gates.val());
+        assert_eq!(gates.len(), 3 * 64);
+        assert!(gates.iter().all(|&g| g != 0.0));
+        let mean = gates.iter().sum::<f32>() / gates.len() as f32;
+        let std =
+            (gates.iter().map(|g| (g - mean).powi(2)).sum::<f32>() / gates.len() as f32).sqrt();
+        // 192 draws: the sample standard deviation is within 20% of 0.5 with overwhelming
+        // probability, and the mean within 4 standard errors of zero.
+        assert!((std - 0.5).abs() < 0.1, "sample std {std}");
+        assert!(
+            mean.abs() < 4.0 * 0.5 / (gates.len() as f32).sqrt(),
+            "mean {mean}"
+        );
+    }
+
+    #[test]
+    fn random_gate_init_rejects_a_non_positive_spread() {
+        for std in [0.0, -1.0, f64::NAN] {
+            let config = AdaptionPromptConfig::new()
+                .with_adapter_layers(2)
+                .with_gate_init(Some(GateInit::Random { std }));
+            assert!(matches!(
+                config.validate(&small_model()),
+                Err(PeftError::Config(message)) if message.contains("gate_init")
+            ));
+        }
+    }
+
+    #[test]
+    fn configuration_written_without_gate_init_still_reads_as_zero_init() {
+        let old = r#"{"adapter_len":10,"adapter_layers":3,"gate_shape":"PerHead","gate_activation":"Tanh"}"#;
+        let config: AdaptionPromptConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(config.gate_init, None);
+        assert_eq!(config, AdaptionPromptConfig::new().with_adapter_layers(3));
+        let random =
+            AdaptionPromptConfig::new().with_gate_init(Some(GateInit::Random { std: 1.0 }));
+        let text = serde_json::to_string(&random).unwrap();
+        assert_eq!(
+            serde_json::from_str::<AdaptionPromptConfig>(&text).unwrap(),
+            random
+        );
     }
 }

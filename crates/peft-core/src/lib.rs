@@ -38,7 +38,9 @@ pub mod torch_pickle;
 
 pub use adapter::{gradients_as_module, host_values, Adapter, NamedTensor, PeftMethod};
 pub use adapter_files::{detect_format, load_adapter, save_adapter, AdapterFormat};
-pub use adaption_prompt::{AdaptionPrompt, AdaptionPromptConfig, GateActivation, GateShape};
+pub use adaption_prompt::{
+    AdaptionPrompt, AdaptionPromptConfig, GateActivation, GateInit, GateShape,
+};
 pub use any_adapter::AnyAdapter;
 pub use error::{PeftError, Result};
 pub use lora::{Lora, LoraConfig, LoraLinear};
