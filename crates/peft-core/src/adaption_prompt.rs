@@ -194,12 +194,62 @@ impl<B: Backend> AdaptionPrompt<B> {
             GateActivation::Identity => self.gates.val(),
         }
     }
+
+    /// Hooks whose prompts are shifted per example: `offset` `[batch, hidden]` is added to every
+    /// prompt of every adapted layer (multimodal LLaMA-Adapter, paper eq. 10, where the offset
+    /// is the projected image feature). The batch of the tokens must be `batch`. With zero gates
+    /// the output still equals the base model's.
+    pub fn hooks_with_prompt_offset<'a>(
+        &'a self,
+        base: &'a Llama<B>,
+        offset: Tensor<B, 2>,
+    ) -> Box<dyn LayerHooks<B> + 'a> {
+        self.prepare(base, Some(offset))
+    }
+
+    fn prepare<'a>(
+        &'a self,
+        base: &'a Llama<B>,
+        offset: Option<Tensor<B, 2>>,
+    ) -> Box<dyn LayerHooks<B> + 'a> {
+        let config = &base.config;
+        let n_rep = config.num_attention_heads / config.num_key_value_heads;
+        let prompts = self.prompts.val();
+        let gates = self.activated_gates();
+        let dtype = base.dtype();
+        let [layers, _, _] = prompts.dims();
+        let prepared = (0..layers)
+            .map(|index| {
+                let attention = &base.layers[self.first_layer + index].self_attn;
+                let prompt = prompts.clone().narrow(0, index, 1);
+                // [1, K, hidden] + [batch, 1, hidden] → [batch, K, hidden]
+                let prompt = match &offset {
+                    Some(offset) => prompt + offset.clone().unsqueeze_dim::<3>(1),
+                    None => prompt,
+                };
+                let prompt = cast_to(prompt, dtype);
+                let (keys, values) = attention.project_key_values(prompt);
+                let gate = gates.clone().narrow(0, index, 1);
+                let count = gate.dims()[1];
+                (
+                    repeat_kv(keys, n_rep),
+                    repeat_kv(values, n_rep),
+                    gate.reshape([1, count, 1, 1]),
+                )
+            })
+            .collect();
+        Box::new(PreparedPrompts {
+            first_layer: self.first_layer,
+            layers: prepared,
+            scale: 1.0 / (config.head_dim as f64).sqrt(),
+        })
+    }
 }
 
 /// Prompt keys/values of every adapted layer, computed once per forward pass.
 struct PreparedPrompts<B: Backend> {
     first_layer: usize,
-    /// Per adapted layer: keys and values `[1, heads, K, head_dim]`, activated gate `[1, G, 1, 1]`.
+    /// Per adapted layer: keys and values `[1 or batch, heads, K, head_dim]`, activated gate `[1, G, 1, 1]`.
     layers: Vec<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)>,
     scale: f64,
 }
@@ -263,32 +313,7 @@ impl<B: Backend> Adapter<B> for AdaptionPrompt<B> {
     }
 
     fn hooks<'a>(&'a self, base: &'a Llama<B>) -> Box<dyn LayerHooks<B> + 'a> {
-        let config = &base.config;
-        let n_rep = config.num_attention_heads / config.num_key_value_heads;
-        let prompts = self.prompts.val();
-        let gates = self.activated_gates();
-        let dtype = base.dtype();
-        let [layers, _, _] = prompts.dims();
-        let prepared = (0..layers)
-            .map(|index| {
-                let attention = &base.layers[self.first_layer + index].self_attn;
-                let prompt = prompts.clone().narrow(0, index, 1);
-                let prompt = cast_to(prompt, dtype);
-                let (keys, values) = attention.project_key_values(prompt);
-                let gate = gates.clone().narrow(0, index, 1);
-                let count = gate.dims()[1];
-                (
-                    repeat_kv(keys, n_rep),
-                    repeat_kv(values, n_rep),
-                    gate.reshape([1, count, 1, 1]),
-                )
-            })
-            .collect();
-        Box::new(PreparedPrompts {
-            first_layer: self.first_layer,
-            layers: prepared,
-            scale: 1.0 / (config.head_dim as f64).sqrt(),
-        })
+        self.prepare(base, None)
     }
 
     /// PEFT's names: `...layers.{i}.self_attn.adaption_prompt` `[1, K, hidden]` and

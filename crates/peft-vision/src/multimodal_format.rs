@@ -1,0 +1,203 @@
+//! Files of a [`MultimodalAdaptionPrompt`]: this workspace's native adapter format
+//! (`docs/adapter-format.md`) with `peft_type` `MULTIMODAL_ADAPTION_PROMPT`.
+//!
+//! A directory with `peft_rs_config.json` (`format`, `format_version`, `peft_type`, `config`:
+//! the serialised [`MultimodalAdaptionPromptConfig`], `model`: the LLaMA sizes it was made for)
+//! and `adapter.safetensors` with the module's parameters under their Burn paths:
+//! `adaption_prompt.prompts` `[L, K, D]`, `adaption_prompt.gates` `[L, H or 1]`,
+//! `projection.{first,second}.{weight,bias}` (`weight` `[in, out]`).
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use burn_store::{ModuleSnapshot, SafetensorsStore};
+use peft_core::files::{read_json, write_atomic};
+use peft_llama::LlamaConfig;
+use serde_json::{json, Value};
+
+use crate::error::{Result, VisionError};
+use crate::multimodal::{MultimodalAdaptionPrompt, MultimodalAdaptionPromptConfig};
+
+/// The `peft_type` of a multimodal adaption prompt.
+pub const PEFT_TYPE: &str = "MULTIMODAL_ADAPTION_PROMPT";
+/// The configuration file (the same name as the native format's).
+pub const CONFIG_FILE: &str = peft_core::native_format::CONFIG_FILE;
+/// The tensor file.
+pub const WEIGHTS_FILE: &str = peft_core::native_format::WEIGHTS_FILE;
+
+fn model_sizes(model: &LlamaConfig) -> Value {
+    json!({
+        "num_hidden_layers": model.num_hidden_layers,
+        "hidden_size": model.hidden_size,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.num_key_value_heads,
+        "head_dim": model.head_dim,
+        "intermediate_size": model.intermediate_size,
+    })
+}
+
+/// Whether `dir` holds a multimodal adaption prompt.
+pub fn is_multimodal_adapter(dir: &Path) -> bool {
+    read_json(&dir.join(CONFIG_FILE))
+        .ok()
+        .and_then(|v| {
+            v.get("peft_type")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .is_some_and(|t| t == PEFT_TYPE)
+}
+
+/// Saves `adapter`, made for `model`, into `dir`; each file is replaced atomically.
+///
+/// # Errors
+/// I/O errors.
+pub fn save_multimodal<B: Backend>(
+    adapter: &MultimodalAdaptionPrompt<B>,
+    model: &LlamaConfig,
+    dir: &Path,
+) -> Result<()> {
+    let config = serde_json::to_value(&adapter.config).map_err(|e| VisionError::Config {
+        origin: "multimodal adaption prompt".into(),
+        message: e.to_string(),
+    })?;
+    let manifest = json!({
+        "format": "peft-rs",
+        "format_version": peft_core::native_format::FORMAT_VERSION,
+        "peft_type": PEFT_TYPE,
+        "config": config,
+        "model": model_sizes(model),
+    });
+    let weights = dir.join(WEIGHTS_FILE);
+    // No metadata, so that the same tensors always give the same bytes.
+    let mut store = SafetensorsStore::from_bytes(None).clear_metadata();
+    let bytes = adapter
+        .save_into(&mut store)
+        .and_then(|()| store.get_bytes())
+        .map_err(|e| VisionError::Format {
+            path: weights.clone(),
+            message: e.to_string(),
+        })?;
+    std::fs::create_dir_all(dir).map_err(|e| VisionError::io(dir, e))?;
+    write_atomic(&weights, &bytes)?;
+    let text = serde_json::to_string_pretty(&manifest).map_err(|e| VisionError::Format {
+        path: dir.join(CONFIG_FILE),
+        message: e.to_string(),
+    })?;
+    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
+    Ok(())
+}
+
+/// Loads a multimodal adaption prompt saved by [`save_multimodal`] for a LLaMA with `model`.
+///
+/// # Errors
+/// A file of another format or method, an adapter made for other model sizes, and every
+/// missing, unexpected or mis-shaped tensor.
+pub fn load_multimodal<B: Backend>(
+    dir: &Path,
+    model: &LlamaConfig,
+    device: &B::Device,
+) -> Result<MultimodalAdaptionPrompt<B>> {
+    let config_path = dir.join(CONFIG_FILE);
+    let manifest = read_json(&config_path)?;
+    let format = |message: String| VisionError::Format {
+        path: config_path.clone(),
+        message,
+    };
+    if manifest.get("format").and_then(Value::as_str) != Some("peft-rs")
+        || manifest.get("peft_type").and_then(Value::as_str) != Some(PEFT_TYPE)
+    {
+        return Err(format(format!(
+            "not a peft-rs adapter with peft_type {PEFT_TYPE}"
+        )));
+    }
+    let version = manifest.get("format_version").and_then(Value::as_u64);
+    if version != Some(peft_core::native_format::FORMAT_VERSION) {
+        return Err(format(format!(
+            "format_version {version:?} is not supported"
+        )));
+    }
+    let expected = model_sizes(model);
+    if manifest.get("model") != Some(&expected) {
+        return Err(format(format!(
+            "adapter made for a model with {}, this model has {expected}",
+            manifest.get("model").cloned().unwrap_or(Value::Null)
+        )));
+    }
+    let config: MultimodalAdaptionPromptConfig =
+        serde_json::from_value(manifest.get("config").cloned().unwrap_or(Value::Null))
+            .map_err(|e| format(format!("`config`: {e}")))?;
+    let weights = dir.join(WEIGHTS_FILE);
+    check_sizes(&config, model, &weights)?;
+    let mut adapter = config.init::<B>(model, device)?;
+    let bad = |message: String| VisionError::Format {
+        path: weights.clone(),
+        message,
+    };
+    let mut store = SafetensorsStore::from_file(&weights)
+        .allow_partial(true)
+        .validate(true);
+    let result = adapter
+        .load_from(&mut store)
+        .map_err(|e| bad(e.to_string()))?;
+    if let Some(error) = result.errors.first() {
+        return Err(bad(error.to_string()));
+    }
+    if let Some((key, _)) = result.missing.first() {
+        return Err(bad(format!("missing tensor '{key}'")));
+    }
+    if !result.unused.is_empty() {
+        return Err(bad(format!("unexpected tensor(s) {:?}", result.unused)));
+    }
+    adapter.check_compatible_sizes(model)?;
+    Ok(adapter)
+}
+
+/// Compares the configuration's parameter count with the tensor file's header before anything
+/// is allocated, so a corrupt size in the configuration is an error rather than an abort.
+fn check_sizes(
+    config: &MultimodalAdaptionPromptConfig,
+    model: &LlamaConfig,
+    weights: &Path,
+) -> Result<()> {
+    config.validate(model)?;
+    let too_large = config
+        .feature_layers
+        .len()
+        .checked_mul(config.visual_hidden_size)
+        .and_then(|w| w.checked_mul(model.hidden_size))
+        .is_none();
+    let mut tensors = peft_llama::weights::TensorMap::new(weights.display().to_string());
+    tensors.add_safetensors(weights)?;
+    let found: usize = tensors
+        .keys()
+        .map(|k| {
+            tensors
+                .shape(k)
+                .unwrap_or_default()
+                .iter()
+                .product::<usize>()
+        })
+        .sum();
+    if too_large || found != config.num_trainable_parameters(model) {
+        return Err(VisionError::Format {
+            path: weights.into(),
+            message: format!(
+                "holds {found} values, the configuration needs {}",
+                if too_large {
+                    "more than can be addressed".to_string()
+                } else {
+                    config.num_trainable_parameters(model).to_string()
+                }
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl<B: Backend> MultimodalAdaptionPrompt<B> {
+    fn check_compatible_sizes(&self, model: &LlamaConfig) -> Result<()> {
+        use peft_core::Adapter;
+        Ok(self.check_compatible(model)?)
+    }
+}
