@@ -118,10 +118,18 @@ fn token_ids(value: &Option<Value>, origin: &str, key: &str) -> Result<Vec<u32>>
     };
     match value {
         None | Some(Value::Null) => Ok(vec![]),
-        Some(Value::Number(n)) => Ok(vec![n.as_u64().ok_or_else(bad)? as u32]),
+        // An id beyond u32 is refused rather than wrapped into another token.
+        Some(Value::Number(n)) => Ok(vec![n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(bad)?]),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(bad))
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(bad)
+            })
             .collect(),
         Some(_) => Err(bad()),
     }
@@ -137,12 +145,16 @@ fn parse_rope_scaling(value: &Value, origin: &str) -> Result<Option<Llama3RopeSc
         "default" => Ok(None),
         "llama3" => {
             let number = |key: &str| {
-                value.get(key).and_then(Value::as_f64).ok_or_else(|| {
-                    LlamaError::config(
-                        origin,
-                        format!("llama3 rope scaling needs a numeric `{key}`"),
-                    )
-                })
+                value
+                    .get(key)
+                    .and_then(Value::as_f64)
+                    .filter(|v| *v > 0.0)
+                    .ok_or_else(|| {
+                        LlamaError::config(
+                            origin,
+                            format!("llama3 rope scaling needs a positive numeric `{key}`"),
+                        )
+                    })
             };
             Ok(Some(Llama3RopeScaling {
                 factor: number("factor")?,
@@ -279,11 +291,15 @@ impl LlamaConfig {
             None => {
                 // Meta's FeedForward: 2/3 of 4·dim, times the multiplier, rounded up to multiple_of.
                 let multiple_of = params.multiple_of.unwrap_or(256).max(1);
-                let mut hidden = 2 * 4 * params.dim / 3;
+                let too_large = || LlamaError::config(origin, "dim is too large");
+                let mut hidden = params.dim.checked_mul(8).ok_or_else(too_large)? / 3;
                 if let Some(m) = params.ffn_dim_multiplier {
                     hidden = (m * hidden as f64) as usize;
                 }
-                multiple_of * hidden.div_ceil(multiple_of)
+                hidden
+                    .div_ceil(multiple_of)
+                    .checked_mul(multiple_of)
+                    .ok_or_else(too_large)?
             }
         };
         if params.n_heads == 0 || params.dim % params.n_heads != 0 {
@@ -353,6 +369,58 @@ impl LlamaConfig {
         }
         if self.head_dim % 2 != 0 {
             return Err(LlamaError::config(origin, "head_dim must be even for RoPE"));
+        }
+        // Sizes whose products overflow would wrap (or panic) in every shape computed from them.
+        let d = self.hidden_size;
+        let products = [
+            self.num_attention_heads.checked_mul(self.head_dim),
+            self.num_key_value_heads.checked_mul(self.head_dim),
+            self.vocab_size.checked_mul(d),
+            self.intermediate_size.checked_mul(d),
+        ];
+        if products
+            .iter()
+            .any(|p| p.and_then(|p| p.checked_mul(4)).is_none())
+            || self.checked_num_parameters().is_none()
+        {
+            return Err(LlamaError::config(
+                origin,
+                "the sizes are too large: the parameter count overflows",
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(LlamaError::config(
+                origin,
+                format!(
+                    "rms_norm_eps must be finite and not negative, found {}",
+                    self.rms_norm_eps
+                ),
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(LlamaError::config(
+                origin,
+                format!("rope_theta must be positive, found {}", self.rope_theta),
+            ));
+        }
+        if let Some(scaling) = &self.rope_scaling {
+            let factors = [
+                scaling.factor,
+                scaling.low_freq_factor,
+                scaling.high_freq_factor,
+            ];
+            if factors.iter().any(|f| !(f.is_finite() && *f > 0.0))
+                || scaling.low_freq_factor == scaling.high_freq_factor
+                || scaling.original_max_position_embeddings == 0
+            {
+                return Err(LlamaError::config(
+                    origin,
+                    format!(
+                        "llama3 rope scaling needs positive factors, distinct low and high \
+                         frequency factors and a positive original context, found {scaling:?}"
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -448,17 +516,30 @@ impl LlamaConfig {
     }
 
     /// Number of parameters of the whole model, computed without allocating it.
+    ///
+    /// # Panics
+    /// When the count overflows `usize`, which [`LlamaConfig::validate`] refuses.
     pub fn num_parameters(&self) -> usize {
+        self.checked_num_parameters()
+            .expect("parameter count overflows usize")
+    }
+
+    fn checked_num_parameters(&self) -> Option<usize> {
         let d = self.hidden_size;
-        let attention = 2 * d * self.query_width() + 2 * d * self.kv_width();
-        let mlp = 3 * d * self.intermediate_size;
-        let norms = 2 * d;
-        let head = if self.tie_word_embeddings {
-            0
-        } else {
-            self.vocab_size * d
-        };
-        self.vocab_size * d + self.num_hidden_layers * (attention + mlp + norms) + d + head
+        let q = self.num_attention_heads.checked_mul(self.head_dim)?;
+        let kv = self.num_key_value_heads.checked_mul(self.head_dim)?;
+        let attention = d
+            .checked_mul(q)?
+            .checked_add(d.checked_mul(kv)?)?
+            .checked_mul(2)?;
+        let mlp = d.checked_mul(self.intermediate_size)?.checked_mul(3)?;
+        let norms = d.checked_mul(2)?;
+        let embed = self.vocab_size.checked_mul(d)?;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        let layers = self
+            .num_hidden_layers
+            .checked_mul(attention.checked_add(mlp)?.checked_add(norms)?)?;
+        embed.checked_add(layers)?.checked_add(d)?.checked_add(head)
     }
 }
 

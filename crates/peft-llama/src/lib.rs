@@ -17,6 +17,7 @@ pub mod error;
 pub mod generate;
 pub mod hooks;
 pub mod model;
+pub mod pickle_check;
 pub mod rope;
 pub mod tokenizer;
 pub mod weights;

@@ -99,13 +99,16 @@ impl TensorMap {
     /// Adds every tensor of a PyTorch `.pth` state dict (read without executing any code).
     ///
     /// # Errors
-    /// An unreadable or malformed file, a value that is not a tensor (a number, string, list,
+    /// A pickle that refers to anything but tensor storage or declares more bytes than the
+    /// file holds (see [`crate::pickle_check`]), an unreadable or malformed file, a value that is not a tensor (a number, string, list,
     /// `None`, object or empty dict, each named by its key), or a name already present.
     pub fn add_pth(&mut self, path: &Path) -> Result<()> {
         let unreadable = |e: PytorchError| LlamaError::WeightFile {
             path: path.into(),
             message: e.to_string(),
         };
+        // burn-store trusts declared lengths and reads any global; refuse such files first.
+        crate::pickle_check::check_pth(path)?;
         let reader = PytorchReader::new(path).map_err(unreadable)?;
         let modern = reader.metadata().is_modern_format();
         let tensors = reader.into_tensors();
@@ -130,6 +133,30 @@ impl TensorMap {
                     message: format!(
                         "{}; a state dict here must hold tensors only",
                         list.join(", ")
+                    ),
+                });
+            }
+        }
+        // A pickle can declare any shape over a small storage; burn-store would allocate the
+        // declared size when the tensor is read. No tensor can hold more bytes than the file.
+        let file_len = std::fs::metadata(path)
+            .map_err(|e| LlamaError::io(path, e))?
+            .len();
+        for (name, snapshot) in &tensors {
+            let bytes = snapshot
+                .shape
+                .iter()
+                .try_fold(snapshot.dtype.size() as u64, |n, &d| {
+                    n.checked_mul(d as u64)
+                });
+            if bytes.is_none_or(|bytes| bytes > file_len) {
+                return Err(LlamaError::WeightFile {
+                    path: path.into(),
+                    message: format!(
+                        "tensor '{name}' declares shape {:?} of {:?}, more bytes than the whole \
+                         file ({file_len})",
+                        snapshot.shape.as_slice(),
+                        snapshot.dtype
                     ),
                 });
             }
