@@ -1,22 +1,28 @@
-//! Training-step benchmark on a LLaMA of a given preset shape with random weights:
-//! LLaMA-Adapter (K=10, L=30 or all but two layers), LoRA r=8 on q,v, and prefix tuning.
+//! Speed benchmark on a LLaMA of a given preset shape with random weights: training steps of
+//! LLaMA-Adapter (K=10, L=30 or all but two layers), LoRA r=8 on q,v and prefix tuning (10
+//! virtual tokens); a forward pass without gradients; and KV-cached greedy decoding at batch 1.
 //!
 //! ```sh
-//! cargo run --release -p peft-cli --example train_bench -- llama-7b bf16 4 512 10
-//! cargo run --release -p peft-cli --no-default-features --features cuda --example train_bench -- llama-7b bf16 4 512 10
+//! cargo run --release -p peft-cli --example train_bench -- train adaption-prompt --preset tiny
+//! cargo build --release -p peft-cli --no-default-features --features cuda --example train_bench
+//! train_bench train adaption-prompt --preset llama-7b --dtype bf16 --batch 4 --seq 512 --steps 10
+//! train_bench decode --preset llama-7b --dtype bf16 --new-tokens 128
 //! ```
-//! Arguments: preset (or `tiny` for a stories260k-sized model), dtype (f32, f16, bf16), batch,
-//! sequence length, timed steps. Prints one JSON line per method.
+//! Prints one JSON line per measurement. Each measurement runs a few untimed warm-up steps first
+//! (kernel compilation and autotuning on CUDA) and synchronises the device before stopping the
+//! clock. Run one measurement per process when peak memory is sampled from outside (the backend
+//! keeps its memory pool for the life of the process).
 
 use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::DType;
+use clap::{Parser, Subcommand, ValueEnum};
 use peft_core::{Adapter, AdaptionPromptConfig, LoraConfig, PrefixTuningConfig};
-use peft_llama::{Llama, LlamaConfig, TokenBatch};
+use peft_llama::{generate, GenerationConfig, Llama, LlamaConfig, TokenBatch};
 use peft_train::{causal_lm_loss, AdamWConfig};
 
 #[cfg(feature = "cuda")]
@@ -25,88 +31,220 @@ type Inner = burn::backend::Cuda<f32>;
 type Inner = burn::backend::NdArray<f32>;
 type B = Autodiff<Inner>;
 
-fn bench<A>(
-    name: &str,
-    base: &Llama<B>,
-    adapter: A,
-    tokens: &TokenBatch,
-    labels: &[i64],
+#[derive(Parser, Debug)]
+struct Args {
+    #[command(subcommand)]
+    what: What,
+    /// A `LlamaConfig` preset (`llama-7b`, ...) or `tiny` (a stories260k-sized model).
+    #[arg(long, global = true, default_value = "tiny")]
+    preset: String,
+    /// Storage type of the frozen base weights.
+    #[arg(long, global = true, value_enum, default_value = "f32")]
+    dtype: Precision,
+    /// Rows per batch (training and forward).
+    #[arg(long, global = true, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per row (training and forward).
+    #[arg(long, global = true, default_value_t = 512)]
+    seq: usize,
+    /// Timed steps.
+    #[arg(long, global = true, default_value_t = 10)]
     steps: usize,
-) where
+    /// Untimed warm-up steps.
+    #[arg(long, global = true, default_value_t = 3)]
+    warmup: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum What {
+    /// Training steps (forward, backward, AdamW on the adapter).
+    Train {
+        #[arg(value_enum)]
+        method: Method,
+    },
+    /// Forward passes without gradients (base model with zero-gate adaption prompts).
+    Forward,
+    /// Greedy decoding at batch 1 with the KV cache (zero-gate adaption prompts).
+    Decode {
+        /// Prompt length.
+        #[arg(long, default_value_t = 32)]
+        prompt_tokens: usize,
+        /// Tokens generated.
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum Method {
+    AdaptionPrompt,
+    Lora,
+    Prefix,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum Precision {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Precision {
+    fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
+fn token_batch(config: &LlamaConfig, batch: usize, seq: usize) -> (TokenBatch, Vec<i64>) {
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|i| (i * 7919 % (config.vocab_size - 3) + 3) as u32)
+        .collect();
+    let labels = ids.iter().map(|&i| i as i64).collect();
+    (
+        TokenBatch {
+            ids,
+            batch,
+            seq,
+            mask: None,
+        },
+        labels,
+    )
+}
+
+fn adapted_layers(config: &LlamaConfig) -> usize {
+    30.min(config.num_hidden_layers.saturating_sub(2)).max(1)
+}
+
+/// Times `steps` calls of `step` after `warmup` untimed ones; seconds per call.
+fn time<S>(mut state: S, warmup: usize, steps: usize, mut step: impl FnMut(S) -> S) -> f64 {
+    for _ in 0..warmup {
+        state = step(state);
+    }
+    let started = Instant::now();
+    for _ in 0..steps {
+        state = step(state);
+    }
+    drop(state);
+    started.elapsed().as_secs_f64() / steps.max(1) as f64
+}
+
+fn train<A>(args: &Args, name: &str, base: &Llama<B>, adapter: A)
+where
     A: Adapter<B> + AutodiffModule<B> + Clone,
 {
     let device = base.device();
-    let mut optimizer = AdamWConfig::llama_adapter().init::<B>().unwrap();
-    let mut adapter = adapter;
+    let (tokens, labels) = token_batch(&base.config, args.batch, args.seq);
+    let mut optimizer = AdamWConfig::llama_adapter()
+        .init::<B>()
+        .expect("valid optimiser settings");
     let trainable = adapter.num_trainable_parameters();
-    let mut step = |adapter: A| {
+    let mut last_loss = f32::NAN;
+    let seconds = time(adapter, args.warmup, args.steps, |adapter: A| {
         let logits = base
-            .forward(tokens, adapter.hooks(base).as_ref(), None)
-            .unwrap();
-        let loss = causal_lm_loss(logits, labels).unwrap();
-        let grads = GradientsParams::from_grads(loss.loss.backward(), &adapter);
+            .forward(&tokens, adapter.hooks(base).as_ref(), None)
+            .expect("valid batch");
+        let loss = causal_lm_loss(logits, &labels).expect("labels match");
+        let grads = GradientsParams::from_grads(loss.loss.clone().backward(), &adapter);
         let (adapter, _) = optimizer.step(1e-3, adapter, grads);
-        <B as Backend>::sync(&device).unwrap();
+        last_loss = loss.loss.into_scalar();
+        <B as Backend>::sync(&device).expect("device sync");
         adapter
-    };
-    // Warm-up: kernel compilation and autotuning.
-    adapter = step(adapter);
-    adapter = step(adapter);
-    let started = Instant::now();
-    for _ in 0..steps {
-        adapter = step(adapter);
-    }
-    let seconds = started.elapsed().as_secs_f64() / steps as f64;
-    let count = (tokens.batch * tokens.seq) as f64;
+    });
+    report(args, name, trainable, seconds, last_loss);
+}
+
+fn report(args: &Args, name: &str, trainable: usize, seconds: f64, loss: f32) {
+    let tokens = (args.batch * args.seq) as f64;
     println!(
         "{}",
         serde_json::json!({
-            "method": name, "trainable": trainable, "batch": tokens.batch, "seq": tokens.seq,
-            "ms_per_step": seconds * 1e3, "tokens_per_second": count / seconds,
+            "bench": name, "preset": args.preset, "dtype": format!("{:?}", args.dtype),
+            "batch": args.batch, "seq": args.seq, "steps": args.steps,
+            "trainable": trainable, "ms_per_step": seconds * 1e3,
+            "tokens_per_second": tokens / seconds, "last_loss": loss,
+            "backend": Inner::name(&Default::default()),
         })
     );
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let preset = args.get(1).map_or("tiny", String::as_str);
-    let dtype = match args.get(2).map_or("f32", String::as_str) {
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        _ => DType::F32,
-    };
-    let batch: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(4);
-    let seq: usize = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(512);
-    let steps: usize = args.get(5).and_then(|a| a.parse().ok()).unwrap_or(5);
-    let config = if preset == "tiny" {
+    let args = Args::parse();
+    let config = if args.preset == "tiny" {
         LlamaConfig::new(512, 64, 172, 5, 8, 4, 8).with_tie_word_embeddings(true)
     } else {
-        LlamaConfig::preset(preset).expect("known preset")
+        LlamaConfig::preset(&args.preset).expect("known preset")
     };
     let device = Default::default();
-    let base = config.init::<B>(&device, dtype);
-    let ids: Vec<u32> = (0..batch * seq)
-        .map(|i| (i * 7919 % (config.vocab_size - 3) + 3) as u32)
-        .collect();
-    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let tokens = TokenBatch {
-        ids,
-        batch,
-        seq,
-        mask: None,
-    };
-    let layers = 30.min(config.num_hidden_layers.saturating_sub(2)).max(1);
-    let prompt = AdaptionPromptConfig::new()
-        .with_adapter_layers(layers)
-        .init::<B>(&config, &device)
-        .unwrap();
-    bench("adaption-prompt", &base, prompt, &tokens, &labels, steps);
-    let lora = LoraConfig::new().init::<B>(&config, &device).unwrap();
-    bench("lora-q-v-r8", &base, lora, &tokens, &labels, steps);
-    let prefix = PrefixTuningConfig::new()
-        .with_num_virtual_tokens(10)
-        .init::<B>(&config, &device)
-        .unwrap();
-    bench("prefix-10", &base, prefix, &tokens, &labels, steps);
-    let _ = <B as AutodiffBackend>::InnerBackend::name(&device);
+    let dtype = args.dtype.dtype();
+    let layers = adapted_layers(&config);
+    let prompt_config = AdaptionPromptConfig::new().with_adapter_layers(layers);
+    match &args.what {
+        What::Train { method } => {
+            let base = config.init::<B>(&device, dtype);
+            match method {
+                Method::AdaptionPrompt => {
+                    let adapter = prompt_config.init::<B>(&config, &device).unwrap();
+                    train(&args, "train/adaption-prompt", &base, adapter);
+                }
+                Method::Lora => {
+                    let adapter = LoraConfig::new().init::<B>(&config, &device).unwrap();
+                    train(&args, "train/lora-q-v-r8", &base, adapter);
+                }
+                Method::Prefix => {
+                    let adapter = PrefixTuningConfig::new()
+                        .with_num_virtual_tokens(10)
+                        .init::<B>(&config, &device)
+                        .unwrap();
+                    train(&args, "train/prefix-10", &base, adapter);
+                }
+            }
+        }
+        What::Forward => {
+            let base = config.init::<Inner>(&device, dtype);
+            let adapter = prompt_config.init::<Inner>(&config, &device).unwrap();
+            let (tokens, _) = token_batch(&config, args.batch, args.seq);
+            let seconds = time((), args.warmup, args.steps, |()| {
+                let logits = base
+                    .forward(&tokens, adapter.hooks(&base).as_ref(), None)
+                    .expect("valid batch");
+                drop(logits);
+                Inner::sync(&device).expect("device sync");
+            });
+            report(&args, "forward/adaption-prompt", 0, seconds, f32::NAN);
+        }
+        What::Decode {
+            prompt_tokens,
+            new_tokens,
+        } => {
+            let base = config.init::<Inner>(&device, dtype);
+            let adapter = prompt_config.init::<Inner>(&config, &device).unwrap();
+            let (tokens, _) = token_batch(&config, 1, *prompt_tokens);
+            let generation = GenerationConfig {
+                max_new_tokens: *new_tokens,
+                eos_token_ids: Vec::new(),
+                ..GenerationConfig::default()
+            };
+            let hooks = adapter.hooks(&base);
+            let seconds = time((), args.warmup.min(1), args.steps.clamp(1, 3), |()| {
+                let out = generate(&base, hooks.as_ref(), &[tokens.ids.clone()], &generation)
+                    .expect("generation");
+                assert_eq!(out[0].generated_ids.len(), *new_tokens);
+            });
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "decode/adaption-prompt", "preset": args.preset,
+                    "dtype": format!("{:?}", args.dtype), "batch": 1,
+                    "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+                    "ms_per_token": seconds * 1e3 / *new_tokens as f64,
+                    "tokens_per_second": *new_tokens as f64 / seconds,
+                    "backend": Inner::name(&device),
+                })
+            );
+        }
+    }
 }

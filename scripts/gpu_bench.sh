@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# One device call: correctness of the CUDA build against the fixtures, then every benchmark of
+# `train_bench` (Burn, CUDA) and `bench_peft_baseline.py` (PyTorch + PEFT) on the same card,
+# each measurement in its own process with GPU memory sampled from outside.
+#
+# Expects, relative to the repository root (built on the CPU machine, see docs/benchmarks.md):
+#   .gpu/peft         stripped `peft` binary built with --features cuda
+#   .gpu/train_bench  stripped `train_bench` example built with --features cuda
+#   .gpu/peft-*.whl   the PEFT wheel (`pip download --no-deps peft`)
+# Writes to $OUT (default ./gpu-out) results.jsonl, check-f32.jsonl, check-bf16.jsonl,
+# nvidia-smi.txt and logs.tgz (every process's stdout, stderr and memory samples); the device
+# tool brings back at most 8 files, so intermediate files stay in $WORK.
+#
+# Environment: PRESET (llama-7b), DTYPE (bf16), BATCH (4), SEQ (512), STEPS (10),
+# WHAT (a space-separated subset of: check ours decode-ours base decode-base),
+# CHECK_MODELS (fixture models checked, default all three).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+WORK=${WORK:-/tmp/gpu-bench-work}
+mkdir -p "$OUT" "$WORK/logs"
+for packed in .gpu/*.xz; do
+    [ -e "$packed" ] && xz -dkf "$packed" && chmod +x "${packed%.xz}"
+done
+PRESET=${PRESET:-llama-7b}
+DTYPE=${DTYPE:-bf16}
+BATCH=${BATCH:-4}
+SEQ=${SEQ:-512}
+STEPS=${STEPS:-10}
+WHAT=${WHAT:-check ours decode-ours base decode-base}
+RESULTS="$OUT/results.jsonl"
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' \
+    >> "$OUT/nvidia-smi.txt" 2>&1
+if ls .gpu/peft-*.whl > /dev/null 2>&1; then
+    python3 -m pip install --quiet --no-deps --target "$WORK/pylib" .gpu/peft-*.whl \
+        > "$WORK/logs/pip.log" 2>&1
+    export PYTHONPATH="$WORK/pylib${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# Runs a command with GPU memory sampled every 50 ms; appends its JSON lines to results.jsonl with
+# the peak of `memory.used` (MiB, whole card, minus what was used before it started).
+measure() {
+    local name=$1
+    shift
+    local before
+    before=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 \
+        > "$WORK/logs/$name.mem" 2>/dev/null &
+    local sampler=$!
+    local started=$SECONDS
+    timeout 300 "$@" > "$WORK/logs/$name.out" 2> "$WORK/logs/$name.err"
+    local rc=$?
+    kill "$sampler" 2>/dev/null
+    wait "$sampler" 2>/dev/null
+    local peak
+    peak=$(sort -n "$WORK/logs/$name.mem" | tail -1)
+    grep '^{' "$WORK/logs/$name.out" | python3 -c '
+import json, sys
+peak, before, rc, wall = sys.argv[1:5]
+lines = [json.loads(l) for l in sys.stdin]
+if not lines:
+    lines = [{"bench": sys.argv[5], "error": "no result", "rc": int(rc)}]
+for d in lines:
+    d["gpu_memory_used_peak_mib"] = int(peak or 0) - int(before or 0)
+    d["process_wall_s"] = int(wall)
+    print(json.dumps(d))
+' "$peak" "$before" "$rc" "$((SECONDS - started))" "$name" >> "$RESULTS"
+    tail -1 "$RESULTS"
+}
+
+for what in $WHAT; do
+    case $what in
+    check)
+        python3 scripts/check_logits.py --peft .gpu/peft --out "$WORK/check" --dtype f32 \
+            --models ${CHECK_MODELS:-tiny-mha tiny-gqa tiny-headdim} \
+            > "$OUT/check-f32.jsonl" 2> "$WORK/logs/check.err"
+        echo "check f32: rc=$? $(grep -c '"ok": true' "$OUT/check-f32.jsonl") cases ok"
+        python3 scripts/check_logits.py --peft .gpu/peft --out "$WORK/check-bf16" --dtype bf16 \
+            --models ${CHECK_MODELS:-tiny-mha tiny-gqa tiny-headdim} \
+            > "$OUT/check-bf16.jsonl" 2>> "$WORK/logs/check.err"
+        echo "check bf16: rc=$? $(grep -c '"ok": true' "$OUT/check-bf16.jsonl") cases ok"
+        ;;
+    ours)
+        for method in adaption-prompt lora prefix; do
+            measure "ours-train-$method" .gpu/train_bench --preset "$PRESET" --dtype "$DTYPE" \
+                --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" train "$method"
+        done
+        measure ours-forward .gpu/train_bench --preset "$PRESET" --dtype "$DTYPE" \
+            --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" forward
+        ;;
+    base)
+        for method in adaption-prompt lora prefix; do
+            measure "peft-train-$method" python3 scripts/bench_peft_baseline.py --preset "$PRESET" \
+                --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" train "$method"
+        done
+        measure torch-forward python3 scripts/bench_peft_baseline.py --preset "$PRESET" \
+            --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" forward
+        ;;
+    decode-ours)
+        measure ours-decode .gpu/train_bench --preset "$PRESET" --dtype "$DTYPE" decode
+        ;;
+    decode-base)
+        measure hf-decode python3 scripts/bench_peft_baseline.py --preset "$PRESET" \
+            --dtype "$DTYPE" decode
+        ;;
+    esac
+done
+tar czf "$OUT/logs.tgz" -C "$WORK" logs
