@@ -151,6 +151,7 @@ pub fn load_examples(
             .is_ok_and(|v| v.get("input_ids").is_some());
     if pretokenized {
         let dataset = load_pretokenized(path, vocab, max_seq_len)?;
+        warn_skipped(path, "examples", &dataset, max_seq_len, true);
         Ok(split_validation(dataset.examples, val_size, seed)?)
     } else {
         let records = load_alpaca(path)?;
@@ -168,11 +169,44 @@ pub fn load_examples(
                 serde_json::to_string_pretty(&json)?.as_bytes(),
             )?;
         }
-        Ok((
-            tokenize_alpaca_records(&train, tokenizer, max_seq_len)?.examples,
-            tokenize_alpaca_records(&validation, tokenizer, max_seq_len)?.examples,
-        ))
+        let train = tokenize_alpaca_records(&train, tokenizer, max_seq_len)?;
+        let validation = tokenize_alpaca_records(&validation, tokenizer, max_seq_len)?;
+        // Their indices are within the split, not the file, so they are not listed.
+        warn_skipped(path, "training records", &train, max_seq_len, false);
+        warn_skipped(path, "validation records", &validation, max_seq_len, false);
+        Ok((train.examples, validation.examples))
     }
+}
+
+/// Says how many examples were dropped because truncation to `max_seq_len` left them without
+/// a single target token (a prompt at least that long): losing records silently would surprise.
+fn warn_skipped(
+    path: &std::path::Path,
+    what: &str,
+    dataset: &peft_train::TokenizedDataset,
+    max_seq_len: usize,
+    list: bool,
+) {
+    let skipped = &dataset.without_targets;
+    if skipped.is_empty() {
+        return;
+    }
+    let mut first: Vec<String> = skipped.iter().take(5).map(|l| l.to_string()).collect();
+    if skipped.len() > 5 {
+        first.push("...".into());
+    }
+    eprintln!(
+        "warning: {}: {} of {} {what} have no response token within --max-seq-len {max_seq_len} \
+         and are skipped{}",
+        path.display(),
+        skipped.len(),
+        skipped.len() + dataset.examples.len(),
+        if list {
+            format!(" ({})", first.join(", "))
+        } else {
+            String::new()
+        }
+    );
 }
 
 /// Runs `peft train`.
@@ -194,7 +228,7 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         Some(&args.output),
     )?;
     <Training as burn::tensor::backend::Backend>::seed(&device, args.seed);
-    let adapter = args.adapter.init::<Training>(&base.config, &device)?;
+    let adapter = args.adapter.init_for(&base, &tokenizer)?;
     let config = TrainerConfig::new()
         .with_epochs(args.epochs)
         .with_max_steps(args.max_steps)

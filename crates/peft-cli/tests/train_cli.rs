@@ -170,3 +170,28 @@ fn non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint() {
         assert!(checkpoint.join("state.json").is_file() && checkpoint.join("adapter").is_dir());
     }
 }
+
+#[test]
+fn records_whose_prompt_fills_max_seq_len_are_reported_not_dropped_silently() {
+    let dir = scratch("long-prompts");
+    let long = "once upon a time ".repeat(40);
+    let records: Vec<serde_json::Value> = (0..6)
+        .map(|i| serde_json::json!({"instruction": format!("{long} {i}"), "output": "The end."}))
+        .collect();
+    let data = dir.join("long.json");
+    std::fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
+    let mut args = train_args(&data, &dir.join("run"), "lora");
+    let len = args.iter().position(|a| a == "--max-seq-len").unwrap();
+    args[len + 1] = "32".into();
+    let result = peft().args(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    // Every training record is dropped: a warning says so, then training refuses to start.
+    assert!(
+        stderr.contains("warning: ")
+            && stderr
+                .contains("2 of 2 training records have no response token within --max-seq-len 32"),
+        "{stderr}"
+    );
+    assert!(!result.status.success(), "{stderr}");
+    assert!(stderr.contains("the training set is empty"), "{stderr}");
+}

@@ -8,7 +8,15 @@
 //!
 //! A checkpoint is assembled in a temporary directory, synced, and renamed into place, so it
 //! appears whole or not at all; `latest` is replaced atomically afterwards. Readers that find
-//! `latest` missing or stale fall back to the highest complete `step-*` directory.
+//! `latest` missing or stale fall back to the highest complete `step-*` directory. A checkpoint
+//! is removed (pruned, or replaced by one of the same step) by first renaming it out of the
+//! `step-*` namespace, so a crash during the removal never leaves a half-deleted `step-*`
+//! behind; leftovers of a killed writer (`.tmp-*` of a dead process, `.removing-*`) are
+//! deleted by the next save.
+//!
+//! For crash tests only: the environment variable `PEFT_CHECKPOINT_WRITE_DELAY_MS` makes every
+//! save pause that many milliseconds before each file and rename, widening the window in which
+//! a `kill -9` lands inside a checkpoint write (`crates/peft-cli/tests/crash_safety.rs`).
 
 use std::path::{Path, PathBuf};
 
@@ -67,6 +75,20 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     }
 }
 
+/// The pause of `PEFT_CHECKPOINT_WRITE_DELAY_MS` (crash tests only; see the module docs).
+fn write_delay() -> impl Fn() {
+    let delay = std::env::var("PEFT_CHECKPOINT_WRITE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .map(std::time::Duration::from_millis);
+    move || {
+        if let Some(delay) = delay {
+            std::thread::sleep(delay);
+        }
+    }
+}
+
 fn checkpoint_error(path: &Path, message: impl Into<String>) -> TrainError {
     TrainError::Checkpoint {
         path: path.into(),
@@ -107,6 +129,45 @@ impl CheckpointDir {
         self.list().last().map(|(step, _)| Self::name(*step))
     }
 
+    /// Removes a checkpoint (or leftover) directory: renamed away first, then deleted.
+    fn remove(&self, path: &Path) -> Result<()> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let doomed = self
+            .root
+            .join(format!(".removing-{name}-{}", std::process::id()));
+        std::fs::rename(path, &doomed).map_err(io(path))?;
+        std::fs::remove_dir_all(&doomed).map_err(io(&doomed))
+    }
+
+    /// Deletes what killed writers left: `.removing-*`, and `.tmp-*` of processes that are gone.
+    fn remove_leftovers(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = if name.starts_with(".removing-") {
+                true
+            } else if let Some(rest) = name.strip_prefix(".tmp-step-") {
+                let pid = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+                // Only where /proc tells which processes exist; elsewhere leftovers stay.
+                pid.is_some_and(|pid| {
+                    pid != std::process::id()
+                        && Path::new("/proc/self").exists()
+                        && !Path::new("/proc").join(pid.to_string()).exists()
+                })
+            } else {
+                false
+            };
+            if stale {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
     /// Writes a checkpoint and keeps the newest `keep` of them.
     ///
     /// # Errors
@@ -120,6 +181,8 @@ impl CheckpointDir {
         keep: usize,
     ) -> Result<()> {
         std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
+        self.remove_leftovers();
+        let pause = write_delay();
         let name = Self::name(position.step);
         let temporary = self
             .root
@@ -128,7 +191,9 @@ impl CheckpointDir {
             std::fs::remove_dir_all(&temporary).map_err(io(&temporary))?;
         }
         std::fs::create_dir_all(&temporary).map_err(io(&temporary))?;
+        pause();
         save_native(adapter, model, &temporary.join("adapter"))?;
+        pause();
         let mut tensors = Vec::with_capacity(2 * optimizer.params.len());
         for param in &optimizer.params {
             tensors.push(NamedTensor {
@@ -157,21 +222,25 @@ impl CheckpointDir {
                 .map(|p| (p.path.clone(), p.shape.clone(), p.step))
                 .collect(),
         };
+        pause();
         let state_path = temporary.join("state.json");
         let text = serde_json::to_string_pretty(&state).expect("state serialises");
         peft_core::files::write_atomic(&state_path, text.as_bytes())?;
         let destination = self.root.join(&name);
+        pause();
         if destination.exists() {
-            std::fs::remove_dir_all(&destination).map_err(io(&destination))?;
+            self.remove(&destination)?;
         }
         std::fs::rename(&temporary, &destination).map_err(io(&destination))?;
         if let Ok(dir) = std::fs::File::open(&self.root) {
             let _ = dir.sync_all();
         }
+        pause();
         peft_core::files::write_atomic(&self.root.join("latest"), name.as_bytes())?;
+        pause();
         let all = self.list();
         for (_, path) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
-            let _ = std::fs::remove_dir_all(path);
+            let _ = self.remove(path);
         }
         Ok(())
     }

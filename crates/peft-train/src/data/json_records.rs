@@ -52,6 +52,10 @@ pub(crate) fn read_objects(path: &Path) -> Result<Vec<LocatedObject>> {
 }
 
 fn json_error(path: &Path, error: &serde_json::Error, line_offset: usize) -> TrainError {
+    // serde_json ends its message with its own position, which for a JSON Lines line counts
+    // from that line; the location given here replaces it.
+    let message = error.to_string();
+    let own_position = format!(" at line {} column {}", error.line(), error.column());
     TrainError::Json {
         path: path.to_path_buf(),
         location: format!(
@@ -59,7 +63,10 @@ fn json_error(path: &Path, error: &serde_json::Error, line_offset: usize) -> Tra
             error.line() + line_offset,
             error.column()
         ),
-        message: error.to_string(),
+        message: message
+            .strip_suffix(&own_position)
+            .unwrap_or(&message)
+            .to_string(),
     }
 }
 
