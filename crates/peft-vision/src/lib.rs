@@ -37,6 +37,8 @@ pub mod error;
 pub mod multimodal;
 pub mod multimodal_format;
 pub mod preprocess;
+pub mod visual_qa;
+pub mod visual_train;
 pub mod weights;
 
 pub use clip::ClipVisionModel;
@@ -45,4 +47,9 @@ pub use error::{Result, VisionError};
 pub use multimodal::{MultimodalAdaptionPrompt, MultimodalAdaptionPromptConfig, VisualProjection};
 pub use multimodal_format::{is_multimodal_adapter, load_multimodal, save_multimodal};
 pub use preprocess::{ClipImageProcessor, RgbImage, CLIP_MEAN, CLIP_STD};
+pub use visual_qa::{load_visual_qa, PromptTemplate, VisualQaLayout, VisualQaRecord};
+pub use visual_train::{
+    choice_accuracy, image_features, train_multimodal, visual_examples, VisualExample,
+    VisualTrainConfig,
+};
 pub use weights::ClipVisionLoader;

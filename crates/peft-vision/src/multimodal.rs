@@ -170,7 +170,21 @@ impl<B: Backend> MultimodalAdaptionPrompt<B> {
         features: Tensor<B, 2>,
         batch: usize,
     ) -> Result<Box<dyn LayerHooks<B> + 'a>> {
-        let expected = [batch, self.config.feature_width()];
+        self.hooks_with_images(base, features, &vec![true; batch])
+    }
+
+    /// Hooks for a batch in which some rows have no image (`present[row]` false): those rows'
+    /// prompts are not shifted, as in the text-only path; their `features` rows are ignored.
+    ///
+    /// # Errors
+    /// [`VisionError::Shape`] if `features` is not `[present.len(), M·D_v]`.
+    pub fn hooks_with_images<'a>(
+        &'a self,
+        base: &'a Llama<B>,
+        features: Tensor<B, 2>,
+        present: &[bool],
+    ) -> Result<Box<dyn LayerHooks<B> + 'a>> {
+        let expected = [present.len(), self.config.feature_width()];
         if features.dims() != expected {
             return Err(VisionError::Shape {
                 what: "visual features".into(),
@@ -178,7 +192,14 @@ impl<B: Backend> MultimodalAdaptionPrompt<B> {
                 found: features.dims().to_vec(),
             });
         }
-        let offset = self.projection.forward(features);
+        let device = features.device();
+        let mut offset = self.projection.forward(features);
+        if present.iter().any(|&p| !p) {
+            let mask: Vec<f32> = present.iter().map(|&p| if p { 1.0 } else { 0.0 }).collect();
+            let mask =
+                Tensor::<B, 1>::from_floats(mask.as_slice(), &device).reshape([present.len(), 1]);
+            offset = offset * mask;
+        }
         Ok(self.adaption_prompt.hooks_with_prompt_offset(base, offset))
     }
 }
