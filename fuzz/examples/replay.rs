@@ -13,6 +13,10 @@ fn main() {
         "safetensors_file" => peft_fuzz::safetensors_file,
         "pth_file" => peft_fuzz::pth_file,
         "pth_pickle" => peft_fuzz::pth_pickle,
+        "model_config" => peft_fuzz::model_config,
+        "sharded_index" => peft_fuzz::sharded_index,
+        "alpaca_data" => peft_fuzz::alpaca_data,
+        "pretokenized_data" => peft_fuzz::pretokenized_data,
         other => panic!("unknown target {other}"),
     };
     for file in args {

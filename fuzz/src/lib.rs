@@ -202,3 +202,77 @@ pub fn archive_with_pickle(pickle: &[u8]) -> Vec<u8> {
     entry("version", b"3\n");
     zip.finish().unwrap().into_inner()
 }
+
+/// A model configuration: the first byte picks Hugging Face `config.json` (even) or Meta
+/// `params.json` (odd); the rest is the file, read as the loader reads it.
+pub fn model_config(data: &[u8]) {
+    let Some((&selector, text)) = data.split_first() else { return };
+    let config = if selector % 2 == 0 {
+        let path = scratch().join("config.json");
+        std::fs::write(&path, text).unwrap();
+        LlamaConfig::from_hf_file(&path)
+    } else {
+        let Ok(text) = std::str::from_utf8(text) else { return };
+        // The loader passes the shapes of two tensors when the file has them.
+        let from_weights = (selector & 2 != 0).then_some(64);
+        LlamaConfig::from_meta_json(text, "params.json", from_weights, from_weights)
+    };
+    if let Ok(config) = config {
+        // What a valid configuration promises: these sizes are computable.
+        let _ = (config.num_parameters(), config.query_width(), config.kv_width());
+    }
+}
+
+/// A directory holding tiny-mha's configuration and four shards, made once.
+fn sharded_model() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = scratch().join("sharded");
+        std::fs::create_dir_all(&dir).unwrap();
+        let source = fixtures().join("tiny-mha/model-sharded");
+        for entry in std::fs::read_dir(source).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+        dir
+    })
+}
+
+/// A sharded checkpoint's `model.safetensors.index.json`; the model is loaded from it.
+pub fn sharded_index(data: &[u8]) {
+    let dir = sharded_model();
+    std::fs::write(dir.join("model.safetensors.index.json"), data).unwrap();
+    let _ = peft_llama::LlamaLoader::new(dir).load::<B>(&Default::default());
+}
+
+/// The vendored stories260k tokenizer.
+fn tokenizer() -> &'static peft_llama::LlamaTokenizer {
+    static TOKENIZER: OnceLock<peft_llama::LlamaTokenizer> = OnceLock::new();
+    TOKENIZER.get_or_init(|| {
+        peft_llama::LlamaTokenizer::from_dir(fixtures().join("../models/stories260k")).unwrap()
+    })
+}
+
+/// An Alpaca JSON / JSON Lines file; what loads is tokenized with `max_seq_len` 48, so that
+/// prompts longer than that meet the truncation.
+pub fn alpaca_data(data: &[u8]) {
+    let path = scratch().join("alpaca.json");
+    std::fs::write(&path, data).unwrap();
+    if let Ok(records) = peft_train::load_alpaca(&path) {
+        if let Ok(dataset) = peft_train::tokenize_alpaca_records(&records, tokenizer(), 48) {
+            assert!(dataset.examples.iter().all(|e| e.input_ids.len() <= 48));
+        }
+    }
+}
+
+/// A pre-tokenized JSON Lines file (vocabulary 512, `max_seq_len` 48).
+pub fn pretokenized_data(data: &[u8]) {
+    let path = scratch().join("tokens.jsonl");
+    std::fs::write(&path, data).unwrap();
+    if let Ok(dataset) = peft_train::load_pretokenized(&path, 512, 48) {
+        assert!(dataset
+            .examples
+            .iter()
+            .all(|e| e.input_ids.len() <= 48 && e.input_ids.len() == e.labels.len()));
+    }
+}
