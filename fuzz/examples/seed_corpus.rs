@@ -79,5 +79,39 @@ fn main() {
         write("pth_file", name, &std::fs::read(&path).unwrap());
         write("pth_pickle", name, &pickle_of(&path));
     }
+
+    // Model configurations: selector byte 0 = Hugging Face config.json, 1 and 3 = Meta
+    // params.json (3: with shapes from the weights).
+    for name in ["tiny-mha", "tiny-gqa", "tiny-headdim"] {
+        if let Ok(config) = std::fs::read(fixtures().join(name).join("model/config.json")) {
+            write("model_config", &format!("hf-{name}"), &[&[0u8][..], &config].concat());
+        }
+    }
+    let stories = fixtures().join("../models/stories260k");
+    write("model_config", "hf-stories260k", &[&[0u8][..], &std::fs::read(stories.join("config.json")).unwrap()].concat());
+    let params = std::fs::read(tiny.join("meta/params.json")).unwrap();
+    write("model_config", "meta-params", &[&[1u8][..], &params].concat());
+    write("model_config", "meta-params-with-shapes", &[&[3u8][..], &params].concat());
+    write(
+        "sharded_index",
+        "tiny-mha",
+        &std::fs::read(tiny.join("model-sharded/model.safetensors.index.json")).unwrap(),
+    );
+
+    // Datasets.
+    let records: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(fixtures().join("../data/alpaca_demo_small.json")).unwrap()).unwrap();
+    let records = &records[..3];
+    write("alpaca_data", "array", serde_json::to_string_pretty(records).unwrap().as_bytes());
+    let lines: String = records.iter().map(|r| format!("{r}\n")).collect();
+    write("alpaca_data", "lines", lines.as_bytes());
+    let long = serde_json::json!([{"instruction": "tell ".repeat(60), "input": "x", "output": "y"}]);
+    write("alpaca_data", "long-prompt", long.to_string().as_bytes());
+    write(
+        "pretokenized_data",
+        "lines",
+        b"{\"input_ids\": [1, 2, 3], \"labels\": [-100, 2, 3]}\n{\"input_ids\": [5, 6], \"attention_mask\": [1, 1]}\n",
+    );
+    write("pretokenized_data", "array", b"[{\"input_ids\": [1, 400, 3]}]");
     println!("corpus written to {}", PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus").display());
 }
