@@ -39,13 +39,23 @@ pub struct GenerateArgs {
     /// One JSON object per prompt and line: prompt, prompt_ids, generated_ids, text.
     #[arg(long)]
     json: bool,
+    /// An image (PNG or JPEG) for a multimodal LLaMA-Adapter (`--adapter` saved by
+    /// `peft train --vision-model`); needs `--vision-model`.
+    #[arg(long, requires = "vision_model")]
+    image: Option<std::path::PathBuf>,
+    /// The CLIP vision tower the multimodal adapter was trained with.
+    #[arg(long, requires = "image")]
+    vision_model: Option<std::path::PathBuf>,
 }
 
 /// Runs `peft generate`.
 pub fn run(args: GenerateArgs) -> AnyResult<()> {
     let dir = args.model.dir();
     let model = args.model.load()?;
-    let adapter = args.adapter.load(&model)?;
+    let adapter = match &args.image {
+        Some(_) => None,
+        None => args.adapter.load(&model)?,
+    };
     let tokenizer = LlamaTokenizer::from_dir(&dir)?;
     let texts: Vec<String> = match args.template.as_str() {
         "none" => args.prompt.clone(),
@@ -69,11 +79,30 @@ pub fn run(args: GenerateArgs) -> AnyResult<()> {
         eos_token_ids: model.config.eos_token_ids.clone(),
         use_cache: true,
     };
-    let hooks = match &adapter {
-        Some(adapter) => adapter.hooks(&model),
-        None => Box::new(NoHooks),
+    let results = match (&args.image, &args.vision_model) {
+        (Some(image), Some(vision)) => {
+            let adapter_dir = args
+                .adapter
+                .adapter
+                .as_ref()
+                .ok_or("--image needs --adapter (a multimodal adapter directory)")?;
+            crate::visual::generate_with_image(
+                &model,
+                adapter_dir,
+                vision,
+                image,
+                &prompts,
+                &config,
+            )?
+        }
+        _ => {
+            let hooks = match &adapter {
+                Some(adapter) => adapter.hooks(&model),
+                None => Box::new(NoHooks),
+            };
+            generate(&model, hooks.as_ref(), &prompts, &config)?
+        }
     };
-    let results = generate(&model, hooks.as_ref(), &prompts, &config)?;
     for (prompt, result) in texts.iter().zip(results) {
         let completion = tokenizer.decode(&result.generated_ids)?;
         if args.json {

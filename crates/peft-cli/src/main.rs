@@ -9,6 +9,7 @@ mod merge;
 mod model_args;
 mod template;
 mod train;
+mod visual;
 
 use std::process::ExitCode;
 

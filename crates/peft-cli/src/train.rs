@@ -37,6 +37,14 @@ pub struct TrainArgs {
     output: PathBuf,
     #[command(flatten)]
     adapter: AdapterChoice,
+    /// CLIP vision tower (a Hugging Face `CLIPVisionModel` directory): train the multimodal
+    /// LLaMA-Adapter on visual questions (`--data` in ScienceQA layout or JSONL with `image`,
+    /// `question`, `answer`); the adapter is saved with its projection in `OUTPUT/adapter`.
+    #[arg(long)]
+    vision_model: Option<PathBuf>,
+    /// Vision hidden states whose class tokens are concatenated (default: every layer's).
+    #[arg(long, value_delimiter = ',')]
+    feature_layers: Option<Vec<usize>>,
     /// Passes over the data.
     #[arg(long, default_value_t = 5)]
     epochs: usize,
@@ -212,6 +220,27 @@ fn warn_skipped(
 /// Runs `peft train`.
 pub fn run(args: TrainArgs) -> AnyResult<()> {
     let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
+    if let Some(vision_dir) = &args.vision_model {
+        let data = args
+            .data
+            .clone()
+            .ok_or("--vision-model needs --data (visual questions)")?;
+        return crate::visual::train(crate::visual::VisualTrainArgs {
+            model_dir,
+            vision_dir: vision_dir.clone(),
+            data,
+            output: args.output.clone(),
+            method: args.adapter.method.clone(),
+            adapter_len: args.adapter.adapter_len,
+            adapter_layers: args.adapter.adapter_layers,
+            feature_layers: args.feature_layers.clone(),
+            epochs: args.epochs,
+            batch_size: args.batch_size,
+            lr: args.lr.unwrap_or(args.blr * args.batch_size as f64 / 256.0),
+            seed: args.seed,
+            max_seq_len: args.max_seq_len,
+        });
+    }
     let data = args.data.clone().unwrap_or_else(default_data);
     let device = device();
     let base = LlamaLoader::new(&model_dir)
