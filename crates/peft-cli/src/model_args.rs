@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use peft_core::{load_adapter, AnyAdapter};
-use peft_llama::{Llama, LlamaLoader, WeightDtype};
+use peft_llama::{Llama, LlamaLoader, LlamaTokenizer, WeightDtype};
 
 use crate::backend::{device, Inference};
 use crate::AnyResult;
@@ -107,9 +107,55 @@ pub struct AdapterChoice {
     /// Hidden width of that MLP.
     #[arg(long, default_value_t = 512)]
     pub encoder_hidden_size: usize,
+    /// How prefixes start: random (N(0, 1), as PEFT) or text (the base model's keys and values
+    /// of the first --num-virtual-tokens tokens of --prefix-init-text, as Li & Liang), which
+    /// starts training from the base model reading that text first.
+    #[arg(long, default_value = "random")]
+    pub prefix_init: String,
+    /// The text for --prefix-init text (its tokens, BOS included, are cut to the prefix length).
+    #[arg(long, default_value = ALPACA_PREAMBLE)]
+    pub prefix_init_text: String,
 }
 
+/// The first sentences of both Alpaca templates.
+const ALPACA_PREAMBLE: &str = "Below is an instruction that describes a task. \
+    Write a response that appropriately completes the request.";
+
 impl AdapterChoice {
+    /// A freshly initialised adapter for `base`; unlike [`AdapterChoice::init`] it can
+    /// initialise prefixes from text (`--prefix-init text`).
+    pub fn init_for<B: burn::tensor::backend::Backend>(
+        &self,
+        base: &Llama<B>,
+        tokenizer: &LlamaTokenizer,
+    ) -> AnyResult<AnyAdapter<B>> {
+        let prefix = matches!(self.method.as_str(), "prefix" | "prefix-tuning");
+        match (prefix, self.prefix_init.as_str()) {
+            (_, "random") => self.init(&base.config, &base.device()),
+            (true, "text") => {
+                let ids = tokenizer.encode(&self.prefix_init_text, true)?;
+                let count = self.num_virtual_tokens;
+                if ids.len() < count {
+                    return Err(format!(
+                        "--prefix-init-text has {} tokens, --num-virtual-tokens needs {count}",
+                        ids.len()
+                    )
+                    .into());
+                }
+                Ok(peft_core::PrefixTuningConfig::new()
+                    .with_num_virtual_tokens(count)
+                    .with_prefix_projection(self.prefix_projection)
+                    .with_encoder_hidden_size(self.encoder_hidden_size)
+                    .init_from_tokens(base, &ids[..count])?
+                    .into())
+            }
+            (false, "text") => {
+                Err("--prefix-init text applies to --method prefix only".into())
+            }
+            (_, other) => Err(format!("--prefix-init `{other}`: expected random or text").into()),
+        }
+    }
+
     /// A freshly initialised adapter for a model with configuration `model`.
     pub fn init<B: burn::tensor::backend::Backend>(
         &self,

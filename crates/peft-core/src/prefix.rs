@@ -6,8 +6,8 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
-use peft_llama::model::cast_to;
-use peft_llama::{LayerHooks, Llama, LlamaConfig};
+use peft_llama::model::{cast_to, upcast};
+use peft_llama::{KvCache, LayerHooks, Llama, LlamaConfig, NoHooks, TokenBatch};
 
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
@@ -81,6 +81,67 @@ impl PrefixTuningConfig {
             num_layers: model.num_hidden_layers,
             kv_heads: model.num_key_value_heads,
             head_dim: model.head_dim,
+        })
+    }
+}
+
+impl PrefixTuningConfig {
+    /// Creates the adapter with each prefix set to the keys and values `base` computes for
+    /// `token_ids` (one id per virtual token): Li & Liang's initialisation from the activations
+    /// of real words. Since real tokens take positions `P..`, the untrained adapter is exactly the
+    /// base model reading `token_ids` before every input, instead of the large perturbation that
+    /// N(0, 1) prefixes are. The files it produces are ordinary PEFT prefix-tuning files.
+    ///
+    /// # Errors
+    /// `prefix_projection` set (an MLP's output cannot be set directly), a number of ids other
+    /// than `num_virtual_tokens`, or ids outside the vocabulary.
+    pub fn init_from_tokens<B: Backend>(
+        &self,
+        base: &Llama<B>,
+        token_ids: &[u32],
+    ) -> Result<PrefixTuning<B>> {
+        if self.prefix_projection {
+            return Err(PeftError::Config(
+                "prefixes initialised from tokens cannot be reparameterised through an MLP \
+                 (prefix_projection must be false)"
+                    .into(),
+            ));
+        }
+        if token_ids.len() != self.num_virtual_tokens {
+            return Err(PeftError::Config(format!(
+                "prefix initialisation needs {} token ids (num_virtual_tokens), got {}",
+                self.num_virtual_tokens,
+                token_ids.len()
+            )));
+        }
+        let config = &base.config;
+        let tokens = TokenBatch::right_padded(&[token_ids.to_vec()], 0)
+            .map_err(|e| PeftError::Config(format!("prefix initialisation tokens: {e}")))?;
+        let mut cache = KvCache::new(config.num_hidden_layers, 1);
+        base.forward_hidden(&tokens, &NoHooks, Some(&mut cache))
+            .map_err(|e| PeftError::Config(format!("prefix initialisation tokens: {e}")))?;
+        // Per layer: keys then values, each [1, kv_heads, P, head_dim]; PEFT's layout puts the
+        // virtual token first and then, for every layer, its key block and its value block.
+        let mut blocks = Vec::with_capacity(2 * config.num_hidden_layers);
+        for layer in 0..config.num_hidden_layers {
+            let (keys, values) = cache
+                .layer(layer)
+                .ok_or_else(|| PeftError::Config(format!("layer {layer} cached no keys/values")))?;
+            blocks.push(keys);
+            blocks.push(values);
+        }
+        let width = Self::prompt_width(config);
+        let embedding = upcast(Tensor::cat(blocks, 0))
+            .permute([2, 0, 1, 3])
+            .reshape([self.num_virtual_tokens, width])
+            .detach();
+        Ok(PrefixTuning {
+            embedding: Param::from_tensor(embedding),
+            projection: None,
+            config: self.clone(),
+            num_layers: config.num_hidden_layers,
+            kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
         })
     }
 }

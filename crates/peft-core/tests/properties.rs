@@ -104,6 +104,50 @@ fn zero_gate_leaves_base_logits_unchanged() {
 }
 
 #[test]
+fn prefix_initialised_from_tokens_equals_reading_those_tokens_first() {
+    let base = model::<AD>();
+    let prefix_ids = vec![1, 403, 407, 261];
+    let input = vec![1, 261, 376, 432, 378];
+    let adapter = PrefixTuningConfig::new()
+        .with_num_virtual_tokens(prefix_ids.len())
+        .init_from_tokens(&base, &prefix_ids)
+        .unwrap();
+    assert!(adapter.embedding.val().is_require_grad(), "prefixes train");
+    let adapted = host(
+        base.forward(
+            &TokenBatch::right_padded(&[input.clone()], 0).unwrap(),
+            adapter.hooks(&base).as_ref(),
+            None,
+        )
+        .unwrap(),
+    );
+    let joined: Vec<u32> = prefix_ids.iter().chain(&input).copied().collect();
+    let reference = base
+        .forward(
+            &TokenBatch::right_padded(&[joined], 0).unwrap(),
+            &NoHooks,
+            None,
+        )
+        .unwrap()
+        .narrow(1, prefix_ids.len(), input.len());
+    assert_close(&adapted, &host(reference), 1e-4, 1e-5, "prefix from tokens");
+    let wrong = PrefixTuningConfig::new()
+        .with_num_virtual_tokens(3)
+        .init_from_tokens(&base, &prefix_ids)
+        .unwrap_err();
+    assert!(wrong.to_string().contains("needs 3 token ids"), "{wrong}");
+    let projected = PrefixTuningConfig::new()
+        .with_num_virtual_tokens(4)
+        .with_prefix_projection(true)
+        .init_from_tokens(&base, &prefix_ids)
+        .unwrap_err();
+    assert!(
+        projected.to_string().contains("prefix_projection"),
+        "{projected}"
+    );
+}
+
+#[test]
 fn zero_initialised_lora_leaves_base_logits_unchanged() {
     let base = model::<B>();
     let reference = host(base.forward(&tokens(), &NoHooks, None).unwrap());

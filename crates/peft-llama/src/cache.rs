@@ -49,6 +49,15 @@ impl<B: Backend> KvCache<B> {
         self.real[row].iter().filter(|&&r| r).count()
     }
 
+    /// The cached rotated keys and values of `layer`, each `[batch, kv_heads, tokens, head_dim]`
+    /// (`None` before the first forward pass or for a layer out of range).
+    pub fn layer(&self, layer: usize) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
+        match self.layers.get(layer)? {
+            (Some(keys), Some(values)) => Some((keys.clone(), values.clone())),
+            _ => None,
+        }
+    }
+
     pub(crate) fn layer_mut(
         &mut self,
         layer: usize,
