@@ -11,7 +11,7 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
 use peft_core::Adapter;
 use peft_llama::{Llama, LlamaTokenizer, TokenBatch};
 use peft_train::data::{tokenize_alpaca, Example, IGNORE_INDEX};
@@ -247,7 +247,7 @@ pub fn train_multimodal<B: AutodiffBackend>(
             let logits = base.forward(&tokens, hooks.as_ref(), None)?;
             drop(hooks);
             let loss = causal_lm_loss(logits, &labels).map_err(|e| config_error(e.to_string()))?;
-            let value: f64 = loss.loss.clone().into_scalar().elem_f64();
+            let value: f64 = loss.loss.clone().into_scalar().elem();
             if !value.is_finite() {
                 return Err(config_error(format!("non-finite loss at step {step}")));
             }
@@ -258,18 +258,8 @@ pub fn train_multimodal<B: AutodiffBackend>(
             step += 1;
         }
         epoch_losses.push(sum / steps_per_epoch as f64);
-        let _ = epoch;
     }
     Ok((adapter, epoch_losses))
-}
-
-trait ElemF64 {
-    fn elem_f64(self) -> f64;
-}
-impl<E: burn::tensor::Element> ElemF64 for E {
-    fn elem_f64(self) -> f64 {
-        burn::tensor::ElementConversion::elem::<f64>(self)
-    }
 }
 
 fn learning_rate(config: &VisualTrainConfig, step: usize, total: usize) -> f64 {
