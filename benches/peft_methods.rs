@@ -91,6 +91,8 @@ fn timed<B: Backend>(device: &B::Device, iters: u64, mut work: impl FnMut()) -> 
     started.elapsed()
 }
 
+// Clippy would elide `'a`, but the hooks' return type needs it named (E0106 without it).
+#[allow(clippy::needless_lifetimes)]
 fn bench_forward<'a>(
     group: &mut BenchmarkGroup<'_, WallTime>,
     name: &str,

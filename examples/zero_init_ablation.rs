@@ -17,6 +17,9 @@ use peft_examples::{
 };
 use peft_train::{AdamWConfig, BatchingConfig, TrainerConfig};
 
+/// One curve of the plot: label, colour, `(step, loss)` points.
+type Series<'a> = (&'a str, &'a str, &'a [(f64, f64)]);
+
 #[derive(Parser)]
 #[command(about = "Zero-initialised versus randomly initialised adaption-prompt gates")]
 struct Args {
@@ -125,7 +128,7 @@ fn main() -> Result<()> {
         .iter()
         .map(|(label, _)| (format!("{label}: training"), format!("{label}: held-out")))
         .collect();
-    let mut series: Vec<(&str, &str, &[(f64, f64)])> = Vec::new();
+    let mut series: Vec<Series> = Vec::new();
     for (index, ((_, run), (train_label, val_label))) in curves.iter().zip(&labels).enumerate() {
         let colour = colours[(2 * index) % colours.len()];
         let val_colour = colours[(2 * index + 1) % colours.len()];

@@ -127,7 +127,7 @@ impl LossCurves {
 impl TrainObserver for LossCurves {
     fn on_step(&mut self, metrics: &StepMetrics, total_steps: usize) {
         self.train.push((metrics.step as f64, metrics.loss));
-        if metrics.step % self.print_every == 0 || metrics.step == total_steps {
+        if metrics.step.is_multiple_of(self.print_every) || metrics.step == total_steps {
             eprintln!(
                 "  [{}] step {}/{} loss {:.4} ({:.0}s)",
                 self.label,
