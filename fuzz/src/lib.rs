@@ -15,7 +15,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use peft_core::native_format::{load_native, save_native, CONFIG_FILE as NATIVE_CONFIG};
 use peft_core::peft_format::{load_peft, CONFIG_FILE as PEFT_CONFIG, WEIGHTS_FILE as PEFT_WEIGHTS};
-use peft_core::{AdaptionPromptConfig, AnyAdapter, GateActivation, GateShape, LoraConfig, PrefixTuningConfig};
+use peft_core::{
+    AdaptionPromptConfig, AnyAdapter, GateActivation, GateShape, LoraConfig, PrefixTuningConfig,
+};
 use peft_llama::weights::TensorMap;
 use peft_llama::{LlamaConfig, Projection};
 
@@ -40,7 +42,8 @@ pub fn scratch() -> &'static Path {
 pub fn model() -> &'static LlamaConfig {
     static MODEL: OnceLock<LlamaConfig> = OnceLock::new();
     MODEL.get_or_init(|| {
-        LlamaConfig::from_hf_file(fixtures().join("tiny-mha/model/config.json")).expect("fixture model")
+        LlamaConfig::from_hf_file(fixtures().join("tiny-mha/model/config.json"))
+            .expect("fixture model")
     })
 }
 
@@ -48,7 +51,11 @@ struct Randomise;
 impl<Bk: Backend> ModuleMapper<Bk> for Randomise {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<Bk, D>>) -> Param<Tensor<Bk, D>> {
         let (id, tensor, mapper) = param.consume();
-        let noise = Tensor::random(tensor.shape(), Distribution::Normal(0.0, 0.5), &tensor.device());
+        let noise = Tensor::random(
+            tensor.shape(),
+            Distribution::Normal(0.0, 0.5),
+            &tensor.device(),
+        );
         Param::from_mapped_value(id, noise, mapper)
     }
 }
@@ -70,7 +77,10 @@ pub fn config_cases() -> &'static [ConfigCase] {
         for case in ["lora", "lora_all", "prefix", "adaption_prompt"] {
             let dir = scratch().join(format!("peft-{case}"));
             std::fs::create_dir_all(&dir).unwrap();
-            let source = fixtures().join("tiny-mha/adapters").join(case).join(PEFT_WEIGHTS);
+            let source = fixtures()
+                .join("tiny-mha/adapters")
+                .join(case)
+                .join(PEFT_WEIGHTS);
             std::fs::copy(source, dir.join(PEFT_WEIGHTS)).unwrap();
             cases.push(ConfigCase { dir, native: false });
         }
@@ -99,7 +109,14 @@ pub fn native_adapters() -> Vec<(&'static str, AnyAdapter<B>)> {
                 .map(&mut Randomise)
                 .into(),
         ),
-        ("prefix", PrefixTuningConfig::new().with_num_virtual_tokens(2).init::<B>(model, &device).unwrap().into()),
+        (
+            "prefix",
+            PrefixTuningConfig::new()
+                .with_num_virtual_tokens(2)
+                .init::<B>(model, &device)
+                .unwrap()
+                .into(),
+        ),
         (
             "prefix-projection",
             PrefixTuningConfig::new()
@@ -128,7 +145,9 @@ pub fn native_adapters() -> Vec<(&'static str, AnyAdapter<B>)> {
 /// Adapter configuration: the first byte picks an adapter directory (PEFT or native, with a
 /// valid tensor file), the rest becomes its configuration file, and the directory is loaded.
 pub fn adapter_config(data: &[u8]) {
-    let Some((&selector, config)) = data.split_first() else { return };
+    let Some((&selector, config)) = data.split_first() else {
+        return;
+    };
     let cases = config_cases();
     let case = &cases[selector as usize % cases.len()];
     let device = Default::default();
@@ -188,7 +207,9 @@ pub fn pth_pickle(data: &[u8]) {
 pub fn archive_with_pickle(pickle: &[u8]) -> Vec<u8> {
     use zip::write::SimpleFileOptions;
     let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
-    let options = SimpleFileOptions::DEFAULT.compression_method(zip::CompressionMethod::Stored).with_alignment(64);
+    let options = SimpleFileOptions::DEFAULT
+        .compression_method(zip::CompressionMethod::Stored)
+        .with_alignment(64);
     let mut entry = |name: &str, bytes: &[u8]| {
         zip.start_file(format!("archive/{name}"), options).unwrap();
         zip.write_all(bytes).unwrap();
@@ -196,7 +217,9 @@ pub fn archive_with_pickle(pickle: &[u8]) -> Vec<u8> {
     entry("data.pkl", pickle);
     entry("byteorder", b"little");
     for index in 0..4u8 {
-        let bytes: Vec<u8> = (0..1024u32).map(|b| (b as u8).wrapping_mul(index + 1)).collect();
+        let bytes: Vec<u8> = (0..1024u32)
+            .map(|b| (b as u8).wrapping_mul(index + 1))
+            .collect();
         entry(&format!("data/{index}"), &bytes);
     }
     entry("version", b"3\n");
@@ -206,20 +229,28 @@ pub fn archive_with_pickle(pickle: &[u8]) -> Vec<u8> {
 /// A model configuration: the first byte picks Hugging Face `config.json` (even) or Meta
 /// `params.json` (odd); the rest is the file, read as the loader reads it.
 pub fn model_config(data: &[u8]) {
-    let Some((&selector, text)) = data.split_first() else { return };
+    let Some((&selector, text)) = data.split_first() else {
+        return;
+    };
     let config = if selector % 2 == 0 {
         let path = scratch().join("config.json");
         std::fs::write(&path, text).unwrap();
         LlamaConfig::from_hf_file(&path)
     } else {
-        let Ok(text) = std::str::from_utf8(text) else { return };
+        let Ok(text) = std::str::from_utf8(text) else {
+            return;
+        };
         // The loader passes the shapes of two tensors when the file has them.
         let from_weights = (selector & 2 != 0).then_some(64);
         LlamaConfig::from_meta_json(text, "params.json", from_weights, from_weights)
     };
     if let Ok(config) = config {
         // What a valid configuration promises: these sizes are computable.
-        let _ = (config.num_parameters(), config.query_width(), config.kv_width());
+        let _ = (
+            config.num_parameters(),
+            config.query_width(),
+            config.kv_width(),
+        );
     }
 }
 
