@@ -62,7 +62,9 @@ fn main() {
         Some("f16") => DType::F16,
         _ => DType::BF16,
     };
-    let (b, s, d, h, hd, f, v) = (4usize, 512usize, 4096usize, 32usize, 128usize, 11008usize, 32000usize);
+    let (b, s, d, h, hd, f, v) = (
+        4usize, 512usize, 4096usize, 32usize, 128usize, 11008usize, 32000usize,
+    );
     let rows = (b * s) as f64;
     let x3 = random([b, s, d], dtype);
     let x2 = random([b * s, d], dtype);
@@ -71,22 +73,77 @@ fn main() {
     let w_vocab = random([d, v], dtype);
     let mm = |m: f64, n: f64, k: f64| 2.0 * m * n * k;
 
-    time("matmul [4,512,4096]x[4096,4096] (Linear, broadcast)", mm(rows, d as f64, d as f64), || {
-        let _ = x3.clone().matmul(w.clone().unsqueeze::<3>());
-    });
-    time("matmul [2048,4096]x[4096,4096] (2-D)", mm(rows, d as f64, d as f64), || {
-        let _ = x2.clone().matmul(w.clone());
-    });
-    time("matmul [2048,4096]x[4096,11008]", mm(rows, f as f64, d as f64), || {
-        let _ = x2.clone().matmul(w_up.clone());
-    });
-    time("matmul [2048,4096]x[4096,32000] (lm_head)", mm(rows, v as f64, d as f64), || {
-        let _ = x2.clone().matmul(w_vocab.clone());
-    });
+    time(
+        "matmul [4,512,4096]x[4096,4096] (Linear, broadcast)",
+        mm(rows, d as f64, d as f64),
+        || {
+            let _ = x3.clone().matmul(w.clone().unsqueeze::<3>());
+        },
+    );
+    time(
+        "matmul [2048,4096]x[4096,4096] (2-D)",
+        mm(rows, d as f64, d as f64),
+        || {
+            let _ = x2.clone().matmul(w.clone());
+        },
+    );
+    time(
+        "matmul [2048,4096]x[4096,11008]",
+        mm(rows, f as f64, d as f64),
+        || {
+            let _ = x2.clone().matmul(w_up.clone());
+        },
+    );
+    time(
+        "matmul [2048,4096]x[4096,32000] (lm_head)",
+        mm(rows, v as f64, d as f64),
+        || {
+            let _ = x2.clone().matmul(w_vocab.clone());
+        },
+    );
     let wt = random([d, d], dtype).transpose();
-    time("matmul [2048,4096]x[4096,4096]^T (backward's transposed weight)", mm(rows, d as f64, d as f64), || {
-        let _ = x2.clone().matmul(wt.clone());
-    });
+    time(
+        "matmul [2048,4096]x[4096,4096]^T (backward's transposed weight)",
+        mm(rows, d as f64, d as f64),
+        || {
+            let _ = x2.clone().matmul(wt.clone());
+        },
+    );
+
+    // Weights stored [out, in] (PyTorch's layout) and used transposed.
+    let w_up_t = random([f, d], dtype).transpose();
+    time(
+        "matmul [2048,4096]x[11008,4096]^T",
+        mm(rows, f as f64, d as f64),
+        || {
+            let _ = x2.clone().matmul(w_up_t.clone());
+        },
+    );
+    let w_vocab_t = random([v, d], dtype).transpose();
+    time(
+        "matmul [2048,4096]x[32000,4096]^T (lm_head)",
+        mm(rows, v as f64, d as f64),
+        || {
+            let _ = x2.clone().matmul(w_vocab_t.clone());
+        },
+    );
+    let w_down = random([f, d], dtype);
+    let h2 = random([b * s, f], dtype);
+    time(
+        "matmul [2048,11008]x[11008,4096] (down)",
+        mm(rows, d as f64, f as f64),
+        || {
+            let _ = h2.clone().matmul(w_down.clone());
+        },
+    );
+    let w_down_t = random([d, f], dtype).transpose();
+    time(
+        "matmul [2048,11008]x[4096,11008]^T (down)",
+        mm(rows, d as f64, f as f64),
+        || {
+            let _ = h2.clone().matmul(w_down_t.clone());
+        },
+    );
 
     let q = random([b, h, s, hd], dtype);
     let k = random([b, h, s, hd], dtype);
@@ -96,25 +153,41 @@ fn main() {
         let _ = q.clone().matmul(k.clone().swap_dims(2, 3));
     });
     let scores = q.clone().matmul(k.clone().swap_dims(2, 3));
-    time("softmax over [4,32,512,512] in f32 (upcast + cast back)", 0.0, || {
-        let _ = cast_to(softmax(upcast(scores.clone()), 3), dtype);
-    });
+    time(
+        "softmax over [4,32,512,512] in f32 (upcast + cast back)",
+        0.0,
+        || {
+            let _ = cast_to(softmax(upcast(scores.clone()), 3), dtype);
+        },
+    );
     time("softmax over [4,32,512,512] in storage dtype", 0.0, || {
         let _ = softmax(scores.clone(), 3);
     });
-    time("attention decomposed (scores, mask, f32 softmax, ·v)", attention_flops, || {
-        let scores = q.clone().matmul(k.clone().swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt());
-        let p = cast_to(softmax(upcast(scores), 3), dtype);
-        let _ = p.matmul(vv.clone());
-    });
+    time(
+        "attention decomposed (scores, mask, f32 softmax, ·v)",
+        attention_flops,
+        || {
+            let scores = q.clone().matmul(k.clone().swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt());
+            let p = cast_to(softmax(upcast(scores), 3), dtype);
+            let _ = p.matmul(vv.clone());
+        },
+    );
     let cos = random([b, 1, s, hd], dtype);
     let sin = random([b, 1, s, hd], dtype);
     time("rotary on [4,32,512,128]", 0.0, || {
         let _ = apply_rotary(q.clone(), &cos, &sin);
     });
-    time("swap_dims + reshape [4,512,32,128]→[4,32,512,128] contiguous", 0.0, || {
-        let _ = x3.clone().reshape([b, s, h, hd]).swap_dims(1, 2).reshape([b * h, s, hd]);
-    });
+    time(
+        "swap_dims + reshape [4,512,32,128]→[4,32,512,128] contiguous",
+        0.0,
+        || {
+            let _ = x3
+                .clone()
+                .reshape([b, s, h, hd])
+                .swap_dims(1, 2)
+                .reshape([b * h, s, hd]);
+        },
+    );
     let norm = RmsNorm {
         weight: burn::module::Param::from_tensor(random([d], dtype)),
         eps: 1e-6,
@@ -140,21 +213,29 @@ fn main() {
         let mut config = LlamaConfig::preset("llama-7b").expect("preset");
         config.num_hidden_layers = layers;
         let model = config.init::<Inner>(&device, dtype);
-        time(&format!("forward, {layers}-layer LLaMA-7B (embed + layers + norm + lm_head)"), 0.0, || {
-            let _ = model.forward(&tokens, &NoHooks, None).expect("forward");
-        });
+        time(
+            &format!("forward, {layers}-layer LLaMA-7B (embed + layers + norm + lm_head)"),
+            0.0,
+            || {
+                let _ = model.forward(&tokens, &NoHooks, None).expect("forward");
+            },
+        );
         let model = config.init::<Autodiff<Inner>>(&device, dtype);
         let prompt = AdaptionPromptConfig::new()
             .with_adapter_layers(layers)
             .init::<Autodiff<Inner>>(&config, &device)
             .expect("adapter");
         let labels: Vec<i64> = tokens.ids.iter().map(|&i| i as i64).collect();
-        time(&format!("train step, {layers}-layer LLaMA-7B, prompts in every layer"), 0.0, || {
-            let logits = model
-                .forward(&tokens, prompt.hooks(&model).as_ref(), None)
-                .expect("forward");
-            let loss = peft_train::causal_lm_loss(logits, &labels).expect("loss");
-            let _ = loss.loss.backward();
-        });
+        time(
+            &format!("train step, {layers}-layer LLaMA-7B, prompts in every layer"),
+            0.0,
+            || {
+                let logits = model
+                    .forward(&tokens, prompt.hooks(&model).as_ref(), None)
+                    .expect("forward");
+                let loss = peft_train::causal_lm_loss(logits, &labels).expect("loss");
+                let _ = loss.loss.backward();
+            },
+        );
     }
 }

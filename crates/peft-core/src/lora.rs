@@ -195,9 +195,13 @@ impl<B: Backend> LoraLinear<B> {
         let dtype = x.dtype();
         let lora_a = self.lora_a.val();
         let x = cast_to(x.clone(), lora_a.dtype());
-        let low = linear(self.dropout.forward(x), lora_a, None);
+        // One 2-D product per factor (see `peft_llama::model::linear_rows`).
+        let [batch, seq, width] = x.dims();
+        let rows = self.dropout.forward(x).reshape([batch * seq, width]);
+        let low = linear(rows, lora_a, None);
         let delta = linear(low, self.lora_b.val(), None) * scaling;
-        cast_to(delta, dtype)
+        let [_, out] = delta.dims();
+        cast_to(delta.reshape([batch, seq, out]), dtype)
     }
 
     /// The dense update `scaling · A B` `[in, out]` in f32.
