@@ -149,9 +149,7 @@ impl AdapterChoice {
                     .init_from_tokens(base, &ids[..count])?
                     .into())
             }
-            (false, "text") => {
-                Err("--prefix-init text applies to --method prefix only".into())
-            }
+            (false, "text") => Err("--prefix-init text applies to --method prefix only".into()),
             (_, other) => Err(format!("--prefix-init `{other}`: expected random or text").into()),
         }
     }
