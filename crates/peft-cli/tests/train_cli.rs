@@ -255,3 +255,75 @@ fn prefixes_initialised_from_text_start_at_the_base_model() {
         "{stderr}"
     );
 }
+
+#[test]
+fn multimodal_training_and_generation_with_an_image_run_from_the_cli() {
+    let dir = scratch("visual");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let image = root.join("fixtures/clip/test_image.png");
+    let vision = root.join("fixtures/clip/model");
+    let lines: Vec<String> = ["red", "blue", "red", "blue"]
+        .iter()
+        .map(|answer| {
+            serde_json::json!({"image": image, "question": "What colour is it?", "answer": answer})
+                .to_string()
+        })
+        .collect();
+    let data = dir.join("visual.jsonl");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let output = dir.join("run");
+    let result = peft()
+        .args([
+            "train",
+            "--quiet",
+            "--method",
+            "adaption-prompt",
+            "--epochs",
+            "1",
+        ])
+        .args(["--batch-size", "2", "--lr", "0.01", "--seed", "3"])
+        .arg("--vision-model")
+        .arg(&vision)
+        .arg("--data")
+        .arg(&data)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let adapter = output.join("adapter");
+    assert!(adapter.is_dir(), "adapter written");
+    let result = peft()
+        .args([
+            "generate",
+            "--prompt",
+            "What colour is it?",
+            "--max-new-tokens",
+            "3",
+        ])
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--vision-model")
+        .arg(&vision)
+        .arg("--image")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(!result.stdout.is_empty(), "generation printed something");
+    // An image without the multimodal adapter's vision tower is refused by the argument parser.
+    let result = peft()
+        .args(["generate", "--prompt", "x", "--image"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(!result.status.success());
+}
