@@ -13,10 +13,8 @@ struct TempFile(PathBuf);
 
 impl TempFile {
     fn new(name: &str, bytes: &[u8]) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "peft-vision-hostile-{}-{name}",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("peft-vision-hostile-{}-{name}", std::process::id()));
         std::fs::write(&path, bytes).unwrap();
         Self(path)
     }
@@ -33,7 +31,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &byte in bytes {
         crc ^= byte as u32;
         for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -86,7 +88,9 @@ fn empty_and_non_image_files_are_refused() {
     image_error(&empty.0);
     let text = TempFile::new("text.png", b"this is not an image\n");
     image_error(&text.0);
-    let bytes: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let bytes: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     let noise = TempFile::new("noise.jpg", &bytes);
     image_error(&noise.0);
 }
@@ -113,5 +117,8 @@ fn a_missing_file_is_an_io_error_naming_it() {
     let path = std::env::temp_dir().join("peft-vision-no-such-image.png");
     let error = RgbImage::open(&path).unwrap_err();
     assert!(matches!(error, VisionError::Io { .. }), "{error}");
-    assert!(error.to_string().contains("peft-vision-no-such-image.png"), "{error}");
+    assert!(
+        error.to_string().contains("peft-vision-no-such-image.png"),
+        "{error}"
+    );
 }
