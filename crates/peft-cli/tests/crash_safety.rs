@@ -11,25 +11,17 @@
 //! crash_safety -- --nocapture` (`PEFT_CRASH_SEED` changes the kill instants).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+mod common;
+use common::{adapter_bytes, peft, scratch};
 
 use burn::backend::NdArray;
 use peft_llama::LlamaConfig;
 use peft_train::CheckpointDir;
 
 type B = NdArray<f32>;
-
-fn peft() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_peft"))
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("peft-crash-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -92,21 +84,6 @@ fn train_args(data: &Path, output: &Path) -> Vec<String> {
 }
 
 /// The final adapter's files and bytes.
-fn adapter_bytes(output: &Path) -> Vec<(String, Vec<u8>)> {
-    let dir = output.join("adapter");
-    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap())
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    files.sort();
-    files
-}
 
 /// xorshift64*: kill instants that a seed reproduces, without a dependency.
 struct Rng(u64);

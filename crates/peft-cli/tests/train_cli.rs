@@ -2,19 +2,11 @@
 //! training with the last good checkpoint kept, and the outputs a user expects are written.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn peft() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_peft"))
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("peft-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+mod common;
+use common::{adapter_bytes, peft, scratch};
 
 /// Short Alpaca records, so that steps are fast on the CPU.
 fn small_dataset(dir: &Path) -> PathBuf {
@@ -67,23 +59,6 @@ fn train_args(data: &Path, output: &Path, method: &str) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect()
-}
-
-fn adapter_bytes(output: &Path) -> Vec<(String, Vec<u8>)> {
-    let dir = output.join("adapter");
-    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap())
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    files.sort();
-    files
 }
 
 fn latest_step(output: &Path) -> usize {
