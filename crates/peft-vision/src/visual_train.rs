@@ -99,24 +99,13 @@ fn tokenize(
             };
             let prompt = record.prompt(template);
             let prompt_len = encode(&prompt)?.len();
-            let mut input_ids = encode(&format!("{prompt} {output}"))?;
-            if let Some(eos) = tokenizer.eos_id() {
-                input_ids.push(eos);
-            }
-            let labels = input_ids
-                .iter()
-                .enumerate()
-                .map(|(t, &id)| {
-                    if t < prompt_len {
-                        IGNORE_INDEX
-                    } else {
-                        i64::from(id)
-                    }
-                })
-                .collect();
-            let mut example = Example { input_ids, labels };
-            example.truncate(max_seq_len);
-            Ok(example)
+            let input_ids = encode(&format!("{prompt} {output}"))?;
+            Ok(Example::response_only(
+                input_ids,
+                prompt_len,
+                tokenizer.eos_id(),
+                max_seq_len,
+            ))
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use peft_llama::LlamaTokenizer;
 
-use super::example::{Example, TokenizedDataset, IGNORE_INDEX};
+use super::example::{Example, TokenizedDataset};
 use super::json_records::{read_objects, FieldReader};
 use crate::error::{RecordLocation, Result, TrainError};
 
@@ -139,8 +139,8 @@ fn encode_with_bos(
 /// 1. `prompt` = the Alpaca template filled with the record;
 /// 2. `input_ids` = tokens of `prompt + output` (the response follows `### Response:` directly,
 ///    no separator) with BOS first and EOS appended (`encode(example, bos=True, eos=True)`);
-/// 3. the first `len(tokens of prompt with BOS)` labels are [`IGNORE_INDEX`], the rest equal the
-///    ids — the prompt is tokenized on its own just to count, and, as in the official code, a
+/// 3. the first `len(tokens of prompt with BOS)` labels are
+///    [`IGNORE_INDEX`](super::IGNORE_INDEX), the rest equal the ids — the prompt is tokenized on its own just to count, and, as in the official code, a
 ///    token that straddles the prompt/response boundary in the joint tokenization is not
 ///    treated specially;
 /// 4. both are cut to `max_seq_len` tokens from the start (a long response loses its EOS).
@@ -165,26 +165,15 @@ pub fn tokenize_alpaca(
     }
     let prompt = record.prompt();
     let prompt_len = encode_with_bos(tokenizer, &prompt, || "an Alpaca prompt".into())?.len();
-    let mut input_ids = encode_with_bos(tokenizer, &(prompt + &record.output), || {
+    let input_ids = encode_with_bos(tokenizer, &(prompt + &record.output), || {
         "an Alpaca example".into()
     })?;
-    if let Some(eos) = tokenizer.eos_id() {
-        input_ids.push(eos);
-    }
-    let labels = input_ids
-        .iter()
-        .enumerate()
-        .map(|(position, &id)| {
-            if position < prompt_len {
-                IGNORE_INDEX
-            } else {
-                i64::from(id)
-            }
-        })
-        .collect();
-    let mut example = Example { input_ids, labels };
-    example.truncate(max_seq_len);
-    Ok(example)
+    Ok(Example::response_only(
+        input_ids,
+        prompt_len,
+        tokenizer.eos_id(),
+        max_seq_len,
+    ))
 }
 
 /// Tokenizes every record with [`tokenize_alpaca`]; records left without a target by
@@ -217,6 +206,7 @@ mod tests {
 
     use super::*;
     use crate::data::test_files::TempFile;
+    use crate::data::IGNORE_INDEX;
 
     fn tokenizer() -> LlamaTokenizer {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260k");

@@ -23,6 +23,32 @@ pub struct Example {
 }
 
 impl Example {
+    /// A prompt-and-response example: `input_ids` (the prompt's tokens first, then the
+    /// response's) with `eos` appended, labels masked with [`IGNORE_INDEX`] over the first
+    /// `prompt_len` tokens, cut to `max_seq_len`.
+    pub fn response_only(
+        mut input_ids: Vec<u32>,
+        prompt_len: usize,
+        eos: Option<u32>,
+        max_seq_len: usize,
+    ) -> Self {
+        input_ids.extend(eos);
+        let labels = input_ids
+            .iter()
+            .enumerate()
+            .map(|(position, &id)| {
+                if position < prompt_len {
+                    IGNORE_INDEX
+                } else {
+                    i64::from(id)
+                }
+            })
+            .collect();
+        let mut example = Self { input_ids, labels };
+        example.truncate(max_seq_len);
+        example
+    }
+
     /// Number of tokens.
     pub fn len(&self) -> usize {
         self.input_ids.len()
