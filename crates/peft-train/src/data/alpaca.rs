@@ -140,9 +140,9 @@ fn encode_with_bos(
 /// 2. `input_ids` = tokens of `prompt + output` (the response follows `### Response:` directly,
 ///    no separator) with BOS first and EOS appended (`encode(example, bos=True, eos=True)`);
 /// 3. the first `len(tokens of prompt with BOS)` labels are
-///    [`IGNORE_INDEX`](super::IGNORE_INDEX), the rest equal the ids — the prompt is tokenized on its own just to count, and, as in the official code, a
-///    token that straddles the prompt/response boundary in the joint tokenization is not
-///    treated specially;
+///    [`IGNORE_INDEX`](super::IGNORE_INDEX), the rest equal the ids — the prompt is tokenized
+///    on its own just to count, and, as in the official code, a token that straddles the
+///    prompt/response boundary in the joint tokenization is not treated specially;
 /// 4. both are cut to `max_seq_len` tokens from the start (a long response loses its EOS).
 ///
 /// Differences from the official code, none of which changes which positions are trained on:
