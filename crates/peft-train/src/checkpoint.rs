@@ -40,6 +40,10 @@ pub struct TrainPosition {
     pub epoch: usize,
     /// Index of the next micro-batch in that epoch's plan.
     pub micro_batch: usize,
+    /// Examples per micro-batch of the plan (batch size × devices) the position refers to; 0
+    /// in checkpoints written before it was recorded.
+    #[serde(default)]
+    pub examples_per_micro_batch: usize,
 }
 
 /// A checkpoint read back.

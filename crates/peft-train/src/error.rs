@@ -114,6 +114,12 @@ pub enum TrainError {
         /// The newest checkpoint on disk.
         checkpoint: Option<String>,
     },
+    /// Data-parallel training failed: a replica's error, a stopped replica, the collective.
+    #[error("data-parallel training: {message}")]
+    DataParallel {
+        /// What went wrong, naming the replica where known.
+        message: String,
+    },
     /// A checkpoint is unreadable or inconsistent.
     #[error("{path}: checkpoint: {message}")]
     Checkpoint {
@@ -139,6 +145,12 @@ impl TrainError {
     pub(crate) fn config(setting: &'static str, message: impl Into<String>) -> Self {
         Self::Config {
             setting,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn parallel(message: impl Into<String>) -> Self {
+        Self::DataParallel {
             message: message.into(),
         }
     }

@@ -38,6 +38,7 @@ pub mod error;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod schedule;
 pub mod trainer;
 
@@ -54,5 +55,8 @@ pub use optim::{
     clip_grad_norm, grad_norm, micro_batch_weights, AccumulationWeighting, AdamW, AdamWConfig,
     OptimizerState, ParamMoments, StepReport, WeightDecayRule,
 };
+pub use parallel::{DataParallel, ReplicaWork, StepTotals};
 pub use schedule::{LrSchedule, LrScheduleConfig};
-pub use trainer::{evaluate, train, Quiet, TrainObserver, TrainSummary, TrainerConfig};
+pub use trainer::{
+    evaluate, train, train_data_parallel, Quiet, TrainObserver, TrainSummary, TrainerConfig,
+};

@@ -6,17 +6,17 @@ use std::time::Instant;
 
 use burn::config::Config;
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use peft_core::{Adapter, AnyAdapter};
 use peft_llama::Llama;
 
 use crate::checkpoint::{CheckpointDir, TrainPosition};
-use crate::data::{BatchingConfig, Example};
+use crate::data::{Batch, BatchingConfig, Example};
 use crate::error::{Result, TrainError};
 use crate::loss::causal_lm_loss;
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::optim::{micro_batch_weights, AccumulationWeighting, AdamWConfig};
+use crate::parallel::{DataParallel, ReplicaWork};
 use crate::schedule::LrScheduleConfig;
 
 /// Settings of a training run. Defaults are the LLaMA-Adapter paper's Alpaca recipe.
@@ -28,9 +28,12 @@ pub struct TrainerConfig {
     /// Stop after this many optimiser steps (the schedule still spans `epochs`).
     #[config(default = "None")]
     pub max_steps: Option<usize>,
-    /// Examples per micro-batch.
+    /// Examples per micro-batch on each device.
     #[config(default = 4)]
     pub batch_size: usize,
+    /// Devices training data-parallel (one model replica each, see [`train_data_parallel`]).
+    #[config(default = 1)]
+    pub devices: usize,
     /// Micro-batches per optimiser step.
     #[config(default = 8)]
     pub grad_accum: usize,
@@ -70,9 +73,10 @@ pub struct TrainerConfig {
 }
 
 impl TrainerConfig {
-    /// Micro-batch size × accumulation.
+    /// Examples per optimiser step: micro-batch size × accumulation × devices (the official
+    /// code's `batch_size · accum_iter · world_size`).
     pub fn effective_batch(&self) -> usize {
-        self.batch_size * self.grad_accum
+        self.batch_size * self.grad_accum * self.devices.max(1)
     }
 
     /// The peak learning rate.
@@ -179,13 +183,60 @@ pub fn train<B: AutodiffBackend>(
     resume: bool,
     observer: &mut dyn TrainObserver,
 ) -> Result<(AnyAdapter<B>, TrainSummary)> {
+    train_data_parallel(
+        base,
+        Vec::new(),
+        adapter,
+        train,
+        validation,
+        config,
+        output,
+        resume,
+        observer,
+    )
+}
+
+/// [`train`] on several devices: `base` and `adapter` on the first, `replicas` the same frozen
+/// model loaded on each further device (`config.devices` = 1 + their number).
+///
+/// Every micro-batch holds `batch_size × devices` examples, split into one shard of
+/// `batch_size` per device; the adapter's gradients are summed onto the first device through
+/// Burn's collectives and one optimiser step is taken there (see [`crate::parallel`]). Data
+/// order, learning rate (from the effective batch), checkpoints and resumption are those of a
+/// one-device run with micro-batches of `batch_size × devices`; the adapters agree to float
+/// rounding. Dropout draws differ per device.
+///
+/// # Errors
+/// As [`train`]; `config.devices` not matching the replicas; a replica's error.
+#[allow(clippy::too_many_arguments)]
+pub fn train_data_parallel<B: AutodiffBackend>(
+    base: &Llama<B>,
+    replicas: Vec<Llama<B>>,
+    adapter: AnyAdapter<B>,
+    train: &[Example],
+    validation: &[Example],
+    config: &TrainerConfig,
+    output: &Path,
+    resume: bool,
+    observer: &mut dyn TrainObserver,
+) -> Result<(AnyAdapter<B>, TrainSummary)> {
+    if config.devices != replicas.len() + 1 {
+        return Err(TrainError::config(
+            "devices",
+            format!(
+                "{} devices configured but {} model replicas given",
+                config.devices,
+                replicas.len() + 1
+            ),
+        ));
+    }
     // One generic loop per method: `wrap` puts the concrete adapter back into `AnyAdapter`
     // (for checkpoints), the closure takes it out again (for resuming).
     macro_rules! dispatch {
         ($($variant:ident),*) => {
             match adapter {
                 $(AnyAdapter::$variant(a) => run(
-                    base, a, train, validation, config, output, resume, observer,
+                    base, replicas, a, train, validation, config, output, resume, observer,
                     AnyAdapter::$variant,
                     |a| match a {
                         AnyAdapter::$variant(a) => Some(a),
@@ -201,6 +252,7 @@ pub fn train<B: AutodiffBackend>(
 #[allow(clippy::too_many_arguments)]
 fn run<B, A>(
     base: &Llama<B>,
+    replicas: Vec<Llama<B>>,
     adapter: A,
     train: &[Example],
     validation: &[Example],
@@ -213,7 +265,7 @@ fn run<B, A>(
 ) -> Result<(AnyAdapter<B>, TrainSummary)>
 where
     B: AutodiffBackend,
-    A: Adapter<B> + AutodiffModule<B> + Clone,
+    A: Adapter<B> + AutodiffModule<B> + Clone + Send + 'static,
 {
     let started = Instant::now();
     if train.is_empty() {
@@ -225,8 +277,9 @@ where
             "must be positive",
         ));
     }
+    // One micro-batch of the plan is `devices` shards of `batch_size` examples.
     let mut batching = config.batching.clone();
-    batching.batch_size = config.batch_size;
+    batching.batch_size = config.batch_size * config.devices;
     batching.seed = config.seed;
     let batcher = batching.init()?;
     let micro_batches_per_epoch = batcher.num_batches(train.len());
@@ -244,9 +297,13 @@ where
     let mut optimizer = config.optimizer.init::<B>()?;
     let checkpoints = CheckpointDir::new(output.join("checkpoints"));
     let device = base.device();
+    let mut parallel = DataParallel::<B, A>::start(&device, replicas)?;
 
     let mut adapter = adapter;
-    let mut position = TrainPosition::default();
+    let mut position = TrainPosition {
+        examples_per_micro_batch: config.batch_size * config.devices,
+        ..TrainPosition::default()
+    };
     let mut resumed_from = None;
     if resume {
         if let Some(checkpoint) = checkpoints.latest::<B>(&base.config, &device)? {
@@ -258,6 +315,21 @@ where
             })?;
             optimizer.load_state(&adapter, &checkpoint.optimizer)?;
             position = checkpoint.position;
+            let planned = config.batch_size * config.devices;
+            if position.examples_per_micro_batch != 0
+                && position.examples_per_micro_batch != planned
+            {
+                // The data position indexes micro-batches of the saved size.
+                return Err(TrainError::config(
+                    "resume",
+                    format!(
+                        "the checkpoint was written with {} examples per micro-batch (batch size \
+                         × devices) and this run has {planned}; resume with the same product",
+                        position.examples_per_micro_batch
+                    ),
+                ));
+            }
+            position.examples_per_micro_batch = planned;
             resumed_from = Some(position.step);
         }
     }
@@ -276,49 +348,56 @@ where
             }
             let step_started = Instant::now();
             let group_end = (position.micro_batch + config.grad_accum).min(plan.len());
-            let group: Vec<_> = plan[position.micro_batch..group_end]
-                .iter()
-                .map(|indices| {
-                    batcher.collate(&indices.iter().map(|&i| &train[i]).collect::<Vec<_>>())
-                })
-                .collect::<Result<_>>()?;
+            // Each micro-batch of the plan, as one shard of `batch_size` examples per device
+            // (the last shards of a short final micro-batch may be empty).
+            let mut shards: Vec<Vec<Batch>> = Vec::with_capacity(group_end - position.micro_batch);
+            for indices in &plan[position.micro_batch..group_end] {
+                let mut micro = Vec::with_capacity(config.devices);
+                for shard in indices.chunks(config.batch_size) {
+                    let examples: Vec<&Example> = shard.iter().map(|&i| &train[i]).collect();
+                    micro.push(batcher.collate(&examples)?);
+                }
+                shards.push(micro);
+            }
             let weights = micro_batch_weights(
-                &group.iter().map(|b| b.target_tokens).collect::<Vec<_>>(),
+                &shards
+                    .iter()
+                    .map(|micro| micro.iter().map(|b| b.target_tokens).sum())
+                    .collect::<Vec<_>>(),
                 config.accumulation,
             );
+            // A shard's weight is its micro-batch's times its share of the target tokens, so
+            // the replicas' sum is the gradient of the one-device step.
+            let mut work: Vec<ReplicaWork> = vec![Vec::new(); config.devices];
+            for (micro, weight) in shards.into_iter().zip(&weights) {
+                let targets: usize = micro.iter().map(|b| b.target_tokens).sum();
+                for (replica, batch) in micro.into_iter().enumerate() {
+                    let share = if targets == 0 {
+                        0.0
+                    } else {
+                        batch.target_tokens as f64 / targets as f64
+                    };
+                    work[replica].push((batch, weight * share));
+                }
+            }
             // Dropout (LoRA) draws from the backend's generator: seeding it per step makes a
             // resumed run draw exactly what the uninterrupted run drew.
-            B::seed(
-                &device,
-                config
-                    .seed
-                    .wrapping_mul(1_000_003)
-                    .wrapping_add(position.step as u64),
-            );
+            let seed = config
+                .seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(position.step as u64);
             let lr = schedule.at_step(position.step, steps_per_epoch);
-            let mut accumulator = GradientsAccumulator::<A>::new();
-            let mut step_loss = 0.0;
-            let (mut step_tokens, mut step_padded) = (0, 0);
-            for (batch, weight) in group.iter().zip(&weights) {
-                let hooks = adapter.hooks(base);
-                let logits = base.forward(&batch.tokens, hooks.as_ref(), None)?;
-                drop(hooks);
-                let loss = causal_lm_loss(logits, &batch.labels)?;
-                let value = loss.loss.clone().into_scalar().to_f64_lossy();
-                if !value.is_finite() {
-                    return Err(TrainError::NonFiniteLoss {
-                        step: position.step,
-                        loss: value,
-                        checkpoint: checkpoints.latest_name(),
-                    });
-                }
-                step_loss += value * weight;
-                step_tokens += batch.real_tokens;
-                step_padded += batch.tokens.batch * batch.tokens.seq;
-                let grads = GradientsParams::from_grads((loss.loss * *weight).backward(), &adapter);
-                accumulator.accumulate(&adapter, grads);
+            let (grads, totals) = parallel.gradients(base, &adapter, work, seed)?;
+            let (step_loss, step_tokens, step_padded) =
+                (totals.loss, totals.real_tokens, totals.padded_tokens);
+            if !step_loss.is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    step: position.step,
+                    loss: step_loss,
+                    checkpoint: checkpoints.latest_name(),
+                });
             }
-            let (updated, report) = optimizer.step(lr, adapter, accumulator.grads());
+            let (updated, report) = optimizer.step(lr, adapter, grads);
             adapter = updated;
             if report.skipped_non_finite {
                 return Err(TrainError::NonFiniteLoss {
