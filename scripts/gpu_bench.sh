@@ -12,10 +12,14 @@
 # tool brings back at most 8 files, so intermediate files stay in $WORK.
 #
 # Environment: PRESET (llama-7b), DTYPE (bf16), BATCH (4), SEQ (512), STEPS (10),
-# WHAT (a space-separated subset of: check ours decode-ours base decode-base),
+# WHAT (a space-separated subset of: check ours decode-ours base decode-base scale dp-check),
+# SCALE_DEVICES (device counts for `scale`, default "1 2 4" capped at the GPUs present),
+# SCALE_METHODS (methods for `scale`, default adaption-prompt),
 # CHECK_MODELS (fixture models checked, default all three).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# NVLink multicast stays off (the device tool's KINDS.md says why).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-gpu-out}
 WORK=${WORK:-/tmp/gpu-bench-work}
 mkdir -p "$OUT" "$WORK/logs"
@@ -40,7 +44,7 @@ if ls .gpu/peft-*.whl > /dev/null 2>&1; then
 fi
 
 # Runs a command with GPU memory sampled every 50 ms; appends its JSON lines to results.jsonl with
-# the peak of `memory.used` (MiB, whole card, minus what was used before it started).
+# the peak of `memory.used` (MiB, the fullest card, minus what the first card used before it started).
 measure() {
     local name=$1
     shift
@@ -100,6 +104,56 @@ for what in $WHAT; do
         ;;
     decode-ours)
         measure ours-decode .gpu/train_bench --preset "$PRESET" --dtype "$DTYPE" decode
+        ;;
+    scale)
+        # Data-parallel scaling: the same per-GPU batch on 1, 2, 4 GPUs of this host.
+        gpus=$(nvidia-smi -L | grep -c '^GPU')
+        for method in ${SCALE_METHODS:-adaption-prompt}; do
+            for n in ${SCALE_DEVICES:-1 2 4}; do
+                [ "$n" -le "$gpus" ] || continue
+                measure "ours-scale-$method-$n" .gpu/train_bench --preset "$PRESET" \
+                    --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" \
+                    --devices "$n" train "$method"
+            done
+        done
+        ;;
+    dp-check)
+        # Data-parallel correctness on the GPUs: stories260k, 8 examples per step, 6 steps, as
+        # 1 GPU × batch 8 (twice: the run-to-run floor), 2 GPUs × 4 and 4 GPUs × 2; the adapters
+        # are compared with the first run's in $OUT/dp-check.jsonl.
+        gpus=$(nvidia-smi -L | grep -c '^GPU')
+        runs="1x8 1x8again"
+        [ "$gpus" -ge 2 ] && runs="$runs 2x4"
+        [ "$gpus" -ge 4 ] && runs="$runs 4x2"
+        for run in $runs; do
+            n=${run%%x*}
+            rest=${run#*x}
+            batch=${rest%again}
+            devices=$(seq -s, -f 'cuda:%g' 0 $((n - 1)))
+            .gpu/peft train --model models/stories260k --data data/alpaca_demo_small.json \
+                --output "$WORK/dp-$run" --devices "$devices" --batch-size "$batch" \
+                --grad-accum 1 --max-steps 6 --lr 1e-2 --val-size 20 --quiet \
+                > "$WORK/logs/dp-$run.out" 2> "$WORK/logs/dp-$run.err"
+            echo "dp-check $run: rc=$?"
+        done
+        python3 - "$WORK" $runs > "$OUT/dp-check.jsonl" <<'PY'
+import glob, json, sys
+from safetensors.numpy import load_file
+work, runs = sys.argv[1], sys.argv[2:]
+def adapter(run):
+    return load_file(glob.glob(f"{work}/dp-{run}/adapter/*.safetensors")[0])
+ref = adapter(runs[0])
+for run in runs[1:]:
+    try:
+        other = adapter(run)
+    except Exception as e:
+        print(json.dumps({"run": run, "error": str(e)}))
+        continue
+    worst_abs = max(float(abs(other[k] - ref[k]).max()) for k in ref)
+    scale = max(float(abs(ref[k]).max()) for k in ref)
+    print(json.dumps({"run": run, "vs": runs[0], "max_abs_diff": worst_abs, "max_abs_value": scale}))
+PY
+        cat "$OUT/dp-check.jsonl"
         ;;
     decode-base)
         measure hf-decode python3 scripts/bench_peft_baseline.py --preset "$PRESET" \

@@ -7,7 +7,12 @@
 //! cargo build --release -p peft-cli --no-default-features --features cuda --example train_bench
 //! train_bench train adaption-prompt --preset llama-7b --dtype bf16 --batch 4 --seq 512 --steps 10
 //! train_bench decode --preset llama-7b --dtype bf16 --new-tokens 128
+//! train_bench train adaption-prompt --preset llama-7b --dtype bf16 --devices 4
 //! ```
+//! With `--devices N` training is data-parallel over devices 0..N (CUDA; on the CPU build N
+//! replicas share the CPU): each replica runs `--batch` rows, the adapter's gradients are
+//! summed onto device 0 through Burn's collectives (`peft_train::DataParallel`), and the line
+//! also reports the time of one gradient reduction with every replica idle.
 //! Prints one JSON line per measurement. Each measurement runs a few untimed warm-up steps first
 //! (kernel compilation and autotuning on CUDA) and synchronises the device before stopping the
 //! clock. Run one measurement per process when peak memory is sampled from outside (the backend
@@ -23,7 +28,7 @@ use burn::tensor::DType;
 use clap::{Parser, Subcommand, ValueEnum};
 use peft_core::{Adapter, AdaptionPromptConfig, LoraConfig, PrefixTuningConfig};
 use peft_llama::{generate, GenerationConfig, Llama, LlamaConfig, TokenBatch};
-use peft_train::{causal_lm_loss, AdamWConfig};
+use peft_train::{causal_lm_loss, AdamWConfig, Batch, DataParallel};
 
 #[cfg(feature = "cuda")]
 type Inner = burn::backend::Cuda<f32>;
@@ -53,6 +58,9 @@ struct Args {
     /// Untimed warm-up steps.
     #[arg(long, global = true, default_value_t = 3)]
     warmup: usize,
+    /// Devices for data-parallel training (replicas on devices 0..N).
+    #[arg(long, global = true, default_value_t = 1)]
+    devices: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -134,8 +142,11 @@ fn time<S>(mut state: S, warmup: usize, steps: usize, mut step: impl FnMut(S) ->
 
 fn train<A>(args: &Args, name: &str, base: &Llama<B>, adapter: A)
 where
-    A: Adapter<B> + AutodiffModule<B> + Clone,
+    A: Adapter<B> + AutodiffModule<B> + Clone + Send + 'static,
 {
+    if args.devices > 1 {
+        return train_parallel(args, name, base, adapter);
+    }
     let device = base.device();
     let (tokens, labels) = token_batch(&base.config, args.batch, args.seq);
     let mut optimizer = AdamWConfig::llama_adapter()
@@ -157,18 +168,104 @@ where
     report(args, name, trainable, seconds, last_loss);
 }
 
-fn report(args: &Args, name: &str, trainable: usize, seconds: f64, loss: f32) {
-    let tokens = (args.batch * args.seq) as f64;
-    println!(
-        "{}",
-        serde_json::json!({
-            "bench": name, "preset": args.preset, "dtype": format!("{:?}", args.dtype),
-            "batch": args.batch, "seq": args.seq, "steps": args.steps,
-            "trainable": trainable, "ms_per_step": seconds * 1e3,
-            "tokens_per_second": tokens / seconds, "last_loss": loss,
-            "backend": Inner::name(&Default::default()),
+/// Data-parallel training steps: one replica per device, `--batch` rows each.
+fn train_parallel<A>(args: &Args, name: &str, base: &Llama<B>, adapter: A)
+where
+    A: Adapter<B> + AutodiffModule<B> + Clone + Send + 'static,
+{
+    let replicas = (1..args.devices)
+        .map(|index| {
+            let device = device_of(index);
+            // The same random weights on every device.
+            B::seed(&device, 0);
+            base.config.init::<B>(&device, args.dtype.dtype())
         })
+        .collect();
+    let mut parallel = DataParallel::<B, A>::start(&base.device(), replicas).expect("replicas");
+    let (tokens, labels) = token_batch(&base.config, args.batch, args.seq);
+    let shard = Batch {
+        real_tokens: tokens.ids.len(),
+        target_tokens: args.batch * (args.seq - 1),
+        tokens,
+        labels,
+    };
+    let mut optimizer = AdamWConfig::llama_adapter()
+        .init::<B>()
+        .expect("valid optimiser settings");
+    let trainable = adapter.num_trainable_parameters();
+    let device = base.device();
+    let mut last_loss = f64::NAN;
+    let mut reduce_seconds = Vec::new();
+    let weight = 1.0 / args.devices as f64;
+    let template = adapter.clone();
+    let seconds = time(adapter, args.warmup, args.steps, |adapter: A| {
+        let work = vec![vec![(shard.clone(), weight)]; args.devices];
+        let (grads, totals) = parallel
+            .gradients(base, &adapter, work, 0)
+            .expect("data-parallel step");
+        let (adapter, _) = optimizer.step(1e-3, adapter, grads);
+        last_loss = totals.loss;
+        reduce_seconds.push(totals.reduce_seconds);
+        <B as Backend>::sync(&device).expect("device sync");
+        adapter
+    });
+    let idle_reduce = parallel.time_reduction(&template, 20).expect("reduction");
+    // The timed steps only (the warm-up ones come first).
+    let timed = &reduce_seconds[reduce_seconds.len() - args.steps.min(reduce_seconds.len())..];
+    let in_step = timed.iter().sum::<f64>() / timed.len().max(1) as f64;
+    report_with(
+        args,
+        name,
+        trainable,
+        seconds,
+        last_loss as f32,
+        serde_json::json!({
+            "devices": args.devices,
+            "reduce_ms_idle": idle_reduce * 1e3,
+            "reduce_ms_in_step": in_step * 1e3,
+        }),
     );
+}
+
+/// Device `index` of the backend.
+fn device_of(index: usize) -> burn::tensor::Device<B> {
+    #[cfg(feature = "cuda")]
+    {
+        burn::backend::cuda::CudaDevice { index }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = index;
+        Default::default()
+    }
+}
+
+fn report(args: &Args, name: &str, trainable: usize, seconds: f64, loss: f32) {
+    report_with(args, name, trainable, seconds, loss, serde_json::json!({}));
+}
+
+/// One JSON line; `extra`'s fields are added to the common ones.
+fn report_with(
+    args: &Args,
+    name: &str,
+    trainable: usize,
+    seconds: f64,
+    loss: f32,
+    extra: serde_json::Value,
+) {
+    let devices = args.devices.max(1);
+    let tokens = (args.batch * args.seq * devices) as f64;
+    let mut line = serde_json::json!({
+        "bench": name, "preset": args.preset, "dtype": format!("{:?}", args.dtype),
+        "batch": args.batch, "seq": args.seq, "steps": args.steps, "devices": devices,
+        "trainable": trainable, "ms_per_step": seconds * 1e3,
+        "tokens_per_second": tokens / seconds, "last_loss": loss,
+        "backend": Inner::name(&Default::default()),
+    });
+    if let (Some(line), serde_json::Value::Object(extra)) = (line.as_object_mut(), extra) {
+        line.extend(extra);
+    }
+    println!("{line}");
 }
 
 fn main() {

@@ -15,3 +15,32 @@ pub type Training = burn::backend::Autodiff<Inference>;
 pub fn device() -> burn::tensor::Device<Inference> {
     Default::default()
 }
+
+/// A device named on the command line: `cuda:N` (or `N`) on the CUDA build; `cpu` on the CPU
+/// build, where every replica shares the one CPU device (useful to check data-parallel
+/// training without GPUs).
+///
+/// # Errors
+/// A name this build has no device for.
+pub fn parse_device(name: &str) -> Result<burn::tensor::Device<Inference>, String> {
+    let name = name.trim();
+    #[cfg(feature = "cuda")]
+    {
+        let index = name.strip_prefix("cuda:").unwrap_or(name);
+        index
+            .parse::<usize>()
+            .map(|index| burn::backend::cuda::CudaDevice { index })
+            .map_err(|_| format!("device `{name}`: this build runs on CUDA; name devices `cuda:0`, `cuda:1`, ..."))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        if name == "cpu" || name == "cpu:0" {
+            Ok(device())
+        } else {
+            Err(format!(
+                "device `{name}`: this build runs on the CPU (name it `cpu`); build with \
+                 `--features cuda` for `cuda:N`"
+            ))
+        }
+    }
+}

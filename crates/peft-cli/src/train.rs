@@ -7,11 +7,11 @@ use std::time::Instant;
 use peft_core::save_adapter;
 use peft_llama::{LlamaLoader, LlamaTokenizer, WeightDtype};
 use peft_train::{
-    load_alpaca, load_pretokenized, split_validation, tokenize_alpaca_records, train, AdamWConfig,
-    BatchStrategy, BatchingConfig, Example, StepMetrics, TrainObserver, TrainerConfig,
+    load_alpaca, load_pretokenized, split_validation, tokenize_alpaca_records, train_data_parallel,
+    AdamWConfig, BatchStrategy, BatchingConfig, Example, StepMetrics, TrainObserver, TrainerConfig,
 };
 
-use crate::backend::{device, Training};
+use crate::backend::{device, parse_device, Training};
 use crate::model_args::{default_model_dir, AdapterChoice};
 use crate::AnyResult;
 
@@ -51,10 +51,14 @@ pub struct TrainArgs {
     /// Stop after this many optimiser steps.
     #[arg(long)]
     max_steps: Option<usize>,
-    /// Examples per micro-batch.
+    /// Examples per micro-batch on each device.
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
-    /// Micro-batches per optimiser step (effective batch = batch size × this).
+    /// Train data-parallel on these devices, comma-separated (`cuda:0,cuda:1,...`; `cpu,cpu` on
+    /// the CPU build): one model replica each, the adapter's gradients summed over them.
+    #[arg(long, value_delimiter = ',')]
+    devices: Option<Vec<String>>,
+    /// Micro-batches per optimiser step (effective batch = batch size × this × devices).
     #[arg(long, default_value_t = 8)]
     grad_accum: usize,
     /// Base learning rate: peak lr = blr · effective batch / 256.
@@ -220,7 +224,20 @@ fn warn_skipped(
 /// Runs `peft train`.
 pub fn run(args: TrainArgs) -> AnyResult<()> {
     let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
+    let devices = match &args.devices {
+        Some(names) if names.is_empty() => return Err("--devices names no device".into()),
+        Some(names) => names
+            .iter()
+            .map(|n| parse_device(n))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => vec![device()],
+    };
     if let Some(vision_dir) = &args.vision_model {
+        if devices.len() > 1 {
+            return Err(
+                "--devices: multimodal training (--vision-model) runs on one device".into(),
+            );
+        }
         let data = args
             .data
             .clone()
@@ -242,10 +259,14 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         });
     }
     let data = args.data.clone().unwrap_or_else(default_data);
-    let device = device();
-    let base = LlamaLoader::new(&model_dir)
-        .with_dtype(args.dtype)
-        .load::<Training>(&device)?;
+    let device = devices[0].clone();
+    let loader = LlamaLoader::new(&model_dir).with_dtype(args.dtype);
+    let base = loader.load::<Training>(&device)?;
+    // The same frozen model on every further device.
+    let replicas = devices[1..]
+        .iter()
+        .map(|d| loader.load::<Training>(d))
+        .collect::<Result<Vec<_>, _>>()?;
     let tokenizer = LlamaTokenizer::from_dir(&model_dir)?;
     let (train_examples, validation) = load_examples(
         &data,
@@ -262,6 +283,7 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         .with_epochs(args.epochs)
         .with_max_steps(args.max_steps)
         .with_batch_size(args.batch_size)
+        .with_devices(devices.len())
         .with_grad_accum(args.grad_accum)
         .with_blr(args.blr)
         .with_lr(args.lr)
@@ -284,21 +306,27 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         .with_save_every(args.save_every)
         .with_eval_every(args.eval_every);
     eprintln!(
-        "training {} ({} trainable parameters) on {} examples ({} for validation) from {}; peak lr {:.3e}, effective batch {}",
+        "training {} ({} trainable parameters) on {} examples ({} for validation) from {}; peak lr {:.3e}, effective batch {}{}",
         adapter.method(),
         adapter.num_trainable_parameters(),
         train_examples.len(),
         validation.len(),
         data.display(),
         config.peak_lr(),
-        config.effective_batch()
+        config.effective_batch(),
+        if devices.len() > 1 {
+            format!(" over {} devices", devices.len())
+        } else {
+            String::new()
+        }
     );
     let mut progress = ProgressBar {
         quiet: args.quiet,
         started: Instant::now(),
     };
-    let (adapter, summary) = train(
+    let (adapter, summary) = train_data_parallel(
         &base,
+        replicas,
         adapter,
         &train_examples,
         &validation,

@@ -1,4 +1,5 @@
 //! Helpers shared by the `peft` command's integration tests.
+#![allow(dead_code)] // each test binary uses some of the helpers
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
