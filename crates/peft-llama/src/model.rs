@@ -564,9 +564,15 @@ impl LlamaConfig {
             let tensor = Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 0.02), device);
             Param::from_tensor(cast_to(tensor, dtype)).set_require_grad(false)
         };
-        let linear = |input: usize, output: usize| Linear {
-            weight: weight([input, output]),
-            bias: None,
+        // `[out, in]` in memory, used transposed, as loaded checkpoints are (see `weights.rs`).
+        let linear = |input: usize, output: usize| {
+            let tensor =
+                Tensor::<B, 2>::random([output, input], Distribution::Normal(0.0, 0.02), device);
+            Linear {
+                weight: Param::from_tensor(cast_to(tensor, dtype).transpose())
+                    .set_require_grad(false),
+                bias: None,
+            }
         };
         let norm = || RmsNorm {
             weight: Param::from_tensor(cast_to(Tensor::ones([self.hidden_size], device), dtype))
