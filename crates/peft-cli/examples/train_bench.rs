@@ -327,8 +327,13 @@ fn main() {
             };
             let hooks = adapter.hooks(&base);
             let seconds = time((), args.warmup.min(1), args.steps.clamp(1, 3), |()| {
-                let out = generate(&base, hooks.as_ref(), &[tokens.ids.clone()], &generation)
-                    .expect("generation");
+                let out = generate(
+                    &base,
+                    hooks.as_ref(),
+                    std::slice::from_ref(&tokens.ids),
+                    &generation,
+                )
+                .expect("generation");
                 assert_eq!(out[0].generated_ids.len(), *new_tokens);
             });
             println!(

@@ -27,6 +27,8 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once per process: the size of the argument structs does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Continue a prompt, optionally with an adapter.
     Generate(generate::GenerateArgs),

@@ -259,7 +259,7 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         });
     }
     let data = args.data.clone().unwrap_or_else(default_data);
-    let device = devices[0].clone();
+    let device = devices[0];
     let loader = LlamaLoader::new(&model_dir).with_dtype(args.dtype);
     let base = loader.load::<Training>(&device)?;
     // The same frozen model on every further device.

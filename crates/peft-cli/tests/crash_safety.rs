@@ -83,8 +83,6 @@ fn train_args(data: &Path, output: &Path) -> Vec<String> {
     args
 }
 
-/// The final adapter's files and bytes.
-
 /// xorshift64*: kill instants that a seed reproduces, without a dependency.
 struct Rng(u64);
 

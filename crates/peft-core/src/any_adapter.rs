@@ -10,6 +10,9 @@ use crate::lora::Lora;
 use crate::prefix::PrefixTuning;
 
 /// One adapter of any of the three methods.
+// The variants hold a few tensor handles each and an adapter lives for a whole run: boxing would
+// only add an indirection to every call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum AnyAdapter<B: Backend> {
     /// LoRA.

@@ -379,14 +379,13 @@ pub fn peft_tensors<B: Backend>(adapter: &AnyAdapter<B>) -> Result<Vec<NamedTens
     let mut tensors = adapter.named_tensors();
     if let AnyAdapter::AdaptionPrompt(prompt) = adapter {
         let gates = scalar_gates(prompt)?;
-        let mut index = 0;
-        for tensor in tensors
+        for (tensor, gate) in tensors
             .iter_mut()
             .filter(|t| t.key.ends_with(".adaption_gate"))
+            .zip(gates)
         {
             tensor.shape = vec![1];
-            tensor.values = vec![gates[index]];
-            index += 1;
+            tensor.values = vec![gate];
         }
     }
     Ok(tensors)

@@ -115,7 +115,7 @@ fn prefix_initialised_from_tokens_equals_reading_those_tokens_first() {
     assert!(adapter.embedding.val().is_require_grad(), "prefixes train");
     let adapted = host(
         base.forward(
-            &TokenBatch::right_padded(&[input.clone()], 0).unwrap(),
+            &TokenBatch::right_padded(std::slice::from_ref(&input), 0).unwrap(),
             adapter.hooks(&base).as_ref(),
             None,
         )

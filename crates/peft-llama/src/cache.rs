@@ -4,11 +4,15 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::model::TokenBatch;
 
+/// One layer's cached rotated keys and values `[batch, kv_heads, tokens, head_dim]` (`None`
+/// before the first token).
+pub type LayerKv<B> = (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>);
+
 /// Rotated keys and values of every layer for the tokens seen so far, with which of them are
 /// real tokens (not padding) and where each row's next position is.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    layers: Vec<(Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+    layers: Vec<LayerKv<B>>,
     batch: usize,
     /// `batch` rows of flags, one per cached token.
     real: Vec<Vec<bool>>,

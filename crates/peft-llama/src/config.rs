@@ -225,7 +225,7 @@ impl LlamaConfig {
         let head_dim =
             match hf.head_dim {
                 Some(d) => d,
-                None if heads > 0 && hf.hidden_size % heads == 0 => hf.hidden_size / heads,
+                None if heads > 0 && hf.hidden_size.is_multiple_of(heads) => hf.hidden_size / heads,
                 None => return Err(LlamaError::config(
                     origin,
                     "hidden_size is not a multiple of num_attention_heads and no head_dim is given",
@@ -302,7 +302,7 @@ impl LlamaConfig {
                     .ok_or_else(too_large)?
             }
         };
-        if params.n_heads == 0 || params.dim % params.n_heads != 0 {
+        if params.n_heads == 0 || !params.dim.is_multiple_of(params.n_heads) {
             return Err(LlamaError::config(
                 origin,
                 "dim must be a multiple of n_heads",
@@ -358,7 +358,10 @@ impl LlamaConfig {
                 ));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(LlamaError::config(
                 origin,
                 format!(
@@ -367,7 +370,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(LlamaError::config(origin, "head_dim must be even for RoPE"));
         }
         // Sizes whose products overflow would wrap (or panic) in every shape computed from them.

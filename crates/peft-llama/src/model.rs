@@ -133,7 +133,7 @@ impl<B: Backend> Attention<B> {
         x: Tensor<B, 3>,
         context: &LayerContext<B>,
         hooks: &dyn LayerHooks<B>,
-        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+        cache: Option<&mut crate::cache::LayerKv<B>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let project = |linear: &Linear<B>, projection| {
@@ -245,7 +245,7 @@ impl<B: Backend> DecoderLayer<B> {
         x: Tensor<B, 3>,
         context: &LayerContext<B>,
         hooks: &dyn LayerHooks<B>,
-        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+        cache: Option<&mut crate::cache::LayerKv<B>>,
     ) -> Tensor<B, 3> {
         let attended = self.self_attn.forward(
             layer,

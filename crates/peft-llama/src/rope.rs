@@ -37,11 +37,11 @@ impl RotaryEmbedding {
                 // angles bit-compatible with its checkpoints' behaviour at long positions.
                 let exponent = ((2 * i) as f32) / dim as f32;
                 let base = 1.0f32 / (config.rope_theta as f32).powf(exponent);
-                let scaled = match &config.rope_scaling {
+
+                match &config.rope_scaling {
                     Some(scaling) => llama3_scale(base as f64, scaling) as f32,
                     None => base,
-                };
-                scaled
+                }
             })
             .collect();
         Self { inv_freq }

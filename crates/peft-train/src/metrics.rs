@@ -134,8 +134,11 @@ impl MetricsLog {
     }
 }
 
+/// One curve of [`loss_plot`]: label, CSS colour, `(step, loss)` points.
+pub type LossSeries<'a> = (&'a str, &'a str, &'a [(f64, f64)]);
+
 /// An SVG line plot of loss curves `(label, colour, points)` over optimiser steps.
-pub fn loss_plot(series: &[(&str, &str, &[(f64, f64)])]) -> String {
+pub fn loss_plot(series: &[LossSeries<'_>]) -> String {
     let (width, height, margin) = (640.0, 400.0, 60.0);
     let points = series
         .iter()

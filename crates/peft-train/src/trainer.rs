@@ -426,19 +426,24 @@ where
             metrics.step(&step_metrics)?;
             observer.on_step(&step_metrics, total_steps);
             let last = position.step >= total_steps;
-            if config.eval_every.is_some_and(|e| position.step % e == 0)
-                || (last && !validation.is_empty())
+            if (config
+                .eval_every
+                .is_some_and(|e| position.step.is_multiple_of(e))
+                || (last && !validation.is_empty()))
+                && !validation.is_empty()
             {
-                if !validation.is_empty() {
-                    // On the autodiff backend without a backward pass: nothing is kept.
-                    let current = wrap(adapter.clone());
-                    let (loss, _) = evaluate(base, Some(&current), validation, &batching)?;
-                    metrics.validation(position.step, loss)?;
-                    observer.on_validation(position.step, loss);
-                    val_loss = Some(loss);
-                }
+                // On the autodiff backend without a backward pass: nothing is kept.
+                let current = wrap(adapter.clone());
+                let (loss, _) = evaluate(base, Some(&current), validation, &batching)?;
+                metrics.validation(position.step, loss)?;
+                observer.on_validation(position.step, loss);
+                val_loss = Some(loss);
             }
-            if config.save_every.is_some_and(|s| position.step % s == 0) || last {
+            if config
+                .save_every
+                .is_some_and(|s| position.step.is_multiple_of(s))
+                || last
+            {
                 let mut saved_position = position;
                 if saved_position.micro_batch >= plan.len() {
                     saved_position = TrainPosition {

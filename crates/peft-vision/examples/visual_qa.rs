@@ -69,9 +69,9 @@ fn render(colour: [u8; 3], shape: usize, rng: &mut Rng) -> Vec<u8> {
                 1 => dx.abs() * 10 <= r * 8 && dy.abs() * 10 <= r * 8,
                 _ => dy >= -r && dy <= r && 2 * dx.abs() * r <= r * (dy + r),
             };
-            for c in 0..3 {
+            for channel in colour {
                 let noise = rng.below(21) as i64 - 10;
-                let base = if inside { i64::from(colour[c]) } else { 225 };
+                let base = if inside { i64::from(channel) } else { 225 };
                 pixels.push((base + noise).clamp(0, 255) as u8);
             }
         }

@@ -131,19 +131,19 @@ impl ClipVisionConfig {
         if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return Err(bad(format!("{name} must be positive")));
         }
-        if hf.hidden_size % hf.num_attention_heads != 0 {
+        if !hf.hidden_size.is_multiple_of(hf.num_attention_heads) {
             return Err(bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 hf.hidden_size, hf.num_attention_heads
             )));
         }
-        if hf.image_size % hf.patch_size != 0 {
+        if !hf.image_size.is_multiple_of(hf.patch_size) {
             return Err(bad(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 hf.image_size, hf.patch_size
             )));
         }
-        if !(hf.layer_norm_eps > 0.0) {
+        if hf.layer_norm_eps.is_nan() || hf.layer_norm_eps <= 0.0 {
             return Err(bad(format!(
                 "layer_norm_eps must be positive, found {}",
                 hf.layer_norm_eps

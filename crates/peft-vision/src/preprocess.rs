@@ -20,7 +20,7 @@ use crate::error::{Result, VisionError};
 /// OpenAI CLIP's per-channel mean (`OPENAI_CLIP_MEAN`).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// OpenAI CLIP's per-channel standard deviation (`OPENAI_CLIP_STD`).
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// An 8-bit RGB image, row-major `[height, width, 3]`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -150,13 +150,16 @@ pub struct VisualTrainConfig {
     pub use_image: bool,
 }
 
+/// A collated batch: tokens, labels, per-row image features and whether each row has an image.
+type Collated<B> = (TokenBatch, Vec<i64>, Tensor<B, 2>, Vec<bool>);
+
 /// Right-padded tokens, labels and per-row features of a batch.
 fn collate<B: Backend>(
     examples: &[&VisualExample],
     width: usize,
     pad_id: u32,
     device: &B::Device,
-) -> Result<(TokenBatch, Vec<i64>, Tensor<B, 2>, Vec<bool>)> {
+) -> Result<Collated<B>> {
     let rows: Vec<Vec<u32>> = examples
         .iter()
         .map(|e| e.example.input_ids.clone())

@@ -41,7 +41,8 @@ fn assert_close(got: &[f32], want: &[f32], rtol: f32, atol: f32, what: &str) -> 
     let mut worst = (0.0f32, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let ratio = (g - w).abs() / (atol + rtol * w.abs());
-        if !(ratio <= worst.0) {
+        // A NaN ratio is the worst of all.
+        if ratio.is_nan() || ratio > worst.0 {
             worst = (ratio, i);
         }
     }
