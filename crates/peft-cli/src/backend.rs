@@ -27,10 +27,19 @@ pub fn parse_device(name: &str) -> Result<burn::tensor::Device<Inference>, Strin
     #[cfg(feature = "cuda")]
     {
         let index = name.strip_prefix("cuda:").unwrap_or(name);
-        index
-            .parse::<usize>()
-            .map(|index| burn::backend::cuda::CudaDevice { index })
-            .map_err(|_| format!("device `{name}`: this build runs on CUDA; name devices `cuda:0`, `cuda:1`, ..."))
+        let index = index.parse::<usize>().map_err(|_| {
+            format!(
+                "device `{name}`: this build runs on CUDA; name devices `cuda:0`, `cuda:1`, ..."
+            )
+        })?;
+        let count = <Inference as burn::tensor::backend::Backend>::device_count(0);
+        if index >= count {
+            return Err(format!(
+                "device `{name}`: this machine has {count} CUDA device(s) (cuda:0 to cuda:{})",
+                count.saturating_sub(1)
+            ));
+        }
+        Ok(burn::backend::cuda::CudaDevice { index })
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -43,4 +52,20 @@ pub fn parse_device(name: &str) -> Result<burn::tensor::Device<Inference>, Strin
             ))
         }
     }
+}
+
+/// Refuses a device named twice where devices are distinct (CUDA): two replicas on one GPU
+/// would only compete for it. The CPU build has one device, which every replica shares.
+pub fn check_distinct(names: &[String]) -> Result<(), String> {
+    if cfg!(feature = "cuda") {
+        let mut seen = Vec::new();
+        for name in names {
+            let device = format!("{:?}", parse_device(name)?);
+            if seen.contains(&device) {
+                return Err(format!("--devices: `{name}` is named twice"));
+            }
+            seen.push(device);
+        }
+    }
+    Ok(())
 }

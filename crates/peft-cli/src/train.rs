@@ -11,7 +11,7 @@ use peft_train::{
     AdamWConfig, BatchStrategy, BatchingConfig, Example, StepMetrics, TrainObserver, TrainerConfig,
 };
 
-use crate::backend::{device, parse_device, Training};
+use crate::backend::{check_distinct, device, parse_device, Training};
 use crate::model_args::{default_model_dir, AdapterChoice};
 use crate::AnyResult;
 
@@ -226,10 +226,13 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
     let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
     let devices = match &args.devices {
         Some(names) if names.is_empty() => return Err("--devices names no device".into()),
-        Some(names) => names
-            .iter()
-            .map(|n| parse_device(n))
-            .collect::<Result<Vec<_>, _>>()?,
+        Some(names) => {
+            check_distinct(names)?;
+            names
+                .iter()
+                .map(|n| parse_device(n))
+                .collect::<Result<Vec<_>, _>>()?
+        }
         None => vec![device()],
     };
     if let Some(vision_dir) = &args.vision_model {
@@ -259,7 +262,8 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         });
     }
     let data = args.data.clone().unwrap_or_else(default_data);
-    let device = devices[0];
+    // Not Copy on every backend (CUDA devices are not).
+    let device = devices.first().cloned().ok_or("no device")?;
     let loader = LlamaLoader::new(&model_dir).with_dtype(args.dtype);
     let base = loader.load::<Training>(&device)?;
     // The same frozen model on every further device.
