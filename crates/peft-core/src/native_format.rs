@@ -5,7 +5,7 @@
 //! was made for) and `adapter.safetensors` (the adapter module's parameters under their Burn
 //! module paths, written and read through `burn-store`). See `docs/adapter-format.md`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
@@ -96,7 +96,12 @@ mod erased {
     }
 }
 
-fn apply<B: Backend, M: ModuleSnapshot<B>>(module: &mut M, path: &Path) -> Result<()> {
+/// Loads the tensors of the safetensors file `path` into `module`: every parameter must be
+/// there with its shape, and nothing else may be.
+///
+/// # Errors
+/// A missing or unreadable file, a missing, misshapen or unexpected tensor.
+pub fn apply<B: Backend, M: ModuleSnapshot<B>>(module: &mut M, path: &Path) -> Result<()> {
     let format = |message: String| PeftError::Format {
         path: path.into(),
         message,
@@ -136,42 +141,22 @@ pub fn load_native<B: Backend>(
     model: &LlamaConfig,
     device: &B::Device,
 ) -> Result<AnyAdapter<B>> {
-    let config_path = dir.join(CONFIG_FILE);
-    let manifest = read_json(&config_path)?;
+    let Manifest {
+        peft_type,
+        config,
+        config_path,
+        weights,
+    } = read_manifest(dir, model)?;
     let format = |message: String| PeftError::Format {
         path: config_path.clone(),
         message,
     };
-    if manifest.get("format").and_then(Value::as_str) != Some("peft-rs") {
-        return Err(format(
-            "not a peft-rs adapter (`format` is not \"peft-rs\")".into(),
-        ));
-    }
-    let version = manifest
-        .get("format_version")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    if version != FORMAT_VERSION {
-        return Err(format(format!(
-            "format_version {version} is not supported (this build reads {FORMAT_VERSION})"
-        )));
-    }
-    let expected = model_sizes(model);
-    if manifest.get("model") != Some(&expected) {
-        return Err(PeftError::Incompatible(format!(
-            "{}: adapter made for a model with {}, this model has {expected}",
-            config_path.display(),
-            manifest.get("model").cloned().unwrap_or(Value::Null)
-        )));
-    }
-    let config = manifest.get("config").cloned().unwrap_or(Value::Null);
     let parse_error = |e: serde_json::Error| format(format!("`config`: {e}"));
     let invalid = |e: PeftError| format(format!("`config`: {e}"));
-    let weights = dir.join(WEIGHTS_FILE);
     // Every size in the configuration is checked against the tensor file before `init`
     // allocates anything: a corrupt or hostile `"r": 2000000000` must be an error, not an abort.
     let check = |expected| check_parameter_count(expected, &config, &config_path, &weights);
-    let adapter = match manifest.get("peft_type").and_then(Value::as_str) {
+    let adapter = match peft_type.as_deref() {
         Some("LORA") => {
             let lora: LoraConfig = serde_json::from_value(config.clone()).map_err(parse_error)?;
             lora.validate(model).map_err(invalid)?;
@@ -213,9 +198,73 @@ pub fn load_native<B: Backend>(
     Ok(adapter)
 }
 
+/// The manifest of a peft-rs adapter directory, checked (format, version, model sizes); the
+/// method's configuration is left to the caller.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// `peft_type`, if the manifest has one.
+    pub peft_type: Option<String>,
+    /// The method's configuration (`null` when absent).
+    pub config: Value,
+    /// The manifest file (for error messages).
+    pub config_path: PathBuf,
+    /// The tensor file beside it.
+    pub weights: PathBuf,
+}
+
+/// Reads `dir`'s manifest and checks that it is a peft-rs adapter of a supported format version
+/// made for a model of `model`'s sizes. Shared by every peft-rs adapter kind (the multimodal
+/// adapter of `peft-vision` too).
+///
+/// # Errors
+/// An unreadable or malformed manifest, another format or version, or another model's sizes.
+pub fn read_manifest(dir: &Path, model: &LlamaConfig) -> Result<Manifest> {
+    let config_path = dir.join(CONFIG_FILE);
+    let manifest = read_json(&config_path)?;
+    let format = |message: String| PeftError::Format {
+        path: config_path.clone(),
+        message,
+    };
+    if manifest.get("format").and_then(Value::as_str) != Some("peft-rs") {
+        return Err(format(
+            "not a peft-rs adapter (`format` is not \"peft-rs\")".into(),
+        ));
+    }
+    let version = manifest
+        .get("format_version")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    if version != FORMAT_VERSION {
+        return Err(format(format!(
+            "format_version {version} is not supported (this build reads {FORMAT_VERSION})"
+        )));
+    }
+    let expected = model_sizes(model);
+    if manifest.get("model") != Some(&expected) {
+        return Err(PeftError::Incompatible(format!(
+            "{}: adapter made for a model with {}, this model has {expected}",
+            config_path.display(),
+            manifest.get("model").cloned().unwrap_or(Value::Null)
+        )));
+    }
+    Ok(Manifest {
+        peft_type: manifest
+            .get("peft_type")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        config: manifest.get("config").cloned().unwrap_or(Value::Null),
+        weights: dir.join(WEIGHTS_FILE),
+        config_path,
+    })
+}
+
 /// Fails unless the tensors of `weights` hold `expected` values in all, reading only the
-/// file's header. `None` means the count overflows `usize`: no file can match it.
-fn check_parameter_count(
+/// file's header (with checked arithmetic: a hostile header cannot overflow it). `None` means
+/// the expected count overflows `usize`: no file can match it.
+///
+/// # Errors
+/// An unreadable tensor file, or another number of values.
+pub fn check_parameter_count(
     expected: Option<usize>,
     config: &Value,
     config_path: &Path,
@@ -279,8 +328,12 @@ fn prefix_parameters(config: &PrefixTuningConfig, model: &LlamaConfig) -> Option
     }
 }
 
-/// [`AdaptionPromptConfig::num_trainable_parameters`], checked.
-fn adaption_prompt_parameters(config: &AdaptionPromptConfig, model: &LlamaConfig) -> Option<usize> {
+/// [`AdaptionPromptConfig::num_trainable_parameters`] with checked arithmetic (for sizes read
+/// from a file); `None` on overflow.
+pub fn adaption_prompt_parameters(
+    config: &AdaptionPromptConfig,
+    model: &LlamaConfig,
+) -> Option<usize> {
     let gates = match config.gate_shape {
         GateShape::PerHead => model.num_attention_heads,
         GateShape::Scalar => 1,

@@ -12,6 +12,9 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
 use peft_core::files::{read_json, write_atomic};
+use peft_core::native_format::{
+    adaption_prompt_parameters, apply, check_parameter_count, read_manifest,
+};
 use peft_llama::LlamaConfig;
 use serde_json::{json, Value};
 
@@ -98,101 +101,47 @@ pub fn load_multimodal<B: Backend>(
     model: &LlamaConfig,
     device: &B::Device,
 ) -> Result<MultimodalAdaptionPrompt<B>> {
-    let config_path = dir.join(CONFIG_FILE);
-    let manifest = read_json(&config_path)?;
+    let manifest = read_manifest(dir, model)?;
     let format = |message: String| VisionError::Format {
-        path: config_path.clone(),
+        path: manifest.config_path.clone(),
         message,
     };
-    if manifest.get("format").and_then(Value::as_str) != Some("peft-rs")
-        || manifest.get("peft_type").and_then(Value::as_str) != Some(PEFT_TYPE)
-    {
+    if manifest.peft_type.as_deref() != Some(PEFT_TYPE) {
         return Err(format(format!(
-            "not a peft-rs adapter with peft_type {PEFT_TYPE}"
+            "not a multimodal adapter: peft_type {:?}, expected {PEFT_TYPE}",
+            manifest.peft_type
         )));
     }
-    let version = manifest.get("format_version").and_then(Value::as_u64);
-    if version != Some(peft_core::native_format::FORMAT_VERSION) {
-        return Err(format(format!(
-            "format_version {version:?} is not supported"
-        )));
-    }
-    let expected = model_sizes(model);
-    if manifest.get("model") != Some(&expected) {
-        return Err(format(format!(
-            "adapter made for a model with {}, this model has {expected}",
-            manifest.get("model").cloned().unwrap_or(Value::Null)
-        )));
-    }
-    let config: MultimodalAdaptionPromptConfig =
-        serde_json::from_value(manifest.get("config").cloned().unwrap_or(Value::Null))
-            .map_err(|e| format(format!("`config`: {e}")))?;
-    let weights = dir.join(WEIGHTS_FILE);
-    check_sizes(&config, model, &weights)?;
+    let config: MultimodalAdaptionPromptConfig = serde_json::from_value(manifest.config.clone())
+        .map_err(|e| format(format!("`config`: {e}")))?;
+    config.validate(model)?;
+    // Every size is checked against the tensor file's header before `init` allocates anything:
+    // a corrupt size in the configuration must be an error, not an abort.
+    check_parameter_count(
+        parameters(&config, model),
+        &manifest.config,
+        &manifest.config_path,
+        &manifest.weights,
+    )?;
     let mut adapter = config.init::<B>(model, device)?;
-    let bad = |message: String| VisionError::Format {
-        path: weights.clone(),
-        message,
-    };
-    let mut store = SafetensorsStore::from_file(&weights)
-        .allow_partial(true)
-        .validate(true);
-    let result = adapter
-        .load_from(&mut store)
-        .map_err(|e| bad(e.to_string()))?;
-    if let Some(error) = result.errors.first() {
-        return Err(bad(error.to_string()));
-    }
-    if let Some((key, _)) = result.missing.first() {
-        return Err(bad(format!("missing tensor '{key}'")));
-    }
-    if !result.unused.is_empty() {
-        return Err(bad(format!("unexpected tensor(s) {:?}", result.unused)));
-    }
+    apply(&mut adapter, &manifest.weights)?;
     adapter.check_compatible_sizes(model)?;
     Ok(adapter)
 }
 
-/// Compares the configuration's parameter count with the tensor file's header before anything
-/// is allocated, so a corrupt size in the configuration is an error rather than an abort.
-fn check_sizes(
-    config: &MultimodalAdaptionPromptConfig,
-    model: &LlamaConfig,
-    weights: &Path,
-) -> Result<()> {
-    config.validate(model)?;
-    let too_large = config
+/// [`MultimodalAdaptionPromptConfig::num_trainable_parameters`] with checked arithmetic (the
+/// configuration is read from a file); `None` on overflow.
+fn parameters(config: &MultimodalAdaptionPromptConfig, model: &LlamaConfig) -> Option<usize> {
+    let width = model.hidden_size;
+    let prompt = adaption_prompt_parameters(&config.adaption_prompt, model)?;
+    let first = config
         .feature_layers
         .len()
-        .checked_mul(config.visual_hidden_size)
-        .and_then(|w| w.checked_mul(model.hidden_size))
-        .is_none();
-    let mut tensors = peft_llama::weights::TensorMap::new(weights.display().to_string());
-    tensors.add_safetensors(weights)?;
-    let found: usize = tensors
-        .keys()
-        .map(|k| {
-            tensors
-                .shape(k)
-                .unwrap_or_default()
-                .iter()
-                .product::<usize>()
-        })
-        .sum();
-    if too_large || found != config.num_trainable_parameters(model) {
-        return Err(VisionError::Format {
-            path: weights.into(),
-            message: format!(
-                "holds {found} values, the configuration needs {}",
-                if too_large {
-                    "more than can be addressed".to_string()
-                } else {
-                    config.num_trainable_parameters(model).to_string()
-                }
-            ),
-        });
-    }
-    Ok(())
+        .checked_mul(config.visual_hidden_size)?
+        .checked_add(1)?
+        .checked_mul(width)?;
+    let second = width.checked_add(1)?.checked_mul(width)?;
+    prompt.checked_add(first)?.checked_add(second)
 }
 
 impl<B: Backend> MultimodalAdaptionPrompt<B> {

@@ -286,3 +286,44 @@ fn features_of_the_wrong_batch_are_an_error() {
     let error = adapter.hooks_with_image(&base, features, 2).err().unwrap();
     assert!(error.to_string().contains("[2, 32]"), "{error}");
 }
+
+#[test]
+fn corrupt_multimodal_manifests_are_errors_naming_the_problem() {
+    let base = base::<B>();
+    let device = Default::default();
+    let adapter: MultimodalAdaptionPrompt<B> =
+        config(vec![1]).init::<B>(&base.config, &device).unwrap();
+    let dir = std::env::temp_dir().join(format!("peft-vision-corrupt-{}", std::process::id()));
+    save_multimodal(&adapter, &base.config, &dir).unwrap();
+    let manifest_path = dir.join(peft_core::native_format::CONFIG_FILE);
+    let original: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let load_with = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut manifest = original.clone();
+        edit(&mut manifest);
+        std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+        load_multimodal::<B>(&dir, &base.config, &device)
+            .err()
+            .expect("refused")
+            .to_string()
+    };
+    // A visual width whose projection cannot be addressed: an error before any allocation.
+    let error =
+        load_with(&|m| m["config"]["visual_hidden_size"] = serde_json::json!(usize::MAX / 2));
+    assert!(
+        error.contains("more values than this machine can address"),
+        "{error}"
+    );
+    // A plausible but wrong width: the tensor file's header disagrees.
+    let error = load_with(&|m| m["config"]["visual_hidden_size"] = serde_json::json!(64));
+    assert!(
+        error.contains("holds") && error.contains("values"),
+        "{error}"
+    );
+    // Another adapter kind and another model are named as such.
+    let error = load_with(&|m| m["peft_type"] = serde_json::json!("LORA"));
+    assert!(error.contains("not a multimodal adapter"), "{error}");
+    let error = load_with(&|m| m["model"]["hidden_size"] = serde_json::json!(4096));
+    assert!(error.contains("adapter made for a model with"), "{error}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
