@@ -303,8 +303,7 @@ fn corrupt_multimodal_manifests_are_errors_naming_the_problem() {
         edit(&mut manifest);
         std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
         load_multimodal::<B>(&dir, &base.config, &device)
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string()
     };
     // A visual width whose projection cannot be addressed: an error before any allocation.
