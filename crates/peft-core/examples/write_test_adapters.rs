@@ -20,12 +20,13 @@
 //! and in each of them `logits.safetensors` (`logits` `[2, 7, vocab]` for the fixture's
 //! `inputs.safetensors`, every position). `OUT_DIR/manifest.json` lists the cases.
 
+use peft_core::Randomise;
 use std::path::{Path, PathBuf};
 
 use burn::backend::NdArray;
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::Module;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::Tensor;
 use peft_core::peft_format::safetensors_bytes;
 use peft_core::{
     host_values, save_adapter, AdapterFormat, AdaptionPromptConfig, AnyAdapter, GateActivation,
@@ -38,26 +39,6 @@ use serde_json::json;
 type B = NdArray<f32>;
 
 const MODELS: [&str; 2] = ["tiny-mha", "tiny-gqa"];
-
-/// Replaces every parameter by N(0, std²) noise, keeping whether it is trainable.
-struct Randomise(f64);
-
-impl<Bk: Backend> ModuleMapper<Bk> for Randomise {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<Bk, D>>) -> Param<Tensor<Bk, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let noise = Tensor::random(
-            tensor.shape(),
-            Distribution::Normal(0.0, self.0),
-            &tensor.device(),
-        );
-        let noise = if tensor.is_require_grad() {
-            noise.require_grad()
-        } else {
-            noise
-        };
-        Param::from_mapped_value(id, noise, mapper)
-    }
-}
 
 fn repository() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")

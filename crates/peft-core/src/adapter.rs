@@ -4,7 +4,7 @@ use std::fmt;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{Distribution, Tensor};
 use peft_llama::{LayerHooks, Llama, LlamaConfig};
 
 use crate::error::Result;
@@ -111,4 +111,36 @@ pub fn gradients_as_module<B: AutodiffBackend, M: AutodiffModule<B>>(
     grads: &B::Gradients,
 ) -> M::InnerModule {
     module.clone().map(&mut GradientMapper { grads }).valid()
+}
+
+/// A [`ModuleMapper`] that replaces every parameter by N(0, std²) noise (`Randomise(std)`),
+/// keeping whether each is trainable: an adapter whose zero-initialised parts (gates, LoRA's B)
+/// are open, for tests, benchmarks and file round trips.
+///
+/// ```
+/// use burn::module::Module;
+/// # type B = burn::backend::NdArray<f32>;
+/// # let model = peft_llama::LlamaConfig::new(32, 16, 24, 2, 4, 2, 4);
+/// let lora = peft_core::LoraConfig::new().init::<B>(&model, &Default::default())?;
+/// let lora = lora.map(&mut peft_core::Randomise(0.1));
+/// # Ok::<(), peft_core::PeftError>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Randomise(pub f64);
+
+impl<B: Backend> ModuleMapper<B> for Randomise {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let noise = Tensor::random(
+            tensor.shape(),
+            Distribution::Normal(0.0, self.0),
+            &tensor.device(),
+        );
+        let noise = if tensor.is_require_grad() {
+            noise.require_grad()
+        } else {
+            noise
+        };
+        Param::from_mapped_value(id, noise, mapper)
+    }
 }

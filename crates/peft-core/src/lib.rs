@@ -36,7 +36,7 @@ pub mod peft_model;
 pub mod prefix;
 pub mod torch_pickle;
 
-pub use adapter::{gradients_as_module, host_values, Adapter, NamedTensor, PeftMethod};
+pub use adapter::{gradients_as_module, host_values, Adapter, NamedTensor, PeftMethod, Randomise};
 pub use adapter_files::{detect_format, load_adapter, save_adapter, AdapterFormat};
 pub use adaption_prompt::{
     AdaptionPrompt, AdaptionPromptConfig, GateActivation, GateInit, GateShape,

@@ -8,13 +8,13 @@
 #[path = "../../peft-llama/tests/common/mod.rs"]
 mod common;
 
+use peft_core::Randomise;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::backend::NdArray;
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor, TensorData};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Tensor, TensorData};
 use common::{fixtures, inputs, stories260k};
 use peft_core::official_format::{load_official, save_official};
 use peft_core::peft_format::safetensors_bytes;
@@ -82,26 +82,6 @@ fn tokens(model: &LlamaConfig) -> TokenBatch {
         inputs("tiny-mha")
     } else {
         TokenBatch::right_padded(&[vec![1, 403, 407, 261, 378, 432], vec![1, 261, 376]], 0).unwrap()
-    }
-}
-
-/// Replaces every parameter by N(0, std²) noise, keeping whether it is trainable.
-struct Randomise(f64);
-
-impl<Bk: Backend> ModuleMapper<Bk> for Randomise {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<Bk, D>>) -> Param<Tensor<Bk, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let noise = Tensor::random(
-            tensor.shape(),
-            Distribution::Normal(0.0, self.0),
-            &tensor.device(),
-        );
-        let noise = if tensor.is_require_grad() {
-            noise.require_grad()
-        } else {
-            noise
-        };
-        Param::from_mapped_value(id, noise, mapper)
     }
 }
 

@@ -4,11 +4,12 @@
 mod common;
 
 use burn::backend::{Autodiff, NdArray};
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::Tensor;
 use common::{assert_close, fixtures, stories260k};
 use peft_core::peft_format::load_peft;
+use peft_core::Randomise;
 use peft_core::{
     Adapter, AdaptionPromptConfig, AnyAdapter, GateShape, LoraConfig, PeftError, PeftMethod,
     PeftModel, PrefixTuningConfig,
@@ -32,25 +33,6 @@ fn tokens() -> TokenBatch {
 
 fn host<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
-}
-
-/// Replaces every parameter by N(0, std²) noise, so zero-initialised parts become non-zero.
-struct Randomise(f64);
-impl<Bk: Backend> ModuleMapper<Bk> for Randomise {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<Bk, D>>) -> Param<Tensor<Bk, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let noise = Tensor::random(
-            tensor.shape(),
-            Distribution::Normal(0.0, self.0),
-            &tensor.device(),
-        );
-        let noise = if tensor.is_require_grad() {
-            noise.require_grad()
-        } else {
-            noise
-        };
-        Param::from_mapped_value(id, noise, mapper)
-    }
 }
 
 fn all_methods<Bk: Backend>(config: &LlamaConfig, randomise: bool) -> Vec<AnyAdapter<Bk>> {

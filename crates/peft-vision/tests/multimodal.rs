@@ -3,10 +3,11 @@
 //! output once the gates open, eq. 10 holds (the image shifts every prompt by the projected
 //! feature), only prompts, gates and projection receive gradients, and files round-trip.
 
+use peft_core::Randomise;
 use std::path::PathBuf;
 
 use burn::backend::{Autodiff, NdArray};
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor, TensorData};
 use peft_core::{Adapter, AdaptionPrompt, AdaptionPromptConfig};
@@ -61,25 +62,6 @@ fn config(layers: Vec<usize>) -> MultimodalAdaptionPromptConfig {
         layers,
         32,
     )
-}
-
-/// Replaces every parameter by N(0, std²) noise, so the zero gates open.
-struct Randomise(f64);
-impl<Bk: Backend> ModuleMapper<Bk> for Randomise {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<Bk, D>>) -> Param<Tensor<Bk, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let noise = Tensor::random(
-            tensor.shape(),
-            Distribution::Normal(0.0, self.0),
-            &tensor.device(),
-        );
-        let noise = if tensor.is_require_grad() {
-            noise.require_grad()
-        } else {
-            noise
-        };
-        Param::from_mapped_value(id, noise, mapper)
-    }
 }
 
 #[test]
