@@ -192,17 +192,12 @@ where
             )));
         }
         let own = work.remove(0);
-        for (rank, (worker, work)) in self.workers.iter().zip(work).enumerate() {
-            let job = Job::Step {
-                adapter: adapter.clone(),
-                work,
-                seed: seed.wrapping_add(((rank + 1) as u64) << 32),
-            };
-            if let Err(e) = self.send(rank, worker, job) {
-                self.poisoned = true;
-                return Err(e);
-            }
-        }
+        let mut shards = work.into_iter();
+        self.dispatch(|rank| Job::Step {
+            adapter: adapter.clone(),
+            work: shards.next().unwrap_or_default(),
+            seed: seed.wrapping_add(((rank + 1) as u64) << 32),
+        })?;
         B::seed(&base.device(), seed);
         let (grads, mut outcome) = replica_gradients(base, adapter, &own);
         if self.workers.is_empty() {
@@ -236,38 +231,45 @@ where
             return Ok(0.0);
         }
         let rounds = rounds.max(1);
+        let device = self.devices[0].clone();
+        let sync =
+            || B::sync(&device).map_err(|e| TrainError::parallel(format!("device sync: {e:?}")));
         let mut total = 0.0;
         for _ in 0..rounds {
-            for (rank, worker) in self.workers.iter().enumerate() {
-                let job = Job::ReduceOnly {
-                    adapter: adapter.clone(),
-                };
-                if let Err(e) = self.send(rank, worker, job) {
-                    self.poisoned = true;
-                    return Err(e);
-                }
-            }
-            let device = &self.devices[0];
-            B::sync(device).map_err(|e| TrainError::parallel(format!("device sync: {e:?}")))?;
+            // Before the workers are given anything: an error here leaves none of them waiting.
+            sync()?;
+            self.dispatch(|_| Job::ReduceOnly {
+                adapter: adapter.clone(),
+            })?;
             let started = Instant::now();
-            let grads = reduce(ROOT, adapter, GradientsParams::new());
-            B::sync(device).map_err(|e| TrainError::parallel(format!("device sync: {e:?}")))?;
+            let reduced = reduce(ROOT, adapter, GradientsParams::new());
+            let synced = sync();
             total += started.elapsed().as_secs_f64();
-            let outcome = Outcome {
-                error: grads.err(),
+            self.collect(Outcome {
+                error: reduced.err().or(synced.err()),
                 ..Outcome::default()
-            };
-            self.collect(outcome)?;
+            })?;
         }
         Ok(total / rounds as f64)
     }
 
-    fn send(&self, rank: usize, worker: &Worker<A>, job: Job<A>) -> Result<()> {
-        worker
-            .jobs
-            .as_ref()
-            .and_then(|jobs| jobs.send(job).ok())
-            .ok_or_else(|| TrainError::parallel(format!("replica {} has stopped", rank + 1)))
+    /// Sends every worker its job (`job(index)`, index 0 being replica 1); a worker that has
+    /// stopped poisons the session, since the others may now wait for it in the collective.
+    fn dispatch(&mut self, mut job: impl FnMut(usize) -> Job<A>) -> Result<()> {
+        for (index, worker) in self.workers.iter().enumerate() {
+            let sent = worker
+                .jobs
+                .as_ref()
+                .is_some_and(|jobs| jobs.send(job(index)).is_ok());
+            if !sent {
+                self.poisoned = true;
+                return Err(TrainError::parallel(format!(
+                    "replica {} has stopped",
+                    index + 1
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Waits for every worker's outcome; adds them to `own` and returns the first error, the
