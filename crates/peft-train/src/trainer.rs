@@ -278,8 +278,9 @@ where
         ));
     }
     // One micro-batch of the plan is `devices` shards of `batch_size` examples.
+    let examples_per_micro_batch = config.batch_size * config.devices;
     let mut batching = config.batching.clone();
-    batching.batch_size = config.batch_size * config.devices;
+    batching.batch_size = examples_per_micro_batch;
     batching.seed = config.seed;
     let batcher = batching.init()?;
     let micro_batches_per_epoch = batcher.num_batches(train.len());
@@ -301,7 +302,7 @@ where
 
     let mut adapter = adapter;
     let mut position = TrainPosition {
-        examples_per_micro_batch: config.batch_size * config.devices,
+        examples_per_micro_batch,
         ..TrainPosition::default()
     };
     let mut resumed_from = None;
@@ -315,21 +316,21 @@ where
             })?;
             optimizer.load_state(&adapter, &checkpoint.optimizer)?;
             position = checkpoint.position;
-            let planned = config.batch_size * config.devices;
             if position.examples_per_micro_batch != 0
-                && position.examples_per_micro_batch != planned
+                && position.examples_per_micro_batch != examples_per_micro_batch
             {
                 // The data position indexes micro-batches of the saved size.
                 return Err(TrainError::config(
                     "resume",
                     format!(
                         "the checkpoint was written with {} examples per micro-batch (batch size \
-                         × devices) and this run has {planned}; resume with the same product",
+                         × devices) and this run has {examples_per_micro_batch}; resume with the \
+                         same product",
                         position.examples_per_micro_batch
                     ),
                 ));
             }
-            position.examples_per_micro_batch = planned;
+            position.examples_per_micro_batch = examples_per_micro_batch;
             resumed_from = Some(position.step);
         }
     }
