@@ -3,7 +3,7 @@
 use std::path::Path;
 
 mod common;
-use common::{peft, scratch};
+use common::{assert_success, peft, scratch};
 
 fn train(output: &Path, extra: &[&str]) -> std::process::Output {
     let mut command = peft();
@@ -57,11 +57,7 @@ fn two_cpu_replicas_of_batch_2_train_the_adapter_of_one_device_with_batch_4() {
     let one = dir.join("one");
     let two = dir.join("two");
     let out = train(&one, &["--batch-size", "4", "--max-steps", "4"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let out = train(
         &two,
         &[
@@ -115,11 +111,7 @@ fn two_cpu_replicas_of_batch_2_train_the_adapter_of_one_device_with_batch_4() {
     assert!(two.join("checkpoints/latest").exists());
     // 4 × 1 on one device is the same plan: resuming continues.
     let out = train(&two, &["--batch-size", "4", "--resume", "--max-steps", "5"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{adapter_bytes, peft, scratch};
+use common::{adapter_bytes, assert_success, peft, scratch};
 
 /// Short Alpaca records, so that steps are fast on the CPU.
 fn small_dataset(dir: &Path) -> PathBuf {
@@ -178,11 +178,7 @@ fn eval_loss(data: &Path, adapter: Option<&Path>) -> f64 {
         command.args(["--adapter", adapter.to_str().unwrap()]);
     }
     let result = command.output().unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    assert_success(&result);
     let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
     report["loss"].as_f64().unwrap()
 }
@@ -196,11 +192,7 @@ fn prefixes_initialised_from_text_start_at_the_base_model() {
     args.extend(["--prefix-init", "text", "--max-steps", "1"].map(String::from));
     // The first step of the warm-up has learning rate 0: the saved prefixes are the initial ones.
     let result = peft().args(&args).output().unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    assert_success(&result);
     let validation = output.join("validation.json");
     let base = eval_loss(&validation, None);
     let adapted = eval_loss(&validation, Some(&output.join("adapter")));
@@ -265,11 +257,7 @@ fn multimodal_training_and_generation_with_an_image_run_from_the_cli() {
         .arg(&output)
         .output()
         .unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    assert_success(&result);
     let adapter = output.join("adapter");
     assert!(adapter.is_dir(), "adapter written");
     let result = peft()
@@ -288,11 +276,7 @@ fn multimodal_training_and_generation_with_an_image_run_from_the_cli() {
         .arg(&image)
         .output()
         .unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    assert_success(&result);
     assert!(!result.stdout.is_empty(), "generation printed something");
     // An image without the multimodal adapter's vision tower is refused by the argument parser.
     let result = peft()

@@ -2,7 +2,7 @@
 #![allow(dead_code)] // each test binary uses some of the helpers
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 /// The `peft` binary under test.
 pub fn peft() -> Command {
@@ -32,4 +32,14 @@ pub fn adapter_bytes(output: &Path) -> Vec<(String, Vec<u8>)> {
         .collect();
     files.sort();
     files
+}
+
+/// Fails the test, showing the command's stderr, unless it exited successfully.
+#[track_caller]
+pub fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
