@@ -54,18 +54,17 @@ pub fn parse_device(name: &str) -> Result<burn::tensor::Device<Inference>, Strin
     }
 }
 
-/// Refuses a device named twice where devices are distinct (CUDA): two replicas on one GPU
-/// would only compete for it. The CPU build has one device, which every replica shares.
-pub fn check_distinct(names: &[String]) -> Result<(), String> {
-    if cfg!(feature = "cuda") {
-        let mut seen = Vec::new();
-        for name in names {
-            let device = format!("{:?}", parse_device(name)?);
-            if seen.contains(&device) {
-                return Err(format!("--devices: `{name}` is named twice"));
-            }
-            seen.push(device);
+/// The devices of `--devices`, each parsed once ([`parse_device`]). A device named twice is
+/// refused where devices are distinct (CUDA): two replicas on one GPU would only compete for it.
+/// The CPU build has one device, which every replica shares.
+pub fn parse_devices(names: &[String]) -> Result<Vec<burn::tensor::Device<Inference>>, String> {
+    let mut devices = Vec::with_capacity(names.len());
+    for name in names {
+        let device = parse_device(name)?;
+        if cfg!(feature = "cuda") && devices.contains(&device) {
+            return Err(format!("--devices: `{name}` is named twice"));
         }
+        devices.push(device);
     }
-    Ok(())
+    Ok(devices)
 }

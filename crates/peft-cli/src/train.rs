@@ -11,7 +11,7 @@ use peft_train::{
     AdamWConfig, BatchStrategy, BatchingConfig, Example, StepMetrics, TrainObserver, TrainerConfig,
 };
 
-use crate::backend::{check_distinct, device, parse_device, Training};
+use crate::backend::{device, parse_devices, Training};
 use crate::model_args::{default_model_dir, AdapterChoice};
 use crate::AnyResult;
 
@@ -226,13 +226,7 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
     let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
     let devices = match &args.devices {
         Some(names) if names.is_empty() => return Err("--devices names no device".into()),
-        Some(names) => {
-            check_distinct(names)?;
-            names
-                .iter()
-                .map(|n| parse_device(n))
-                .collect::<Result<Vec<_>, _>>()?
-        }
+        Some(names) => parse_devices(names)?,
         None => vec![device()],
     };
     if let Some(vision_dir) = &args.vision_model {
