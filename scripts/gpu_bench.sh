@@ -7,12 +7,15 @@
 #   .gpu/peft         stripped `peft` binary built with --features cuda
 #   .gpu/train_bench  stripped `train_bench` example built with --features cuda
 #   .gpu/peft-*.whl   the PEFT wheel (`pip download --no-deps peft`)
+#   .gpu/matmul_test  (for `matmul-test`) peft-llama's tests/matmul.rs built with --features cuda
 # Writes to $OUT (default ./gpu-out) results.jsonl, check-f32.jsonl, check-bf16.jsonl,
 # nvidia-smi.txt and logs.tgz (every process's stdout, stderr and memory samples); the device
 # tool brings back at most 8 files, so intermediate files stay in $WORK.
 #
 # Environment: PRESET (llama-7b), DTYPE (bf16), BATCH (4), SEQ (512), STEPS (10),
-# WHAT (a space-separated subset of: check ours decode-ours base decode-base scale dp-check),
+# WHAT (a space-separated subset of: matmul-test check ours ours-burn decode-ours base
+# decode-base scale dp-check; `ours-burn` is `ours` for adaption prompt with PEFT_CUBLAS=0,
+# `ours-host` with PEFT_CUBLAS_SYNC=host),
 # SCALE_DEVICES (device counts for `scale`, default "1 2 4" capped at the GPUs present),
 # SCALE_METHODS (methods for `scale`, default adaption-prompt),
 # CHECK_MODELS (fixture models checked, default all three).
@@ -20,6 +23,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # NVLink multicast stays off (the device tool's KINDS.md says why).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# cuBLAS is loaded at run time (crates/peft-llama/src/cublas.rs): the CUDA toolkit's folder.
+for lib in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -d "$lib" ] && export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
 OUT=${OUT:-gpu-out}
 WORK=${WORK:-/tmp/gpu-bench-work}
 mkdir -p "$OUT" "$WORK/logs"
@@ -76,6 +83,20 @@ for d in lines:
 
 for what in $WHAT; do
     case $what in
+    matmul-test)
+        # The cuBLAS products and their gradients against an f64 host reference.
+        timeout 120 .gpu/matmul_test --nocapture --test-threads 1 > "$OUT/matmul-test.txt" 2>&1
+        echo "matmul-test: rc=$? $(grep -c 'max |error|' "$OUT/matmul-test.txt") comparisons"
+        ;;
+    ours-burn)
+        PEFT_CUBLAS=0 measure ours-burn-train-adaption-prompt .gpu/train_bench --preset "$PRESET" \
+            --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" train adaption-prompt
+        ;;
+    ours-host)
+        PEFT_CUBLAS_SYNC=host measure ours-host-train-adaption-prompt .gpu/train_bench \
+            --preset "$PRESET" --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" \
+            train adaption-prompt
+        ;;
     check)
         python3 scripts/check_logits.py --peft .gpu/peft --out "$WORK/check" --dtype f32 \
             --models ${CHECK_MODELS:-tiny-mha tiny-gqa tiny-headdim} \

@@ -73,6 +73,42 @@ fn main() {
     let w_vocab = random([d, v], dtype);
     let mm = |m: f64, n: f64, k: f64| 2.0 * m * n * k;
 
+    // The product the model uses (`peft_llama::model::matmul`: cuBLAS on the CUDA build unless
+    // PEFT_CUBLAS=0), each call including its stream synchronisations.
+    let w_sq_t = random([d, d], dtype).transpose();
+    time(
+        "model::matmul [2048,4096]x[4096,4096]^T",
+        mm(rows, d as f64, d as f64),
+        || {
+            let _ = peft_llama::model::matmul(x2.clone(), w_sq_t.clone());
+        },
+    );
+    let w_up_t0 = random([f, d], dtype).transpose();
+    time(
+        "model::matmul [2048,4096]x[11008,4096]^T",
+        mm(rows, f as f64, d as f64),
+        || {
+            let _ = peft_llama::model::matmul(x2.clone(), w_up_t0.clone());
+        },
+    );
+    // What a launch and a device synchronisation cost the host: 100 additions of 16 numbers
+    // (the GPU work is negligible), without and with a synchronisation after each.
+    let tiny = random([16], DType::F32);
+    time("launch: 100 adds of [16]", 0.0, || {
+        let mut t = tiny.clone();
+        for _ in 0..100 {
+            t = t + 1.0;
+        }
+    });
+    let device = Default::default();
+    time("launch+sync: 100 x (add of [16], sync)", 0.0, || {
+        let mut t = tiny.clone();
+        for _ in 0..100 {
+            t = t + 1.0;
+            Inner::sync(&device).expect("sync");
+        }
+    });
+
     time(
         "matmul [4,512,4096]x[4096,4096] (Linear, broadcast)",
         mm(rows, d as f64, d as f64),

@@ -244,6 +244,16 @@ fn report(args: &Args, name: &str, trainable: usize, seconds: f64, loss: f32) {
     report_with(args, name, trainable, seconds, loss, serde_json::json!({}));
 }
 
+/// Which product the projections and attention use: cuBLAS (CUDA build, unless `PEFT_CUBLAS=0`
+/// or the library is missing) or the backend's own.
+fn matmul_route() -> &'static str {
+    #[cfg(feature = "cuda")]
+    if peft_llama::cublas::enabled() {
+        return "cublas";
+    }
+    "burn"
+}
+
 /// One JSON line; `extra`'s fields are added to the common ones.
 fn report_with(
     args: &Args,
@@ -260,7 +270,7 @@ fn report_with(
         "batch": args.batch, "seq": args.seq, "steps": args.steps, "devices": devices,
         "trainable": trainable, "ms_per_step": seconds * 1e3,
         "tokens_per_second": tokens / seconds, "last_loss": loss,
-        "backend": Inner::name(&Default::default()),
+        "backend": Inner::name(&Default::default()), "matmul": matmul_route(),
     });
     if let (Some(line), serde_json::Value::Object(extra)) = (line.as_object_mut(), extra) {
         line.extend(extra);
@@ -344,7 +354,7 @@ fn main() {
                     "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                     "ms_per_token": seconds * 1e3 / *new_tokens as f64,
                     "tokens_per_second": *new_tokens as f64 / seconds,
-                    "backend": Inner::name(&device),
+                    "backend": Inner::name(&device), "matmul": matmul_route(),
                 })
             );
         }

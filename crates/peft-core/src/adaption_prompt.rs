@@ -262,12 +262,12 @@ impl<B: Backend> LayerHooks<B> for PreparedPrompts<B> {
         let keys = keys.clone().expand([batch, heads, prompt_len, head_dim]);
         let values = values.clone().expand([batch, heads, prompt_len, head_dim]);
         let dtype = queries.dtype();
-        let scores = queries.clone().matmul(keys.swap_dims(2, 3)) * self.scale;
+        let scores = peft_llama::model::matmul(queries.clone(), keys.swap_dims(2, 3)) * self.scale;
         // The prompt softmax runs in f32 like the main one; the gate scales probabilities.
         let probabilities = softmax(upcast(scores), 3);
         let gate = cast_to(gate.clone(), probabilities.dtype());
         let weights = cast_to(probabilities * gate, dtype);
-        Some(weights.matmul(values))
+        Some(peft_llama::model::matmul(weights, values))
     }
 
     fn first_adapted_layer(&self) -> Option<usize> {

@@ -5,9 +5,8 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
-use burn::tensor::module::linear;
 use burn::tensor::{backend::Backend, Distribution, Tensor};
-use peft_llama::model::{cast_to, upcast};
+use peft_llama::model::{cast_to, matmul, upcast};
 use peft_llama::{LayerHooks, Llama, LlamaConfig, Projection};
 
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
@@ -198,15 +197,15 @@ impl<B: Backend> LoraLinear<B> {
         // One 2-D product per factor (see `peft_llama::model::linear_rows`).
         let [batch, seq, width] = x.dims();
         let rows = self.dropout.forward(x).reshape([batch * seq, width]);
-        let low = linear(rows, lora_a, None);
-        let delta = linear(low, self.lora_b.val(), None) * scaling;
+        let low = matmul(rows, lora_a);
+        let delta = matmul(low, self.lora_b.val()) * scaling;
         let [_, out] = delta.dims();
         cast_to(delta.reshape([batch, seq, out]), dtype)
     }
 
     /// The dense update `scaling · A B` `[in, out]` in f32.
     pub fn dense_delta(&self, scaling: f64) -> Tensor<B, 2> {
-        self.lora_a.val().matmul(self.lora_b.val()) * scaling
+        matmul(self.lora_a.val(), self.lora_b.val()) * scaling
     }
 }
 

@@ -13,6 +13,8 @@
 
 pub mod cache;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cublas;
 pub mod error;
 pub mod generate;
 pub mod hooks;

@@ -39,9 +39,24 @@ impl<B: Backend> RmsNorm<B> {
 /// 87 (bf16, LLaMA-7B shapes, H100; `examples/op_profile.rs`). The result is the same.
 pub fn linear_rows<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [batch, seq, width] = x.dims();
-    let output = linear.forward(x.reshape([batch * seq, width]));
+    let rows = x.reshape([batch * seq, width]);
+    let output = match &linear.bias {
+        None => matmul(rows, linear.weight.val()),
+        Some(_) => linear.forward(rows),
+    };
     let [_, out] = output.dims();
     output.reshape([batch, seq, out])
+}
+
+/// `a.matmul(b)`; on the CUDA backend, products with the same leading dimensions go to cuBLAS
+/// (see `cublas.rs`, built with the `cuda` feature).
+pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "cuda")]
+    let (a, b) = match crate::cublas::matmul(a, b) {
+        Ok(product) => return product,
+        Err(operands) => operands,
+    };
+    a.matmul(b)
 }
 
 /// Casts half-precision tensors (f16, bf16) to f32 for reductions; f32 and f64 stay as they are.
@@ -162,12 +177,12 @@ impl<B: Backend> Attention<B> {
         let values = repeat_kv(values, n_rep);
         let dtype = queries.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut scores = queries.clone().matmul(keys.swap_dims(2, 3)) * scale;
+        let mut scores = matmul(queries.clone(), keys.swap_dims(2, 3)) * scale;
         if let Some(mask) = &context.mask {
             scores = scores.mask_fill(mask.clone(), mask_value(dtype));
         }
         let probabilities = cast_to(softmax(upcast(scores), 3), dtype);
-        let mut output = probabilities.matmul(values);
+        let mut output = matmul(probabilities, values);
         if let Some(branch) = hooks.attention_branch(layer, &queries) {
             output = output + branch;
         }
@@ -502,10 +517,11 @@ impl<B: Backend> Llama<B> {
             Some(head) => linear_rows(head, hidden),
             None => {
                 let [batch, seq, width] = hidden.dims();
-                hidden
-                    .reshape([batch * seq, width])
-                    .matmul(self.embed_tokens.val().transpose())
-                    .reshape([batch, seq, self.config.vocab_size])
+                matmul(
+                    hidden.reshape([batch * seq, width]),
+                    self.embed_tokens.val().transpose(),
+                )
+                .reshape([batch, seq, self.config.vocab_size])
             }
         }
     }
