@@ -15,7 +15,7 @@
 # Environment: PRESET (llama-7b), DTYPE (bf16), BATCH (4), SEQ (512), STEPS (10),
 # WHAT (a space-separated subset of: matmul-test check ours ours-burn decode-ours base
 # decode-base scale dp-check; `ours-burn` is `ours` for adaption prompt with PEFT_CUBLAS=0,
-# `ours-host` with PEFT_CUBLAS_SYNC=host),
+# Burn's own CUDA matmul),
 # SCALE_DEVICES (device counts for `scale`, default "1 2 4" capped at the GPUs present),
 # SCALE_METHODS (methods for `scale`, default adaption-prompt),
 # CHECK_MODELS (fixture models checked, default all three).
@@ -91,11 +91,6 @@ for what in $WHAT; do
     ours-burn)
         PEFT_CUBLAS=0 measure ours-burn-train-adaption-prompt .gpu/train_bench --preset "$PRESET" \
             --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" train adaption-prompt
-        ;;
-    ours-host)
-        PEFT_CUBLAS_SYNC=host measure ours-host-train-adaption-prompt .gpu/train_bench \
-            --preset "$PRESET" --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" \
-            train adaption-prompt
         ;;
     check)
         python3 scripts/check_logits.py --peft .gpu/peft --out "$WORK/check" --dtype f32 \

@@ -7,19 +7,20 @@
 //! f32 in true f32 (no TF32). Every other backend, and this one when cuBLAS cannot be loaded
 //! or `PEFT_CUBLAS=0` is set, keeps Burn's own product.
 //!
-//! The model stays generic over `B: Backend`: [`linear`] checks at run time whether `B` is
+//! The model stays generic over `B: Backend`: [`matmul`] checks at run time whether `B` is
 //! `Cuda<f32>` or `Autodiff<Cuda<f32>>` (the two types the CLI builds) and takes this path only
 //! then. Under autodiff the product is one graph node whose backward also runs on cuBLAS
-//! (`dx = dy · wᵀ`, `dw = xᵀ · dy`, each only when needed); it keeps `x` only when the
-//! weight is trainable and the weight only when `x` needs a gradient, so a frozen projection
-//! does not keep its input alive.
+//! (`da = dc · bᵀ`, `db = aᵀ · dc`, each only when needed); it keeps `a` only when `b` needs a
+//! gradient and `b` only when `a` does, so a projection with a frozen weight does not keep its
+//! input alive.
 //!
-//! cuBLAS runs on its own stream, one per thread and device: CubeCL 0.10 does not expose its
-//! stream, so events cannot order the two. They are ordered on the device through two counters
-//! in device memory (see [`Ordering`]): the product starts after CubeCL's earlier kernels and
-//! CubeCL's later kernels (which may read the result or reuse the inputs' memory) start after
-//! the product, without the host waiting. `PEFT_CUBLAS_SYNC=host` orders them on the host
-//! instead (synchronising both streams around each product).
+//! cuBLAS runs on its own stream, one per thread and device. CubeCL 0.10 does not expose its
+//! stream, so events cannot order the two: CubeCL's stream is synchronised before each product
+//! and the cuBLAS stream after it (about 20 µs each on an H100, measured). Ordering on the device
+//! instead was tried and dropped: the driver's `cuStreamWaitValue32` refuses CubeCL's
+//! stream-ordered allocations (`CUDA_ERROR_INVALID_VALUE`), and one-thread spin-waiting kernels
+//! on the two streams hung the GPU (likely cause, not confirmed: CUDA's lazy module loading
+//! waits for running kernels, so a kernel loaded while another spins never starts).
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -39,7 +40,6 @@ use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::prelude::{CubeCount, CubeDim};
 use cudarc::cublas::{result as blas, sys};
 use cudarc::driver::result as driver;
 
@@ -266,181 +266,10 @@ impl Operand {
     }
 }
 
-/// How the cuBLAS stream is ordered with CubeCL's.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Ordering {
-    /// On the device: a one-thread CubeCL kernel stores a counter that a one-thread kernel on
-    /// the cuBLAS stream waits for; after the product a one-thread kernel on the cuBLAS stream
-    /// stores the counter in a second flag, which a one-thread CubeCL kernel waits for. The host
-    /// never waits, so kernel launches keep running ahead of the GPU. (The driver's
-    /// `cuStreamWaitValue32` refuses CubeCL's stream-ordered allocations with
-    /// `CUDA_ERROR_INVALID_VALUE`, hence kernels on both sides.)
-    Device,
-    /// On the host: CubeCL's stream is synchronised before the product and the cuBLAS stream
-    /// after it (`PEFT_CUBLAS_SYNC=host`, or where the cuBLAS-side kernels cannot be built).
-    Host,
-}
-
-fn ordering() -> Ordering {
-    static ORDERING: OnceLock<Ordering> = OnceLock::new();
-    *ORDERING.get_or_init(|| {
-        if std::env::var("PEFT_CUBLAS_SYNC").is_ok_and(|v| v == "host") {
-            Ordering::Host
-        } else {
-            Ordering::Device
-        }
-    })
-}
-
-/// The kernels of [`Ordering::Device`]. Atomic loads compile to `atomicAdd(p, 0)` on CUDA, so
-/// the wait loop reads memory on every iteration.
-mod order {
-    use cubecl::prelude::*;
-
-    #[cube(launch)]
-    pub fn signal(flag: &mut Tensor<Atomic<u32>>, value: u32) {
-        flag[0].store(value);
-    }
-
-    #[cube(launch)]
-    pub fn wait(flag: &Tensor<Atomic<u32>>, value: u32) {
-        loop {
-            if flag[0].load() >= value {
-                break;
-            }
-        }
-    }
-}
-
-/// A counter in device memory, a CubeCL buffer (so CubeCL kernels take it) whose address the
-/// cuBLAS stream's memory operations use.
-struct Flag {
-    tensor: Prim,
-    ptr: u64,
-    /// Keeps the buffer's address valid.
-    _resource: Box<dyn Any>,
-}
-
-impl Flag {
-    fn new(like: &Prim) -> Self {
-        let client = like.client.clone();
-        let tensor = empty_device_contiguous_dtype(
-            client.clone(),
-            like.device.clone(),
-            [1].into(),
-            DType::U32,
-        );
-        let resource = client
-            .get_resource(tensor.handle.clone())
-            .unwrap_or_else(|e| panic!("CubeCL buffer for a cuBLAS flag: {e:?}"));
-        let ptr = resource.resource().ptr;
-        let flag = Self {
-            tensor,
-            ptr,
-            _resource: Box::new(resource),
-        };
-        flag.signal(0);
-        flag
-    }
-
-    /// Stores `value` on CubeCL's stream.
-    fn signal(&self, value: u32) {
-        let t = &self.tensor;
-        order::signal::launch::<CudaRuntime>(
-            &t.client,
-            CubeCount::Static(1, 1, 1),
-            CubeDim::new_1d(1),
-            t.clone().into_tensor_arg(),
-            value,
-        );
-    }
-
-    /// Holds CubeCL's stream until the flag reaches `value`.
-    fn wait(&self, value: u32) {
-        let t = &self.tensor;
-        order::wait::launch::<CudaRuntime>(
-            &t.client,
-            CubeCount::Static(1, 1, 1),
-            CubeDim::new_1d(1),
-            t.clone().into_tensor_arg(),
-            value,
-        );
-    }
-}
-
-/// One cuBLAS handle and stream per thread and device, with the flags ordering it with
-/// CubeCL's stream of this thread.
+/// One cuBLAS handle and stream per thread and device.
 struct Blas {
     handle: sys::cublasHandle_t,
     stream: cudarc::driver::sys::CUstream,
-    /// Set by CubeCL's stream, awaited by cuBLAS's.
-    to_blas: Flag,
-    /// Set by cuBLAS's stream, awaited by CubeCL's.
-    to_cube: Flag,
-    /// Products ordered so far (the flags' latest value).
-    count: u32,
-    /// The cuBLAS-side kernels of [`Ordering::Device`], when they could be built.
-    kernels: Option<StreamKernels>,
-}
-
-/// Source of the cuBLAS-side ordering kernels (compiled once per process with NVRTC, loaded
-/// once per thread and device). `atomicAdd(p, 0)` reads memory on every iteration.
-const STREAM_KERNELS: &str = r#"
-extern "C" __global__ void peft_wait_geq(unsigned int* flag, unsigned int value) {
-    while (atomicAdd(flag, 0u) < value) {}
-}
-extern "C" __global__ void peft_store(unsigned int* flag, unsigned int value) {
-    __threadfence_system();
-    atomicExch(flag, value);
-}
-"#;
-
-/// The loaded kernels of [`STREAM_KERNELS`].
-struct StreamKernels {
-    wait_geq: cudarc::driver::sys::CUfunction,
-    store: cudarc::driver::sys::CUfunction,
-}
-
-impl StreamKernels {
-    /// Compiles (once) and loads the kernels into the current context.
-    fn load() -> Result<Self, String> {
-        static PTX: OnceLock<Result<std::ffi::CString, String>> = OnceLock::new();
-        let ptx = PTX.get_or_init(|| {
-            let ptx = cudarc::nvrtc::compile_ptx(STREAM_KERNELS).map_err(|e| format!("{e:?}"))?;
-            std::ffi::CString::new(ptx.to_src()).map_err(|e| e.to_string())
-        });
-        let ptx = ptx.as_ref().map_err(Clone::clone)?;
-        // SAFETY: a NUL-terminated PTX image; the context is current (`with_blas`).
-        unsafe {
-            let module =
-                driver::module::load_data(ptx.as_ptr().cast()).map_err(|e| e.to_string())?;
-            let function = |name: &str| {
-                driver::module::get_function(module, std::ffi::CString::new(name).expect("name"))
-                    .map_err(|e| e.to_string())
-            };
-            Ok(Self {
-                wait_geq: function("peft_wait_geq")?,
-                store: function("peft_store")?,
-            })
-        }
-    }
-
-    /// Launches `function(flag, value)` with one thread on `stream`.
-    fn launch(
-        function: cudarc::driver::sys::CUfunction,
-        stream: cudarc::driver::sys::CUstream,
-        flag: u64,
-        value: u32,
-    ) {
-        let (mut flag, mut value) = (flag, value);
-        let mut params = [
-            (&mut flag as *mut u64).cast::<c_void>(),
-            (&mut value as *mut u32).cast::<c_void>(),
-        ];
-        // SAFETY: the kernel's parameters are a device pointer and an unsigned int, as given.
-        unsafe { driver::launch_kernel(function, (1, 1, 1), (1, 1, 1), 0, stream, &mut params) }
-            .expect("launch of a cuBLAS ordering kernel");
-    }
 }
 
 thread_local! {
@@ -458,67 +287,31 @@ fn set_context(index: usize) {
     }
 }
 
-fn with_blas<T>(like: &Prim, f: impl FnOnce(&mut Blas) -> T) -> T {
-    set_context(like.device.index);
+fn with_blas<T>(index: usize, f: impl FnOnce(&Blas) -> T) -> T {
+    set_context(index);
     BLAS.with(|cell| {
         let mut map = cell.borrow_mut();
-        let blas = map.entry(like.device.index).or_insert_with(|| {
+        let blas = map.entry(index).or_insert_with(|| {
             let handle = blas::create_handle().expect("cuBLAS handle (cublasCreate)");
             let stream = driver::stream::create(driver::stream::StreamKind::NonBlocking)
                 .expect("CUDA stream for cuBLAS");
             // SAFETY: both were just created in the current context.
             unsafe { blas::set_stream(handle, stream as sys::cudaStream_t) }
                 .expect("cublasSetStream");
-            let kernels = match ordering() {
-                Ordering::Device => StreamKernels::load()
-                    .map_err(|e| {
-                        eprintln!(
-                            "peft: cuBLAS ordering kernels unavailable ({e}); cuBLAS is ordered \
-                             on the host"
-                        )
-                    })
-                    .ok(),
-                Ordering::Host => None,
-            };
-            Blas {
-                handle,
-                stream,
-                to_blas: Flag::new(like),
-                to_cube: Flag::new(like),
-                count: 0,
-                kernels,
-            }
+            Blas { handle, stream }
         });
         f(blas)
     })
 }
 
 /// Runs `product` (enqueued on `blas.stream`) after everything enqueued so far on CubeCL's
-/// stream, and everything CubeCL enqueues afterwards after it.
-fn ordered(blas: &mut Blas, device: &burn::backend::cuda::CudaDevice, product: impl FnOnce(&Blas)) {
-    let Some(kernels) = &blas.kernels else {
-        <Inner as Backend>::sync(device).expect("CUDA stream sync before cuBLAS");
-        product(blas);
-        // SAFETY: a stream of this context.
-        unsafe { driver::stream::synchronize(blas.stream) }.expect("cuBLAS stream sync");
-        return;
-    };
-    let value = blas.count.wrapping_add(1);
-    if value == 0 {
-        // After 2³² products the counter wraps: both flags start again from zero.
-        <Inner as Backend>::sync(device).expect("CUDA stream sync");
-        blas.to_blas.signal(0);
-        blas.to_cube.signal(0);
-        <Inner as Backend>::sync(device).expect("CUDA stream sync");
-        blas.count = 0;
-        return ordered(blas, device, product);
-    }
-    blas.to_blas.signal(value);
-    StreamKernels::launch(kernels.wait_geq, blas.stream, blas.to_blas.ptr, value);
+/// stream, and returns once it is done, so CubeCL's later kernels (which may read the result or
+/// reuse the memory of inputs dropped meanwhile) run after it.
+fn ordered(blas: &Blas, device: &burn::backend::cuda::CudaDevice, product: impl FnOnce(&Blas)) {
+    <Inner as Backend>::sync(device).expect("CUDA stream sync before cuBLAS");
     product(blas);
-    StreamKernels::launch(kernels.store, blas.stream, blas.to_cube.ptr, value);
-    blas.to_cube.wait(value);
-    blas.count = value;
+    // SAFETY: a stream of this context.
+    unsafe { driver::stream::synchronize(blas.stream) }.expect("cuBLAS stream sync");
 }
 
 fn data_type(dtype: DType) -> sys::cudaDataType {
@@ -558,7 +351,7 @@ fn gemm(a: Operand, b: Operand, m: usize, n: usize, k: usize, shape: Vec<usize>)
     let int = |v: usize| i32::try_from(v).expect("matrix dimension fits cuBLAS's int");
     let long = |v: usize| i64::try_from(v).expect("stride fits cuBLAS's long");
     let ty = data_type(dtype);
-    with_blas(&out, |blas| {
+    with_blas(device.index, |blas| {
         ordered(blas, &device, |blas| {
             // SAFETY: the pointers are CubeCL buffers of the shapes, strides and leading
             // dimensions given; `ordered` keeps CubeCL's later kernels (which may reuse the
