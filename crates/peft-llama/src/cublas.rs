@@ -266,8 +266,10 @@ impl Operand {
     }
 }
 
-/// One cuBLAS handle and stream per thread and device.
+/// One cuBLAS handle and stream per thread and device, with the device's primary context (the
+/// one CubeCL uses), retained once.
 struct Blas {
+    context: cudarc::driver::sys::CUcontext,
     handle: sys::cublasHandle_t,
     stream: cudarc::driver::sys::CUstream,
 }
@@ -276,42 +278,36 @@ thread_local! {
     static BLAS: RefCell<HashMap<usize, Blas>> = RefCell::new(HashMap::new());
 }
 
-/// Makes device `index`'s primary context (the one CubeCL uses) current on this thread.
-fn set_context(index: usize) {
-    // SAFETY: the primary context of an existing device (CubeCL already created it); retaining
-    // it again only increments its reference count.
-    unsafe {
-        let device = driver::device::get(index as i32).expect("CUDA device of a tensor exists");
-        let context = driver::primary_ctx::retain(device).expect("primary context of the device");
-        driver::ctx::set_current(context).expect("set the CUDA context current");
-    }
-}
-
+/// Runs `f` with device `index`'s [`Blas`] of this thread (created on first use), its context
+/// current.
 fn with_blas<T>(index: usize, f: impl FnOnce(&Blas) -> T) -> T {
-    set_context(index);
     BLAS.with(|cell| {
         let mut map = cell.borrow_mut();
         let blas = map.entry(index).or_insert_with(|| {
-            let handle = blas::create_handle().expect("cuBLAS handle (cublasCreate)");
-            let stream = driver::stream::create(driver::stream::StreamKind::NonBlocking)
-                .expect("CUDA stream for cuBLAS");
-            // SAFETY: both were just created in the current context.
-            unsafe { blas::set_stream(handle, stream as sys::cudaStream_t) }
-                .expect("cublasSetStream");
-            Blas { handle, stream }
+            // SAFETY: the primary context of an existing device (CubeCL already created it);
+            // retaining it once more keeps it alive for this thread's handle and stream, which
+            // are created in it.
+            unsafe {
+                let device =
+                    driver::device::get(index as i32).expect("CUDA device of a tensor exists");
+                let context =
+                    driver::primary_ctx::retain(device).expect("primary context of the device");
+                driver::ctx::set_current(context).expect("set the CUDA context current");
+                let handle = blas::create_handle().expect("cuBLAS handle (cublasCreate)");
+                let stream = driver::stream::create(driver::stream::StreamKind::NonBlocking)
+                    .expect("CUDA stream for cuBLAS");
+                blas::set_stream(handle, stream as sys::cudaStream_t).expect("cublasSetStream");
+                Blas {
+                    context,
+                    handle,
+                    stream,
+                }
+            }
         });
+        // SAFETY: a context retained above.
+        unsafe { driver::ctx::set_current(blas.context) }.expect("set the CUDA context current");
         f(blas)
     })
-}
-
-/// Runs `product` (enqueued on `blas.stream`) after everything enqueued so far on CubeCL's
-/// stream, and returns once it is done, so CubeCL's later kernels (which may read the result or
-/// reuse the memory of inputs dropped meanwhile) run after it.
-fn ordered(blas: &Blas, device: &burn::backend::cuda::CudaDevice, product: impl FnOnce(&Blas)) {
-    <Inner as Backend>::sync(device).expect("CUDA stream sync before cuBLAS");
-    product(blas);
-    // SAFETY: a stream of this context.
-    unsafe { driver::stream::synchronize(blas.stream) }.expect("cuBLAS stream sync");
 }
 
 fn data_type(dtype: DType) -> sys::cudaDataType {
@@ -351,44 +347,46 @@ fn gemm(a: Operand, b: Operand, m: usize, n: usize, k: usize, shape: Vec<usize>)
     let int = |v: usize| i32::try_from(v).expect("matrix dimension fits cuBLAS's int");
     let long = |v: usize| i64::try_from(v).expect("stride fits cuBLAS's long");
     let ty = data_type(dtype);
+    // The inputs are written by CubeCL's stream: wait for it. The cuBLAS stream is waited for
+    // after the product, so CubeCL's later kernels (which may read the result, or reuse the
+    // inputs' memory once their tensors are dropped) run after it.
+    <Inner as Backend>::sync(&device).expect("CUDA stream sync before cuBLAS");
     with_blas(device.index, |blas| {
-        ordered(blas, &device, |blas| {
-            // SAFETY: the pointers are CubeCL buffers of the shapes, strides and leading
-            // dimensions given; `ordered` keeps CubeCL's later kernels (which may reuse the
-            // inputs' memory once their tensors are dropped) behind the product.
-            unsafe {
-                blas::gemm_strided_batched_ex(
-                    blas.handle,
-                    op(&b),
-                    op(&a),
-                    int(n),
-                    int(m),
-                    int(k),
-                    (&alpha as *const f32).cast::<c_void>(),
-                    pb as *const c_void,
-                    ty,
-                    int(b.ld),
-                    long(b.batch_stride),
-                    pa as *const c_void,
-                    ty,
-                    int(a.ld),
-                    long(a.batch_stride),
-                    (&beta as *const f32).cast::<c_void>(),
-                    pc as *mut c_void,
-                    ty,
-                    int(n),
-                    long(m * n),
-                    int(batch),
-                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        // SAFETY: the pointers are CubeCL buffers (held by `ra`, `rb`, `rc`) of the shapes,
+        // strides and leading dimensions given; the stream is synchronised before they go.
+        unsafe {
+            blas::gemm_strided_batched_ex(
+                blas.handle,
+                op(&b),
+                op(&a),
+                int(n),
+                int(m),
+                int(k),
+                (&alpha as *const f32).cast::<c_void>(),
+                pb as *const c_void,
+                ty,
+                int(b.ld),
+                long(b.batch_stride),
+                pa as *const c_void,
+                ty,
+                int(a.ld),
+                long(a.batch_stride),
+                (&beta as *const f32).cast::<c_void>(),
+                pc as *mut c_void,
+                ty,
+                int(n),
+                long(m * n),
+                int(batch),
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cublasGemmStridedBatchedEx {batch} x [{m}, {k}] x [{k}, {n}] {dtype:?}: {e:?}"
                 )
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "cublasGemmStridedBatchedEx {batch} x [{m}, {k}] x [{k}, {n}] {dtype:?}: {e:?}"
-                    )
-                });
-            }
-        })
+            });
+            driver::stream::synchronize(blas.stream).expect("cuBLAS stream sync");
+        }
     });
     drop((ra, rb, rc));
     out
