@@ -3,16 +3,19 @@
 //! Burn 0.21's CUDA matmul (cubek-matmul) runs at about 90 TFLOP/s on an H100 where cuBLAS
 //! reaches about 790, and it runs f32 products on TF32 tensor cores. The projections of the
 //! model (`q/k/v/o`, the SwiGLU MLP, the LM head) are 70 % of a training step's kernel time,
-//! so on the CUDA backend they go to `cublasGemmEx` instead: bf16/f16 with f32 accumulation,
-//! f32 in true f32 (no TF32). Every other backend, and this one when cuBLAS cannot be loaded
-//! or `PEFT_CUBLAS=0` is set, keeps Burn's own product.
+//! so on the CUDA backend they go to `cublasGemmStridedBatchedEx` instead: bf16/f16 with f32
+//! accumulation, f32 in true f32 (no TF32). Every other backend, and this one when cuBLAS
+//! cannot be loaded or `PEFT_CUBLAS=0` is set, keeps Burn's own product.
 //!
 //! The model stays generic over `B: Backend`: [`matmul`] checks at run time whether `B` is
-//! `Cuda<f32>` or `Autodiff<Cuda<f32>>` (the two types the CLI builds) and takes this path only
-//! then. Under autodiff the product is one graph node whose backward also runs on cuBLAS
-//! (`da = dc · bᵀ`, `db = aᵀ · dc`, each only when needed); it keeps `a` only when `b` needs a
-//! gradient and `b` only when `a` does, so a projection with a frozen weight does not keep its
-//! input alive.
+//! Burn's CUDA backend, bare (`CubeBackend<CudaRuntime>`) or under Burn's kernel fusion
+//! (`Fusion<CubeBackend<CudaRuntime>>`, what `burn::backend::Cuda` is with the `cuda` feature
+//! of this crate), with or without `Autodiff`, and takes this path only then. Under fusion the
+//! product is a custom operation of the fusion stream: the element-wise work around it is still
+//! fused, and the product runs when the stream reaches it. Under autodiff the product is one
+//! graph node whose backward also runs on cuBLAS (`da = dc · bᵀ`, `db = aᵀ · dc`, each only
+//! when needed); it keeps `a` only when `b` needs a gradient and `b` only when `a` does, so a
+//! projection with a frozen weight does not keep its input alive.
 //!
 //! cuBLAS runs on its own stream, one per thread and device. CubeCL 0.10 does not expose its
 //! stream, so events cannot order the two: CubeCL's stream is synchronised before each product
@@ -26,31 +29,40 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::marker::PhantomData;
 use std::sync::OnceLock;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::{Autodiff, Cuda};
+use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeBackend;
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use cudarc::cublas::{result as blas, sys};
 use cudarc::driver::result as driver;
 
-/// The CUDA backend of the CLI and benchmarks.
-type Inner = Cuda<f32, i32>;
-/// Its autodiff wrapper, used for training.
-type Ad = Autodiff<Inner>;
-/// A float tensor of [`Inner`].
+/// Burn's CUDA backend without kernel fusion (`burn::backend::Cuda` is this under
+/// `burn_fusion::Fusion`); its products also run on cuBLAS.
+pub type CudaBare = CubeBackend<CudaRuntime, f32, i32, u8>;
+/// The tensors cuBLAS reads and writes are [`CudaBare`]'s.
+type Cube = CudaBare;
+/// Burn's CUDA backend with kernel fusion (`burn::backend::Cuda` under this crate's `cuda`
+/// feature).
+type Fused = Fusion<Cube>;
+/// A float tensor of [`Cube`].
 type Prim = CubeTensor<CudaRuntime>;
-/// A float tensor of [`Ad`].
-type AdPrim = burn::tensor::ops::FloatTensor<Ad>;
+/// The fusion runtime of [`Fused`].
+type FusedRuntime = <Cube as FusionBackend>::FusionRuntime;
 
 /// Whether products go to cuBLAS: not when `PEFT_CUBLAS=0`, nor when the library cannot be
 /// loaded (said once on stderr).
@@ -73,8 +85,8 @@ pub fn enabled() -> bool {
 }
 
 /// `a · b` (`[..., m, k] × [..., k, n]`, the same leading dimensions) through cuBLAS when `B`
-/// is the CUDA backend (with or without autodiff) and [`enabled`]; otherwise both operands are
-/// handed back for the caller's generic path.
+/// is Burn's CUDA backend (bare or fused, with or without autodiff) and [`enabled`]; otherwise
+/// both operands are handed back for the caller's generic path.
 #[allow(clippy::type_complexity)]
 pub fn matmul<B: Backend, const D: usize>(
     a: Tensor<B, D>,
@@ -83,21 +95,51 @@ pub fn matmul<B: Backend, const D: usize>(
     if D < 2 || !enabled() || !supported(a.dtype(), b.dtype()) {
         return Err((a, b));
     }
-    let a = match downcast::<Tensor<B, D>, Tensor<Ad, D>>(a) {
-        Ok(a) => {
-            let b = upcast::<Tensor<B, D>, Tensor<Ad, D>>(b);
-            let out = matmul_autodiff(a.into_primitive().tensor(), b.into_primitive().tensor());
-            return Ok(upcast(Tensor::<Ad, D>::from_primitive(
-                TensorPrimitive::Float(out),
-            )));
-        }
-        Err(a) => a,
+    let (a, b) = match on_autodiff::<B, Fused, D>(a, b) {
+        Ok(c) => return Ok(c),
+        Err(ab) => ab,
     };
-    match downcast::<Tensor<B, D>, Tensor<Inner, D>>(a) {
+    let (a, b) = match on_backend::<B, Fused, D>(a, b) {
+        Ok(c) => return Ok(c),
+        Err(ab) => ab,
+    };
+    let (a, b) = match on_autodiff::<B, Cube, D>(a, b) {
+        Ok(c) => return Ok(c),
+        Err(ab) => ab,
+    };
+    on_backend::<B, Cube, D>(a, b)
+}
+
+/// [`matmul`] when `B` is `X`.
+#[allow(clippy::type_complexity)]
+fn on_backend<B: Backend, X: BlasBackend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    match downcast::<Tensor<B, D>, Tensor<X, D>>(a) {
         Ok(a) => {
-            let b = upcast::<Tensor<B, D>, Tensor<Inner, D>>(b);
-            let out = product(a.into_primitive().tensor(), b.into_primitive().tensor());
-            Ok(upcast(Tensor::<Inner, D>::from_primitive(
+            let b = upcast::<Tensor<B, D>, Tensor<X, D>>(b);
+            let out = product::<X>(a.into_primitive().tensor(), b.into_primitive().tensor());
+            Ok(upcast(Tensor::<X, D>::from_primitive(
+                TensorPrimitive::Float(out),
+            )))
+        }
+        Err(a) => Err((a, b)),
+    }
+}
+
+/// [`matmul`] when `B` is `Autodiff<X>`.
+#[allow(clippy::type_complexity)]
+fn on_autodiff<B: Backend, X: BlasBackend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    match downcast::<Tensor<B, D>, Tensor<Autodiff<X>, D>>(a) {
+        Ok(a) => {
+            let b = upcast::<Tensor<B, D>, Tensor<Autodiff<X>, D>>(b);
+            let out =
+                matmul_autodiff::<X>(a.into_primitive().tensor(), b.into_primitive().tensor());
+            Ok(upcast(Tensor::<Autodiff<X>, D>::from_primitive(
                 TensorPrimitive::Float(out),
             )))
         }
@@ -126,38 +168,96 @@ fn upcast<C: 'static, B: 'static>(t: C) -> B {
     downcast::<C, B>(t).unwrap_or_else(|_| unreachable!("B was checked to be this backend"))
 }
 
-/// The autodiff node of `a · b`.
-#[derive(Debug)]
-struct BlasMatmul;
-
-/// `t` with its last two dimensions swapped (a view).
-fn transpose(t: Prim) -> Prim {
-    let rank = t.meta.shape.len();
-    Inner::float_swap_dims(t, rank - 2, rank - 1)
+/// A CUDA backend whose products this module runs on cuBLAS.
+trait BlasBackend: Backend {
+    /// The shape and dtype of a float tensor.
+    fn meta(t: &FloatTensor<Self>) -> (Vec<usize>, DType);
+    /// `a · b` on cuBLAS, for operands [`product`] accepted; the result `shape`.
+    fn blas(a: FloatTensor<Self>, b: FloatTensor<Self>, shape: Vec<usize>) -> FloatTensor<Self>;
 }
 
-impl Backward<Inner, 2> for BlasMatmul {
+impl BlasBackend for Cube {
+    fn meta(t: &Prim) -> (Vec<usize>, DType) {
+        (t.meta.shape.to_vec(), t.dtype)
+    }
+
+    fn blas(a: Prim, b: Prim, shape: Vec<usize>) -> Prim {
+        let rank = shape.len();
+        let (m, n) = (shape[rank - 2], shape[rank - 1]);
+        let k = a.meta.shape[rank - 1];
+        gemm(Operand::of(a), Operand::of(b), m, n, k, shape)
+    }
+}
+
+/// The product as an operation of Burn's fusion stream: run on the bare backend's tensors when
+/// the stream gets to it.
+#[derive(Debug)]
+struct FusedGemm(CustomOpIr);
+
+impl Operation<FusedRuntime> for FusedGemm {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<FusedRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let ([a, b], [out]) = self.0.as_fixed();
+        let shape = out.shape.to_vec();
+        let a = handles.get_float_tensor::<Cube>(a);
+        let b = handles.get_float_tensor::<Cube>(b);
+        handles.register_float_tensor::<Cube>(&out.id, Cube::blas(a, b, shape));
+    }
+}
+
+impl BlasBackend for Fused {
+    fn meta(t: &FloatTensor<Self>) -> (Vec<usize>, DType) {
+        (t.shape.to_vec(), t.dtype)
+    }
+
+    fn blas(a: FloatTensor<Self>, b: FloatTensor<Self>, shape: Vec<usize>) -> FloatTensor<Self> {
+        let client = a.client.clone();
+        let streams = OperationStreams::with_inputs([&a, &b]);
+        let out = TensorIr::uninit(client.create_empty_handle(), Shape::from(shape), a.dtype);
+        let desc = CustomOpIr::new("cublas_gemm", &[a.into_ir(), b.into_ir()], &[out]);
+        client
+            .register(streams, OperationIr::Custom(desc.clone()), FusedGemm(desc))
+            .output()
+    }
+}
+
+/// The autodiff node of `a · b`.
+#[derive(Debug)]
+struct BlasMatmul<X>(PhantomData<X>);
+
+/// `t` with its last two dimensions swapped (a view).
+fn transpose<X: BlasBackend>(t: FloatTensor<X>) -> FloatTensor<X> {
+    let rank = X::meta(&t).0.len();
+    X::float_swap_dims(t, rank - 2, rank - 1)
+}
+
+impl<X: BlasBackend> Backward<X, 2> for BlasMatmul<X> {
     /// `a` (kept when `b` needs a gradient) and `b` (kept when `a` needs one).
-    type State = (Option<Prim>, Option<Prim>);
+    type State = (Option<FloatTensor<X>>, Option<FloatTensor<X>>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_a, node_b] = ops.parents;
-        let grad = grads.consume::<Inner>(&ops.node);
+        let grad = grads.consume::<X>(&ops.node);
         let (a, b) = ops.state;
         if let Some(node) = node_a {
             let b = b.unwrap_or_else(|| unreachable!("kept when a is tracked"));
-            grads.register::<Inner>(node.id, product(grad.clone(), transpose(b)));
+            grads.register::<X>(node.id, product::<X>(grad.clone(), transpose::<X>(b)));
         }
         if let Some(node) = node_b {
             let a = a.unwrap_or_else(|| unreachable!("kept when b is tracked"));
-            grads.register::<Inner>(node.id, product(transpose(a), grad));
+            grads.register::<X>(node.id, product::<X>(transpose::<X>(a), grad));
         }
     }
 }
 
-fn matmul_autodiff(a: AdPrim, b: AdPrim) -> AdPrim {
+fn matmul_autodiff<X: BlasBackend>(
+    a: FloatTensor<Autodiff<X>>,
+    b: FloatTensor<Autodiff<X>>,
+) -> FloatTensor<Autodiff<X>> {
     let (a_tracked, b_tracked) = (a.is_tracked(), b.is_tracked());
-    match BlasMatmul
+    match BlasMatmul::<X>(PhantomData)
         .prepare::<NoCheckpointing>([a.node.clone(), b.node.clone()])
         .compute_bound()
         .stateful()
@@ -167,31 +267,30 @@ fn matmul_autodiff(a: AdPrim, b: AdPrim) -> AdPrim {
                 b_tracked.then(|| a.primitive.clone()),
                 a_tracked.then(|| b.primitive.clone()),
             );
-            prep.finish(state, product(a.primitive, b.primitive))
+            prep.finish(state, product::<X>(a.primitive, b.primitive))
         }
-        OpsKind::UnTracked(prep) => prep.finish(product(a.primitive, b.primitive)),
+        OpsKind::UnTracked(prep) => prep.finish(product::<X>(a.primitive, b.primitive)),
     }
 }
 
 /// `a · b` for `a` `[..., m, k]` and `b` `[..., k, n]` with the same leading dimensions:
 /// cuBLAS, or Burn's product for what it is not given (broadcast batches, empty dimensions,
 /// mixed dtypes).
-fn product(a: Prim, b: Prim) -> Prim {
-    let rank = a.meta.shape.len();
-    let (sa, sb) = (&a.meta.shape, &b.meta.shape);
+fn product<X: BlasBackend>(a: FloatTensor<X>, b: FloatTensor<X>) -> FloatTensor<X> {
+    let ((sa, da), (sb, db)) = (X::meta(&a), X::meta(&b));
+    let rank = sa.len();
     let usable = rank >= 2
         && sb.len() == rank
         && sa[..rank - 2] == sb[..rank - 2]
         && sa[rank - 1] == sb[rank - 2]
         && sa.iter().chain(sb.iter()).all(|&d| d > 0)
-        && supported(a.dtype, b.dtype);
+        && supported(da, db);
     if !usable {
-        return Inner::float_matmul(a, b);
+        return X::float_matmul(a, b);
     }
-    let (m, k, n) = (sa[rank - 2], sa[rank - 1], sb[rank - 1]);
     let mut shape: Vec<usize> = sa[..rank - 2].to_vec();
-    shape.extend([m, n]);
-    gemm(Operand::of(a), Operand::of(b), m, n, k, shape)
+    shape.extend([sa[rank - 2], sb[rank - 1]]);
+    X::blas(a, b, shape)
 }
 
 /// An operand as cuBLAS sees it: each matrix row-major or column-major (a transposed view of a
@@ -350,7 +449,7 @@ fn gemm(a: Operand, b: Operand, m: usize, n: usize, k: usize, shape: Vec<usize>)
     // The inputs are written by CubeCL's stream: wait for it. The cuBLAS stream is waited for
     // after the product, so CubeCL's later kernels (which may read the result, or reuse the
     // inputs' memory once their tensors are dropped) run after it.
-    <Inner as Backend>::sync(&device).expect("CUDA stream sync before cuBLAS");
+    <Cube as Backend>::sync(&device).expect("CUDA stream sync before cuBLAS");
     with_blas(device.index, |blas| {
         // SAFETY: the pointers are CubeCL buffers (held by `ra`, `rb`, `rc`) of the shapes,
         // strides and leading dimensions given; the stream is synchronised before they go.

@@ -11,6 +11,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod blocks;
 pub mod cache;
 pub mod config;
 #[cfg(feature = "cuda")]

@@ -2,7 +2,6 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
 
 use crate::cache::KvCache;
@@ -23,12 +22,7 @@ pub struct RmsNorm<B: Backend> {
 impl<B: Backend> RmsNorm<B> {
     /// Normalises `x` `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let dtype = x.dtype();
-        let x32 = upcast(x);
-        let variance = x32.clone().powi_scalar(2).mean_dim(2);
-        let normed = x32 * (variance + self.eps).sqrt().recip();
-        let weight = self.weight.val().unsqueeze::<3>();
-        weight * cast_to(normed, dtype)
+        crate::blocks::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
@@ -181,7 +175,7 @@ impl<B: Backend> Attention<B> {
         if let Some(mask) = &context.mask {
             scores = scores.mask_fill(mask.clone(), mask_value(dtype));
         }
-        let probabilities = cast_to(softmax(upcast(scores), 3), dtype);
+        let probabilities = crate::blocks::attention_softmax(scores);
         let mut output = matmul(probabilities, values);
         if let Some(branch) = hooks.attention_branch(layer, &queries) {
             output = output + branch;
@@ -229,7 +223,7 @@ impl<B: Backend> Mlp<B> {
             &x,
             linear_rows(&self.up_proj, x.clone()),
         );
-        let hidden = silu(gate) * up;
+        let hidden = crate::blocks::swiglu(gate, up);
         hooks.adapt_projection(
             layer,
             Projection::Down,

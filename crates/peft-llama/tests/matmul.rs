@@ -4,19 +4,29 @@
 //! batches of heads, a broadcast (expanded) batch, and a frozen operand.
 //!
 //! On the CPU build this checks Burn's product. Built with `--features cuda` it runs on the GPU
-//! and checks the cuBLAS route (`src/cublas.rs`): f32 must then be true f32 (rtol 1e-5 of the
+//! and checks the cuBLAS route (`src/cublas.rs`) on Burn's CUDA backend both with kernel fusion
+//! (`burn::backend::Cuda`, the product a custom fusion operation) and without
+//! (`peft_llama::cublas::CudaBare`): f32 must then be true f32 (rtol 1e-5 of the
 //! largest reference value, which TF32 products would miss by two orders of magnitude), bf16
 //! within 1e-2 (inputs rounded to bf16 first; the result is rounded to bf16 once).
 
-use burn::tensor::backend::Backend;
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Distribution, Tensor};
 use peft_llama::model::{cast_to, matmul};
 
-#[cfg(feature = "cuda")]
-type Inner = burn::backend::Cuda<f32>;
-#[cfg(not(feature = "cuda"))]
-type Inner = burn::backend::NdArray<f32>;
-type Ad = burn::backend::Autodiff<Inner>;
+/// Runs `$case::<A>()` for every autodiff backend of this build.
+macro_rules! on_backends {
+    ($case:ident) => {{
+        #[cfg(feature = "cuda")]
+        {
+            $case::<Autodiff<burn::backend::Cuda<f32>>>();
+            $case::<Autodiff<peft_llama::cublas::CudaBare>>();
+        }
+        #[cfg(not(feature = "cuda"))]
+        $case::<Autodiff<burn::backend::NdArray<f32>>>();
+    }};
+}
 
 /// Host copy of a tensor in f64.
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
@@ -71,7 +81,7 @@ fn assert_close(name: &str, got: &[f64], want: &[f64], rtol: f64) {
     );
 }
 
-fn random<const D: usize>(shape: [usize; D], dtype: DType) -> Tensor<Ad, D> {
+fn random<A: Backend, const D: usize>(shape: [usize; D], dtype: DType) -> Tensor<A, D> {
     cast_to(
         Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default()),
         dtype,
@@ -80,11 +90,11 @@ fn random<const D: usize>(shape: [usize; D], dtype: DType) -> Tensor<Ad, D> {
 
 /// One case: `a` `[batch.., m, k]`, `b` `[batch.., k, n]` built by `make`, checked forward and
 /// backward (`loss = Σ r ⊙ (a · b)`, so `da = r · bᵀ`, `db = aᵀ · r`).
-fn check<const D: usize>(
+fn check<A: AutodiffBackend, const D: usize>(
     name: &str,
     dtype: DType,
-    a: Tensor<Ad, D>,
-    b: Tensor<Ad, D>,
+    a: Tensor<A, D>,
+    b: Tensor<A, D>,
     b_trainable: bool,
 ) {
     let rtol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
@@ -97,7 +107,7 @@ fn check<const D: usize>(
 
     let c = matmul(a.clone(), b.clone());
     assert_eq!(c.dtype(), dtype, "{name}: result dtype");
-    let r = random(c.dims(), dtype);
+    let r = random::<A, D>(c.dims(), dtype);
     let hr = host(r.clone());
     let want = reference(&ha, &hb, batch, m, k, n);
     assert_close(
@@ -131,50 +141,94 @@ fn dtypes() -> Vec<DType> {
     }
 }
 
-#[test]
-fn projection_through_a_transposed_weight() {
+fn transposed_weight<A: AutodiffBackend>() {
     for dtype in dtypes() {
         // A weight stored `[out, in]` and used as its `[in, out]` view, like the loader's.
-        let x = random([37, 64], dtype);
-        let w = random([48, 64], dtype).transpose();
+        let x = random::<A, 2>([37, 64], dtype);
+        let w = random::<A, 2>([48, 64], dtype).transpose();
         check("linear, frozen weight", dtype, x.clone(), w.clone(), false);
         check("linear, trainable weight", dtype, x, w, true);
     }
 }
 
 #[test]
-fn row_major_operands() {
+fn projection_through_a_transposed_weight() {
+    on_backends!(transposed_weight);
+}
+
+fn row_major<A: AutodiffBackend>() {
     for dtype in dtypes() {
         check(
             "row-major",
             dtype,
-            random([19, 33], dtype),
-            random([33, 21], dtype),
+            random::<A, 2>([19, 33], dtype),
+            random::<A, 2>([33, 21], dtype),
             true,
         );
     }
 }
 
 #[test]
-fn batched_attention_products() {
+fn row_major_operands() {
+    on_backends!(row_major);
+}
+
+fn attention_products<A: AutodiffBackend>() {
     for dtype in dtypes() {
-        let q = random([2, 3, 17, 16], dtype);
-        let keys = random([2, 3, 19, 16], dtype).swap_dims(2, 3);
+        let q = random::<A, 4>([2, 3, 17, 16], dtype);
+        let keys = random::<A, 4>([2, 3, 19, 16], dtype).swap_dims(2, 3);
         check("scores q·kᵀ", dtype, q, keys, true);
-        let p = random([2, 3, 17, 19], dtype);
-        let v = random([2, 3, 19, 16], dtype);
+        let p = random::<A, 4>([2, 3, 17, 19], dtype);
+        let v = random::<A, 4>([2, 3, 19, 16], dtype);
         check("probabilities·v", dtype, p, v, true);
     }
 }
 
 #[test]
-fn broadcast_batch() {
+fn batched_attention_products() {
+    on_backends!(attention_products);
+}
+
+fn shared_prompt_keys<A: AutodiffBackend>() {
     for dtype in dtypes() {
         // Prompt keys shared by the batch: an expanded (stride-0) batch dimension.
-        let q = random([2, 3, 7, 16], dtype);
-        let keys = random([1, 3, 5, 16], dtype)
+        let q = random::<A, 4>([2, 3, 7, 16], dtype);
+        let keys = random::<A, 4>([1, 3, 5, 16], dtype)
             .expand([2, 3, 5, 16])
             .swap_dims(2, 3);
         check("shared prompt keys", dtype, q, keys, false);
     }
+}
+
+#[test]
+fn broadcast_batch() {
+    on_backends!(shared_prompt_keys);
+}
+
+/// Element-wise work on both sides of the product, which Burn's fusion puts into fused kernels
+/// around the custom operation: `(2a + 1) · b`, then `relu`.
+fn fused_neighbours<A: AutodiffBackend>() {
+    for dtype in dtypes() {
+        let rtol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        let a = random::<A, 3>([2, 9, 12], dtype);
+        let b = random::<A, 3>([2, 12, 7], dtype);
+        let (ha, hb) = (host(a.clone()), host(b.clone()));
+        let c = burn::tensor::activation::relu(matmul(a * 2.0 + 1.0, b));
+        let shifted: Vec<f64> = ha.iter().map(|v| 2.0 * v + 1.0).collect();
+        let want: Vec<f64> = reference(&shifted, &hb, 2, 9, 12, 7)
+            .into_iter()
+            .map(|v| v.max(0.0))
+            .collect();
+        assert_close(
+            &format!("fused neighbours {dtype:?}"),
+            &host(c),
+            &want,
+            rtol,
+        );
+    }
+}
+
+#[test]
+fn element_wise_work_around_the_product() {
+    on_backends!(fused_neighbours);
 }
