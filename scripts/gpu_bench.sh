@@ -8,14 +8,18 @@
 #   .gpu/train_bench  stripped `train_bench` example built with --features cuda
 #   .gpu/peft-*.whl   the PEFT wheel (`pip download --no-deps peft`)
 #   .gpu/matmul_test  (for `matmul-test`) peft-llama's tests/matmul.rs built with --features cuda
+#   .gpu/blocks_test  (for `blocks-test`) peft-llama's tests/blocks.rs built likewise
+#   .gpu/train_bench_prev (for `ours-prev`) an earlier train_bench, for an A/B in one call
 # Writes to $OUT (default ./gpu-out) results.jsonl, check-f32.jsonl, check-bf16.jsonl,
 # nvidia-smi.txt and logs.tgz (every process's stdout, stderr and memory samples); the device
 # tool brings back at most 8 files, so intermediate files stay in $WORK.
 #
 # Environment: PRESET (llama-7b), DTYPE (bf16), BATCH (4), SEQ (512), STEPS (10),
-# WHAT (a space-separated subset of: matmul-test check ours ours-burn decode-ours base
-# decode-base scale dp-check; `ours-burn` is `ours` for adaption prompt with PEFT_CUBLAS=0,
-# Burn's own CUDA matmul),
+# WHAT (a space-separated subset of: matmul-test blocks-test check ours ours-prev ours-burn
+# decode-ours base decode-base scale dp-check host-bound ours-sync; `ours-burn` is `ours` for
+# adaption prompt with PEFT_CUBLAS=0, Burn's own CUDA matmul; `ours-sync` the same with
+# PEFT_CUBLAS_SYNC=1, cuBLAS ordered on the host),
+# METHODS (the methods `ours` and `base` train, default "adaption-prompt lora prefix"),
 # SCALE_DEVICES (device counts for `scale`, default "1 2 4" capped at the GPUs present),
 # SCALE_METHODS (methods for `scale`, default adaption-prompt),
 # CHECK_MODELS (fixture models checked, default all three).
@@ -23,8 +27,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # NVLink multicast stays off (the device tool's KINDS.md says why).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-# cuBLAS is loaded at run time (crates/peft-llama/src/cublas.rs): the CUDA toolkit's folder.
-for lib in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+# cuBLAS and CUPTI are loaded at run time (crates/peft-llama/src/cublas.rs): the CUDA toolkit's
+# folders.
+for lib in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+    /usr/local/cuda/extras/CUPTI/lib64; do
     [ -d "$lib" ] && export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
 OUT=${OUT:-gpu-out}
@@ -39,6 +45,7 @@ BATCH=${BATCH:-4}
 SEQ=${SEQ:-512}
 STEPS=${STEPS:-10}
 WHAT=${WHAT:-check ours decode-ours base decode-base}
+METHODS=${METHODS:-adaption-prompt lora prefix}
 RESULTS="$OUT/results.jsonl"
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
@@ -88,6 +95,36 @@ for what in $WHAT; do
         timeout 120 .gpu/matmul_test --nocapture --test-threads 1 > "$OUT/matmul-test.txt" 2>&1
         echo "matmul-test: rc=$? $(grep -c 'max |error|' "$OUT/matmul-test.txt") comparisons"
         ;;
+    blocks-test)
+        # The RMSNorm, SwiGLU and softmax autodiff nodes against the operation chains.
+        timeout 120 .gpu/blocks_test --nocapture --test-threads 1 > "$OUT/blocks-test.txt" 2>&1
+        echo "blocks-test: rc=$? $(grep -c 'max |error|' "$OUT/blocks-test.txt") comparisons"
+        ;;
+    ours-prev)
+        # A/B: the same adaption-prompt step with an earlier build, .gpu/train_bench_prev.
+        measure prev-train-adaption-prompt .gpu/train_bench_prev --preset "$PRESET" \
+            --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" train adaption-prompt
+        ;;
+    host-bound)
+        # The host's share: the same adaption-prompt step at batch 1 x 16 tokens, where the GPU
+        # has almost nothing to do, with the cuBLAS products ordered by events (default) and on
+        # the host (PEFT_CUBLAS_SYNC=1), and with Burn's matmul (PEFT_CUBLAS=0).
+        for mode in events host-sync burn-matmul; do
+            case $mode in
+            events) env=() ;;
+            host-sync) env=(PEFT_CUBLAS_SYNC=1) ;;
+            burn-matmul) env=(PEFT_CUBLAS=0) ;;
+            esac
+            measure "host-bound-$mode" env "${env[@]}" .gpu/train_bench --preset "$PRESET" \
+                --dtype "$DTYPE" --batch 1 --seq 16 --steps "$STEPS" train adaption-prompt
+        done
+        ;;
+    ours-sync)
+        # A/B: the adaption-prompt step with the cuBLAS products ordered on the host.
+        PEFT_CUBLAS_SYNC=1 measure ours-sync-train-adaption-prompt .gpu/train_bench \
+            --preset "$PRESET" --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" \
+            train adaption-prompt
+        ;;
     ours-burn)
         PEFT_CUBLAS=0 measure ours-burn-train-adaption-prompt .gpu/train_bench --preset "$PRESET" \
             --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" train adaption-prompt
@@ -103,7 +140,7 @@ for what in $WHAT; do
         echo "check bf16: rc=$? $(grep -c '"ok": true' "$OUT/check-bf16.jsonl") cases ok"
         ;;
     ours)
-        for method in adaption-prompt lora prefix; do
+        for method in $METHODS; do
             measure "ours-train-$method" .gpu/train_bench --preset "$PRESET" --dtype "$DTYPE" \
                 --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" train "$method"
         done
@@ -111,7 +148,7 @@ for what in $WHAT; do
             --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" forward
         ;;
     base)
-        for method in adaption-prompt lora prefix; do
+        for method in $METHODS; do
             measure "peft-train-$method" python3 scripts/bench_peft_baseline.py --preset "$PRESET" \
                 --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" train "$method"
         done

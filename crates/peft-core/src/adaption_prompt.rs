@@ -13,9 +13,9 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::activation::softmax;
 use burn::tensor::{backend::Backend, Distribution, Tensor};
-use peft_llama::model::{cast_to, repeat_kv, upcast};
+use peft_llama::blocks::attention_softmax;
+use peft_llama::model::{cast_to, repeat_kv};
 use peft_llama::{LayerHooks, Llama, LlamaConfig};
 
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
@@ -263,10 +263,11 @@ impl<B: Backend> LayerHooks<B> for PreparedPrompts<B> {
         let values = values.clone().expand([batch, heads, prompt_len, head_dim]);
         let dtype = queries.dtype();
         let scores = peft_llama::model::matmul(queries.clone(), keys.swap_dims(2, 3)) * self.scale;
-        // The prompt softmax runs in f32 like the main one; the gate scales probabilities.
-        let probabilities = softmax(upcast(scores), 3);
-        let gate = cast_to(gate.clone(), probabilities.dtype());
-        let weights = cast_to(probabilities * gate, dtype);
+        // The prompt softmax runs in f32 like the main one and returns the queries' dtype; the
+        // gate scales those probabilities, as the official code (`gate.tanh() *
+        // softmax(scores.float()).type_as(xq)`) and PEFT do.
+        let probabilities = attention_softmax(scores);
+        let weights = probabilities * cast_to(gate.clone(), dtype);
         Some(peft_llama::model::matmul(weights, values))
     }
 

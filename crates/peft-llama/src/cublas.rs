@@ -17,13 +17,17 @@
 //! when needed); it keeps `a` only when `b` needs a gradient and `b` only when `a` does, so a
 //! projection with a frozen weight does not keep its input alive.
 //!
-//! cuBLAS runs on its own stream, one per thread and device. CubeCL 0.10 does not expose its
-//! stream, so events cannot order the two: CubeCL's stream is synchronised before each product
-//! and the cuBLAS stream after it (about 20 µs each on an H100, measured). Ordering on the device
-//! instead was tried and dropped: the driver's `cuStreamWaitValue32` refuses CubeCL's
-//! stream-ordered allocations (`CUDA_ERROR_INVALID_VALUE`), and one-thread spin-waiting kernels
-//! on the two streams hung the GPU (likely cause, not confirmed: CUDA's lazy module loading
-//! waits for running kernels, so a kernel loaded while another spins never starts).
+//! cuBLAS runs on its own stream, one per thread and device, ordered against CubeCL's stream
+//! on the device with two events per product: the cuBLAS stream waits for CubeCL's work so
+//! far, and CubeCL's stream waits for the product. CubeCL 0.10 keeps its streams private, so
+//! the stream is found once per thread and device by launching one small kernel while CUPTI
+//! (NVIDIA's profiling interface, loaded at run time like cuBLAS) reports the stream of each
+//! kernel launch. Without CUPTI, or with `PEFT_CUBLAS_SYNC=1`, both streams are synchronised on
+//! the host around each product instead (about 20 µs each on an H100, and the GPU idles while
+//! the host prepares the next kernels). Two other device-side orderings were tried and dropped:
+//! the driver's `cuStreamWaitValue32` refuses CubeCL's stream-ordered allocations
+//! (`CUDA_ERROR_INVALID_VALUE`), and one-thread spin-waiting kernels on the two streams hung the
+//! GPU (likely cause, not confirmed: CUDA's lazy module loading waits for running kernels).
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -40,7 +44,8 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
-use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::cuda::{CudaDevice, CudaRuntime};
+use burn_cubecl::cubecl::stream_id::StreamId;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -49,6 +54,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use cudarc::cublas::{result as blas, sys};
+use cudarc::cupti::sys as cupti;
 use cudarc::driver::result as driver;
 
 /// Burn's CUDA backend without kernel fusion (`burn::backend::Cuda` is this under
@@ -366,40 +372,63 @@ impl Operand {
 }
 
 /// One cuBLAS handle and stream per thread and device, with the device's primary context (the
-/// one CubeCL uses), retained once.
+/// one CubeCL uses), retained once, two events, and CubeCL's stream for this thread when it
+/// was found (see [`cubecl_stream`]).
 struct Blas {
     context: cudarc::driver::sys::CUcontext,
     handle: sys::cublasHandle_t,
     stream: cudarc::driver::sys::CUstream,
+    /// Recorded on CubeCL's stream before a product; the cuBLAS stream waits for it.
+    inputs_ready: cudarc::driver::sys::CUevent,
+    /// Recorded on the cuBLAS stream after a product; CubeCL's stream waits for it.
+    product_done: cudarc::driver::sys::CUevent,
+    /// CubeCL's stream for this thread, or `None`: then both streams are synchronised on the
+    /// host around each product.
+    cubecl: Option<cudarc::driver::sys::CUstream>,
 }
 
 thread_local! {
-    static BLAS: RefCell<HashMap<usize, Blas>> = RefCell::new(HashMap::new());
+    /// Per device and CubeCL stream id (the calling thread's, which CubeCL's device thread
+    /// runs our tasks under).
+    static BLAS: RefCell<HashMap<(usize, u64), Blas>> = RefCell::new(HashMap::new());
 }
 
-/// Runs `f` with device `index`'s [`Blas`] of this thread (created on first use), its context
-/// current.
-fn with_blas<T>(index: usize, f: impl FnOnce(&Blas) -> T) -> T {
+/// Runs `f` with the [`Blas`] of `device` and the current CubeCL stream id (created on first
+/// use), its context current.
+fn with_blas<T>(device: &CudaDevice, f: impl FnOnce(&Blas) -> T) -> T {
+    let index = device.index;
+    let stream_id = StreamId::current().value;
     BLAS.with(|cell| {
         let mut map = cell.borrow_mut();
-        let blas = map.entry(index).or_insert_with(|| {
+        let blas = map.entry((index, stream_id)).or_insert_with(|| {
             // SAFETY: the primary context of an existing device (CubeCL already created it);
-            // retaining it once more keeps it alive for this thread's handle and stream, which
-            // are created in it.
+            // retaining it once more keeps it alive for this thread's handle, stream and
+            // events, which are created in it.
             unsafe {
-                let device =
+                let ordinal =
                     driver::device::get(index as i32).expect("CUDA device of a tensor exists");
                 let context =
-                    driver::primary_ctx::retain(device).expect("primary context of the device");
+                    driver::primary_ctx::retain(ordinal).expect("primary context of the device");
                 driver::ctx::set_current(context).expect("set the CUDA context current");
                 let handle = blas::create_handle().expect("cuBLAS handle (cublasCreate)");
                 let stream = driver::stream::create(driver::stream::StreamKind::NonBlocking)
                     .expect("CUDA stream for cuBLAS");
                 blas::set_stream(handle, stream as sys::cudaStream_t).expect("cublasSetStream");
+                let event = || {
+                    driver::event::create(
+                        cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING,
+                    )
+                    .expect("CUDA event")
+                };
+                let (inputs_ready, product_done) = (event(), event());
+                let cubecl = cubecl_stream(device, context);
                 Blas {
                     context,
                     handle,
                     stream,
+                    inputs_ready,
+                    product_done,
+                    cubecl,
                 }
             }
         });
@@ -407,6 +436,107 @@ fn with_blas<T>(index: usize, f: impl FnOnce(&Blas) -> T) -> T {
         unsafe { driver::ctx::set_current(blas.context) }.expect("set the CUDA context current");
         f(blas)
     })
+}
+
+/// Kernel launches seen while [`cubecl_stream`] listens: `(context, stream)`.
+static LAUNCHES: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// CUPTI callback: records the context and stream of each `cuLaunchKernel`.
+unsafe extern "C" fn on_launch(
+    _: *mut c_void,
+    domain: cupti::CUpti_CallbackDomain,
+    id: cupti::CUpti_CallbackId,
+    data: *const c_void,
+) {
+    if domain != cupti::CUpti_CallbackDomain::CUPTI_CB_DOMAIN_DRIVER_API
+        || id
+            != cupti::CUpti_driver_api_trace_cbid_enum::CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel
+                as u32
+        || data.is_null()
+    {
+        return;
+    }
+    // SAFETY: CUPTI passes a `CUpti_CallbackData` for driver API callbacks, whose parameters
+    // are `cuLaunchKernel`'s for this callback id.
+    let (context, stream) = unsafe {
+        let data = &*(data as *const cupti::CUpti_CallbackData);
+        if data.callbackSite != cupti::CUpti_ApiCallbackSite::CUPTI_API_ENTER
+            || data.functionParams.is_null()
+        {
+            return;
+        }
+        let params = &*(data.functionParams as *const cupti::cuLaunchKernel_params);
+        (data.context as usize, params.hStream as usize)
+    };
+    if let Ok(mut launches) = LAUNCHES.lock() {
+        launches.push((context, stream));
+    }
+}
+
+/// The CUDA stream CubeCL launches this thread's kernels on, found by launching one small
+/// kernel while CUPTI reports launches; `None` (host synchronisation instead) when
+/// `PEFT_CUBLAS_SYNC=1`, when CUPTI cannot be loaded or subscribed to (another profiler holds
+/// it), or when the kernel's stream is not one unambiguous stream of this device.
+///
+/// CubeCL 0.10 keeps its streams private, and one is needed to order cuBLAS after CubeCL's
+/// kernels (and CubeCL's after cuBLAS) with events on the device instead of two host
+/// synchronisations per product.
+fn cubecl_stream(
+    device: &CudaDevice,
+    context: cudarc::driver::sys::CUcontext,
+) -> Option<cudarc::driver::sys::CUstream> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if std::env::var("PEFT_CUBLAS_SYNC").is_ok_and(|v| v == "1") {
+        return None;
+    }
+    // SAFETY: only checks whether the dynamic library can be opened.
+    if !unsafe { cupti::is_culib_present() } {
+        eprintln!("peft: libcupti not found; cuBLAS products are ordered on the host");
+        return None;
+    }
+    let _one = ONE_AT_A_TIME.lock().ok()?;
+    <Cube as Backend>::sync(device).ok()?;
+    LAUNCHES.lock().ok()?.clear();
+    let mut subscriber: cupti::CUpti_SubscriberHandle = std::ptr::null_mut();
+    // SAFETY: `on_launch` only reads the callback data CUPTI documents for this callback id.
+    let subscribed =
+        unsafe { cupti::cuptiSubscribe(&mut subscriber, Some(on_launch), std::ptr::null_mut()) };
+    if subscribed != cupti::CUptiResult::CUPTI_SUCCESS {
+        eprintln!("peft: CUPTI subscription refused ({subscribed:?}); cuBLAS products are ordered on the host");
+        return None;
+    }
+    // SAFETY: a subscriber created above.
+    let enabled = unsafe {
+        cupti::cuptiEnableCallback(
+            1,
+            subscriber,
+            cupti::CUpti_CallbackDomain::CUPTI_CB_DOMAIN_DRIVER_API,
+            cupti::CUpti_driver_api_trace_cbid_enum::CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel as u32,
+        )
+    };
+    if enabled == cupti::CUptiResult::CUPTI_SUCCESS {
+        let probe = Tensor::<Cube, 1>::zeros([8], device) + 1.0;
+        let _ = <Cube as Backend>::sync(device);
+        drop(probe);
+    }
+    // SAFETY: the subscriber created above, released once.
+    unsafe { cupti::cuptiUnsubscribe(subscriber) };
+    let launches = std::mem::take(&mut *LAUNCHES.lock().ok()?);
+    let streams: std::collections::BTreeSet<usize> = launches
+        .iter()
+        .filter(|(c, _)| *c == context as usize)
+        .map(|&(_, s)| s)
+        .collect();
+    match streams.len() {
+        1 => streams.first().map(|&s| s as cudarc::driver::sys::CUstream),
+        found => {
+            eprintln!(
+                "peft: CubeCL's stream not identified ({found} streams seen); cuBLAS products \
+                 are ordered on the host"
+            );
+            None
+        }
+    }
 }
 
 fn data_type(dtype: DType) -> sys::cudaDataType {
@@ -425,14 +555,29 @@ fn gemm(a: Operand, b: Operand, m: usize, n: usize, k: usize, shape: Vec<usize>)
     let dtype = a.tensor.dtype;
     let client = a.tensor.client.clone();
     let device = a.tensor.device.clone();
+    let out = empty_device_contiguous_dtype(client.clone(), device, shape.into(), dtype);
+    // On CubeCL's device thread, after everything this thread submitted before: one round trip
+    // for the buffers, the ordering and the launch.
+    let written = out.clone();
+    client
+        .exclusive(move || enqueue(&a, &b, &written, m, n, k))
+        .unwrap_or_else(|e| panic!("CubeCL device thread for cuBLAS: {e:?}"));
+    out
+}
+
+/// Launches `out = a · b` on the cuBLAS stream, ordered after CubeCL's work on this stream and
+/// before CubeCL's next kernels. Runs on CubeCL's device thread (see [`gemm`]).
+fn enqueue(a: &Operand, b: &Operand, out: &Prim, m: usize, n: usize, k: usize) {
+    let dtype = a.tensor.dtype;
+    let client = &a.tensor.client;
+    let device = &a.tensor.device;
     let batch = a.batch;
-    let out = empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype);
     let resource = |t: &Prim| {
         client
             .get_resource(t.handle.clone())
             .unwrap_or_else(|e| panic!("CubeCL buffer for cuBLAS: {e:?}"))
     };
-    let (ra, rb, rc) = (resource(&a.tensor), resource(&b.tensor), resource(&out));
+    let (ra, rb, rc) = (resource(&a.tensor), resource(&b.tensor), resource(out));
     let (pa, pb, pc) = (ra.resource().ptr, rb.resource().ptr, rc.resource().ptr);
 
     let op = |t: &Operand| {
@@ -446,14 +591,28 @@ fn gemm(a: Operand, b: Operand, m: usize, n: usize, k: usize, shape: Vec<usize>)
     let int = |v: usize| i32::try_from(v).expect("matrix dimension fits cuBLAS's int");
     let long = |v: usize| i64::try_from(v).expect("stride fits cuBLAS's long");
     let ty = data_type(dtype);
-    // The inputs are written by CubeCL's stream: wait for it. The cuBLAS stream is waited for
-    // after the product, so CubeCL's later kernels (which may read the result, or reuse the
-    // inputs' memory once their tensors are dropped) run after it.
-    <Cube as Backend>::sync(&device).expect("CUDA stream sync before cuBLAS");
-    with_blas(device.index, |blas| {
+    // The inputs are written on CubeCL's stream: the cuBLAS stream waits for it. CubeCL's stream
+    // then waits for the product, so its later kernels (which may read the result, or reuse the
+    // inputs' memory once their tensors are dropped) run after it. This runs on CubeCL's device
+    // thread after every task the calling thread submitted before, so all kernels that write the
+    // inputs are already launched on that stream.
+    with_blas(device, |blas| {
         // SAFETY: the pointers are CubeCL buffers (held by `ra`, `rb`, `rc`) of the shapes,
-        // strides and leading dimensions given; the stream is synchronised before they go.
+        // strides and leading dimensions given; the cuBLAS stream waits for CubeCL's work on
+        // them, and CubeCL's stream for the product.
         unsafe {
+            match blas.cubecl {
+                Some(cubecl) => {
+                    driver::event::record(blas.inputs_ready, cubecl).expect("cuEventRecord");
+                    driver::stream::wait_event(
+                        blas.stream,
+                        blas.inputs_ready,
+                        cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                    .expect("cuStreamWaitEvent");
+                }
+                None => <Cube as Backend>::sync(device).expect("CUDA stream sync before cuBLAS"),
+            }
             blas::gemm_strided_batched_ex(
                 blas.handle,
                 op(&b),
@@ -484,9 +643,19 @@ fn gemm(a: Operand, b: Operand, m: usize, n: usize, k: usize, shape: Vec<usize>)
                     "cublasGemmStridedBatchedEx {batch} x [{m}, {k}] x [{k}, {n}] {dtype:?}: {e:?}"
                 )
             });
-            driver::stream::synchronize(blas.stream).expect("cuBLAS stream sync");
+            match blas.cubecl {
+                Some(cubecl) => {
+                    driver::event::record(blas.product_done, blas.stream).expect("cuEventRecord");
+                    driver::stream::wait_event(
+                        cubecl,
+                        blas.product_done,
+                        cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                    .expect("cuStreamWaitEvent");
+                }
+                None => driver::stream::synchronize(blas.stream).expect("cuBLAS stream sync"),
+            }
         }
     });
     drop((ra, rb, rc));
-    out
 }
