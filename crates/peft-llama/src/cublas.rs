@@ -615,8 +615,8 @@ fn enqueue(a: &Operand, b: &Operand, out: &Prim, m: usize, n: usize, k: usize) {
             }
             blas::gemm_strided_batched_ex(
                 blas.handle,
-                op(&b),
-                op(&a),
+                op(b),
+                op(a),
                 int(n),
                 int(m),
                 int(k),
