@@ -90,15 +90,11 @@ for d in lines:
 
 for what in $WHAT; do
     case $what in
-    matmul-test)
-        # The cuBLAS products and their gradients against an f64 host reference.
-        timeout 120 .gpu/matmul_test --nocapture --test-threads 1 > "$OUT/matmul-test.txt" 2>&1
-        echo "matmul-test: rc=$? $(grep -c 'max |error|' "$OUT/matmul-test.txt") comparisons"
-        ;;
-    blocks-test)
-        # The RMSNorm, SwiGLU and softmax autodiff nodes against the operation chains.
-        timeout 120 .gpu/blocks_test --nocapture --test-threads 1 > "$OUT/blocks-test.txt" 2>&1
-        echo "blocks-test: rc=$? $(grep -c 'max |error|' "$OUT/blocks-test.txt") comparisons"
+    matmul-test | blocks-test)
+        # matmul: the cuBLAS products and their gradients against an f64 host reference;
+        # blocks: the RMSNorm, SwiGLU and softmax autodiff nodes against the operation chains.
+        timeout 120 ".gpu/${what%-test}_test" --nocapture --test-threads 1 > "$OUT/$what.txt" 2>&1
+        echo "$what: rc=$? $(grep -c 'max |error|' "$OUT/$what.txt") comparisons"
         ;;
     ours-prev)
         # A/B: the same adaption-prompt step with an earlier build, .gpu/train_bench_prev.
@@ -119,14 +115,14 @@ for what in $WHAT; do
                 --dtype "$DTYPE" --batch 1 --seq 16 --steps "$STEPS" train adaption-prompt
         done
         ;;
-    ours-sync)
-        # A/B: the adaption-prompt step with the cuBLAS products ordered on the host.
-        PEFT_CUBLAS_SYNC=1 measure ours-sync-train-adaption-prompt .gpu/train_bench \
-            --preset "$PRESET" --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" \
-            train adaption-prompt
-        ;;
-    ours-burn)
-        PEFT_CUBLAS=0 measure ours-burn-train-adaption-prompt .gpu/train_bench --preset "$PRESET" \
+    ours-sync | ours-burn)
+        # A/B: the adaption-prompt step with the cuBLAS products ordered on the host
+        # (PEFT_CUBLAS_SYNC=1), or with Burn's own matmul (PEFT_CUBLAS=0).
+        case $what in
+        ours-sync) env=(PEFT_CUBLAS_SYNC=1) ;;
+        ours-burn) env=(PEFT_CUBLAS=0) ;;
+        esac
+        measure "$what-train-adaption-prompt" env "${env[@]}" .gpu/train_bench --preset "$PRESET" \
             --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" train adaption-prompt
         ;;
     check)

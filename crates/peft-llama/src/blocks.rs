@@ -104,12 +104,20 @@ fn is<A: 'static, T: 'static>() -> bool {
     TypeId::of::<A>() == TypeId::of::<T>()
 }
 
-/// `a` as the `T` it is (checked with [`is`] on the backends).
-fn cast<A: 'static, T: 'static>(a: A) -> T {
+/// `a` as a `T` when that is its type, else `a` back.
+pub(crate) fn downcast<A: 'static, T: 'static>(a: A) -> Result<T, A> {
     let boxed: Box<dyn Any> = Box::new(a);
-    *boxed
-        .downcast::<T>()
-        .unwrap_or_else(|_| unreachable!("the backend was checked"))
+    match boxed.downcast::<T>() {
+        Ok(t) => Ok(*t),
+        Err(boxed) => Err(*boxed
+            .downcast::<A>()
+            .unwrap_or_else(|_| unreachable!("a box holds the type it was made from"))),
+    }
+}
+
+/// `a` as the `T` it is known to be (a backend checked with [`is`], or on a partner operand).
+pub(crate) fn cast<A: 'static, T: 'static>(a: A) -> T {
+    downcast::<A, T>(a).unwrap_or_else(|_| unreachable!("the backend was checked"))
 }
 
 /// A float tensor of `Autodiff<X>` as a primitive.

@@ -29,7 +29,6 @@
 //! (`CUDA_ERROR_INVALID_VALUE`), and one-thread spin-waiting kernels on the two streams hung the
 //! GPU (likely cause, not confirmed: CUDA's lazy module loading waits for running kernels).
 
-use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -54,6 +53,8 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use cudarc::cublas::{result as blas, sys};
+
+use crate::blocks::{cast, downcast};
 use cudarc::cupti::sys as cupti;
 use cudarc::driver::result as driver;
 
@@ -124,9 +125,9 @@ fn on_backend<B: Backend, X: BlasBackend, const D: usize>(
 ) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
     match downcast::<Tensor<B, D>, Tensor<X, D>>(a) {
         Ok(a) => {
-            let b = upcast::<Tensor<B, D>, Tensor<X, D>>(b);
+            let b = cast::<Tensor<B, D>, Tensor<X, D>>(b);
             let out = product::<X>(a.into_primitive().tensor(), b.into_primitive().tensor());
-            Ok(upcast(Tensor::<X, D>::from_primitive(
+            Ok(cast(Tensor::<X, D>::from_primitive(
                 TensorPrimitive::Float(out),
             )))
         }
@@ -142,10 +143,10 @@ fn on_autodiff<B: Backend, X: BlasBackend, const D: usize>(
 ) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
     match downcast::<Tensor<B, D>, Tensor<Autodiff<X>, D>>(a) {
         Ok(a) => {
-            let b = upcast::<Tensor<B, D>, Tensor<Autodiff<X>, D>>(b);
+            let b = cast::<Tensor<B, D>, Tensor<Autodiff<X>, D>>(b);
             let out =
                 matmul_autodiff::<X>(a.into_primitive().tensor(), b.into_primitive().tensor());
-            Ok(upcast(Tensor::<Autodiff<X>, D>::from_primitive(
+            Ok(cast(Tensor::<Autodiff<X>, D>::from_primitive(
                 TensorPrimitive::Float(out),
             )))
         }
@@ -156,22 +157,6 @@ fn on_autodiff<B: Backend, X: BlasBackend, const D: usize>(
 /// Both operands f32, or both the same half type.
 fn supported(a: DType, b: DType) -> bool {
     a == b && matches!(a, DType::F32 | DType::BF16 | DType::F16)
-}
-
-/// `a` as a `T` when that is its type, else `a` back.
-fn downcast<A: 'static, T: 'static>(a: A) -> Result<T, A> {
-    let boxed: Box<dyn Any> = Box::new(a);
-    match boxed.downcast::<T>() {
-        Ok(t) => Ok(*t),
-        Err(boxed) => Err(*boxed
-            .downcast::<A>()
-            .unwrap_or_else(|_| unreachable!("a box holds the type it was made from"))),
-    }
-}
-
-/// A tensor of a backend already known to be `T`'s (checked on its partner operand).
-fn upcast<C: 'static, B: 'static>(t: C) -> B {
-    downcast::<C, B>(t).unwrap_or_else(|_| unreachable!("B was checked to be this backend"))
 }
 
 /// A CUDA backend whose products this module runs on cuBLAS.

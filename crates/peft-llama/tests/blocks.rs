@@ -5,10 +5,10 @@
 //! the nodes keep in f32).
 //!
 //! On the CPU build the nodes run on NdArray; built with `--features cuda` they run on the GPU
-//! through Burn's CUDA backend with fusion.
+//! through `burn::backend::Cuda` (with Burn's kernel fusion when built with `--features fusion`).
 
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Distribution, Tensor};
 use peft_llama::blocks::{self, composed};
 use peft_llama::model::cast_to;
@@ -69,6 +69,47 @@ fn loss<const D: usize>(y: Tensor<Ad, D>, r: Tensor<Ad, D>) -> Tensor<Ad, 1> {
     (cast_to(y, DType::F32) * cast_to(r, DType::F32)).sum()
 }
 
+type Grads = <Ad as AutodiffBackend>::Gradients;
+
+/// The node's output `node` equals the chain's `chain` exactly; returns the backward passes of
+/// `Σ r ⊙ y` through the node and through the chain.
+fn same_values<const D: usize>(
+    name: &str,
+    node: Tensor<Ad, D>,
+    chain: Tensor<Ad, D>,
+    r: Tensor<Ad, D>,
+) -> (Grads, Grads) {
+    assert_close(
+        &format!("{name} y"),
+        host(node.clone()),
+        host(chain.clone()),
+        0.0,
+    );
+    (loss(node, r.clone()).backward(), loss(chain, r).backward())
+}
+
+/// `input`'s gradient through the node agrees with its gradient through the chain within
+/// `rtol`; returns the node's.
+fn same_grad<const D: usize>(
+    name: &str,
+    input: &Tensor<Ad, D>,
+    (through_node, through_chain): &(Grads, Grads),
+    rtol: f32,
+) -> Vec<f32> {
+    let node = host(
+        input
+            .grad(through_node)
+            .expect("a gradient through the node"),
+    );
+    let chain = host(
+        input
+            .grad(through_chain)
+            .expect("a gradient through the chain"),
+    );
+    assert_close(name, node.clone(), chain, rtol);
+    node
+}
+
 #[test]
 fn rms_norm_node_matches_the_chain() {
     for dtype in dtypes() {
@@ -82,25 +123,10 @@ fn rms_norm_node_matches_the_chain() {
         let node = blocks::rms_norm(x.clone(), w.clone(), 1e-5);
         let chain = composed::rms_norm(x.clone(), w.clone(), 1e-5);
         assert_eq!(node.dtype(), dtype);
-        assert_close(
-            &format!("rms_norm {dtype:?} y"),
-            host(node.clone()),
-            host(chain.clone()),
-            0.0,
-        );
-        let (gn, gc) = (loss(node, r.clone()).backward(), loss(chain, r).backward());
-        assert_close(
-            &format!("rms_norm {dtype:?} dx"),
-            host(x.grad(&gn).unwrap()),
-            host(x.grad(&gc).unwrap()),
-            rtol(dtype),
-        );
-        assert_close(
-            &format!("rms_norm {dtype:?} dw"),
-            host(w.grad(&gn).unwrap()),
-            host(w.grad(&gc).unwrap()),
-            rtol(dtype),
-        );
+        let name = format!("rms_norm {dtype:?}");
+        let grads = same_values(&name, node, chain, r);
+        same_grad(&format!("{name} dx"), &x, &grads, rtol(dtype));
+        same_grad(&format!("{name} dw"), &w, &grads, rtol(dtype));
     }
 }
 
@@ -109,15 +135,12 @@ fn rms_norm_node_with_a_frozen_scale() {
     let x = random([1, 3, 16], DType::F32, 1.0);
     let w = Tensor::<Ad, 1>::ones([16], &Default::default());
     let r = random([1, 3, 16], DType::F32, 1.0).detach();
-    let gn = loss(blocks::rms_norm(x.clone(), w.clone(), 1e-6), r.clone()).backward();
-    let gc = loss(composed::rms_norm(x.clone(), w.clone(), 1e-6), r).backward();
-    assert!(w.grad(&gn).is_none(), "a frozen scale has no gradient");
-    assert_close(
-        "rms_norm frozen scale dx",
-        host(x.grad(&gn).unwrap()),
-        host(x.grad(&gc).unwrap()),
-        1e-5,
+    let grads = (
+        loss(blocks::rms_norm(x.clone(), w.clone(), 1e-6), r.clone()).backward(),
+        loss(composed::rms_norm(x.clone(), w.clone(), 1e-6), r).backward(),
     );
+    assert!(w.grad(&grads.0).is_none(), "a frozen scale has no gradient");
+    same_grad("rms_norm frozen scale dx", &x, &grads, 1e-5);
 }
 
 #[test]
@@ -128,25 +151,10 @@ fn swiglu_node_matches_the_chain() {
         let r = random([2, 4, 40], dtype, 1.0).detach();
         let node = blocks::swiglu(gate.clone(), up.clone());
         let chain = composed::swiglu(gate.clone(), up.clone());
-        assert_close(
-            &format!("swiglu {dtype:?} y"),
-            host(node.clone()),
-            host(chain.clone()),
-            0.0,
-        );
-        let (gn, gc) = (loss(node, r.clone()).backward(), loss(chain, r).backward());
-        assert_close(
-            &format!("swiglu {dtype:?} d gate"),
-            host(gate.grad(&gn).unwrap()),
-            host(gate.grad(&gc).unwrap()),
-            rtol(dtype),
-        );
-        assert_close(
-            &format!("swiglu {dtype:?} d up"),
-            host(up.grad(&gn).unwrap()),
-            host(up.grad(&gc).unwrap()),
-            rtol(dtype),
-        );
+        let name = format!("swiglu {dtype:?}");
+        let grads = same_values(&name, node, chain, r);
+        same_grad(&format!("{name} d gate"), &gate, &grads, rtol(dtype));
+        same_grad(&format!("{name} d up"), &up, &grads, rtol(dtype));
     }
 }
 
@@ -164,20 +172,9 @@ fn attention_softmax_node_matches_the_chain() {
         let r = random([2, 3, 6, 7], dtype, 1.0).detach();
         let node = blocks::attention_softmax(masked());
         let chain = composed::attention_softmax(masked());
-        assert_close(
-            &format!("softmax {dtype:?} p"),
-            host(node.clone()),
-            host(chain.clone()),
-            0.0,
-        );
-        let (gn, gc) = (loss(node, r.clone()).backward(), loss(chain, r).backward());
-        let dn = host(scores.grad(&gn).unwrap());
-        assert_close(
-            &format!("softmax {dtype:?} d scores"),
-            dn.clone(),
-            host(scores.grad(&gc).unwrap()),
-            rtol(dtype),
-        );
+        let name = format!("softmax {dtype:?}");
+        let grads = same_values(&name, node, chain, r);
+        let dn = same_grad(&format!("{name} d scores"), &scores, &grads, rtol(dtype));
         // Rows of the softmax Jacobian sum to zero: each row of the gradient does too.
         for row in dn.chunks(7) {
             let sum: f32 = row.iter().sum();
