@@ -16,9 +16,10 @@
 #
 # Environment: PRESET (llama-7b), DTYPE (bf16), BATCH (4), SEQ (512), STEPS (10),
 # WHAT (a space-separated subset of: matmul-test blocks-test check ours ours-prev ours-burn
-# decode-ours base decode-base scale dp-check host-bound ours-sync; `ours-burn` is `ours` for
-# adaption prompt with PEFT_CUBLAS=0, Burn's own CUDA matmul; `ours-sync` the same with
-# PEFT_CUBLAS_SYNC=1, cuBLAS ordered on the host),
+# decode-ours base decode-base scale dp-check host-bound ours-sync ours-nokernels; `ours-burn`
+# is `ours` for adaption prompt with PEFT_CUBLAS=0, Burn's own CUDA matmul; `ours-sync` the
+# same with PEFT_CUBLAS_SYNC=1, cuBLAS ordered on the host; `ours-nokernels` with
+# PEFT_KERNELS=0, Burn's operations instead of kernels.cu),
 # METHODS (the methods `ours` and `base` train, default "adaption-prompt lora prefix"),
 # SCALE_DEVICES (device counts for `scale`, default "1 2 4" capped at the GPUs present),
 # SCALE_METHODS (methods for `scale`, default adaption-prompt),
@@ -92,7 +93,7 @@ for what in $WHAT; do
     case $what in
     matmul-test | blocks-test)
         # matmul: the cuBLAS products and their gradients against an f64 host reference;
-        # blocks: the RMSNorm, SwiGLU and softmax autodiff nodes against the operation chains.
+        # blocks: the RMSNorm, SwiGLU, softmax and rotary nodes (kernels.cu) against the chains.
         timeout 120 ".gpu/${what%-test}_test" --nocapture --test-threads 1 > "$OUT/$what.txt" 2>&1
         echo "$what: rc=$? $(grep -c 'max |error|' "$OUT/$what.txt") comparisons"
         ;;
@@ -105,22 +106,26 @@ for what in $WHAT; do
         # The host's share: the same adaption-prompt step at batch 1 x 16 tokens, where the GPU
         # has almost nothing to do, with the cuBLAS products ordered by events (default) and on
         # the host (PEFT_CUBLAS_SYNC=1), and with Burn's matmul (PEFT_CUBLAS=0).
-        for mode in events host-sync burn-matmul; do
+        # HOST_MODES picks among them and no-kernels (PEFT_KERNELS=0).
+        for mode in ${HOST_MODES:-events host-sync burn-matmul}; do
             case $mode in
             events) env=() ;;
             host-sync) env=(PEFT_CUBLAS_SYNC=1) ;;
             burn-matmul) env=(PEFT_CUBLAS=0) ;;
+            no-kernels) env=(PEFT_KERNELS=0) ;;
             esac
             measure "host-bound-$mode" env "${env[@]}" .gpu/train_bench --preset "$PRESET" \
                 --dtype "$DTYPE" --batch 1 --seq 16 --steps "$STEPS" train adaption-prompt
         done
         ;;
-    ours-sync | ours-burn)
+    ours-sync | ours-burn | ours-nokernels)
         # A/B: the adaption-prompt step with the cuBLAS products ordered on the host
-        # (PEFT_CUBLAS_SYNC=1), or with Burn's own matmul (PEFT_CUBLAS=0).
+        # (PEFT_CUBLAS_SYNC=1), with Burn's own matmul (PEFT_CUBLAS=0), or with Burn's
+        # operations instead of the hand-written kernels (PEFT_KERNELS=0).
         case $what in
         ours-sync) env=(PEFT_CUBLAS_SYNC=1) ;;
         ours-burn) env=(PEFT_CUBLAS=0) ;;
+        ours-nokernels) env=(PEFT_KERNELS=0) ;;
         esac
         measure "$what-train-adaption-prompt" env "${env[@]}" .gpu/train_bench --preset "$PRESET" \
             --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" train adaption-prompt

@@ -262,11 +262,11 @@ impl<B: Backend> LayerHooks<B> for PreparedPrompts<B> {
         let keys = keys.clone().expand([batch, heads, prompt_len, head_dim]);
         let values = values.clone().expand([batch, heads, prompt_len, head_dim]);
         let dtype = queries.dtype();
-        let scores = peft_llama::model::matmul(queries.clone(), keys.swap_dims(2, 3)) * self.scale;
+        let scores = peft_llama::model::matmul(queries.clone(), keys.swap_dims(2, 3));
         // The prompt softmax runs in f32 like the main one and returns the queries' dtype; the
         // gate scales those probabilities, as the official code (`gate.tanh() *
         // softmax(scores.float()).type_as(xq)`) and PEFT do.
-        let probabilities = attention_softmax(scores);
+        let probabilities = attention_softmax(scores, self.scale, None);
         let weights = probabilities * cast_to(gate.clone(), dtype);
         Some(peft_llama::model::matmul(weights, values))
     }

@@ -63,11 +63,89 @@ pub mod composed {
         silu(gate) * up
     }
 
-    /// The softmax of attention scores `[batch, heads, queries, keys]` over the keys, computed
-    /// in f32 and returned in the scores' dtype.
-    pub fn attention_softmax<B: Backend>(scores: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// `softmax(scale · scores + bias)` over the keys of attention scores
+    /// `[batch, heads, queries, keys]`, computed in f32 and returned in the scores' dtype;
+    /// `bias` `[batch or 1, 1, queries, keys]` holds 0 for visible keys and `-inf` for masked
+    /// ones.
+    pub fn attention_softmax<B: Backend>(
+        scores: Tensor<B, 4>,
+        scale: f64,
+        bias: Option<Tensor<B, 4>>,
+    ) -> Tensor<B, 4> {
         let dtype = scores.dtype();
-        cast_to(softmax(upcast(scores), 3), dtype)
+        let scaled = upcast(scores) * scale;
+        let logits = match bias {
+            Some(bias) => {
+                let bias = cast_to(bias, scaled.dtype());
+                scaled + bias
+            }
+            None => scaled,
+        };
+        cast_to(softmax(logits, 3), dtype)
+    }
+
+    /// Attention `softmax(scale · q kᵀ + bias) v` for queries `[batch, heads, queries, dim]`
+    /// and keys and values `[batch, heads, keys, dim]` (heads already repeated), through
+    /// [`super::attention_softmax`] and the model's products.
+    pub fn attention<B: Backend>(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        scale: f64,
+        bias: Option<Tensor<B, 4>>,
+    ) -> Tensor<B, 4> {
+        let scores = crate::model::matmul(q, k.swap_dims(2, 3));
+        crate::model::matmul(super::attention_softmax(scores, scale, bias), v)
+    }
+
+    /// The rotary embedding of `x` `[batch, heads, seq, head_dim]` in the rotate-half layout:
+    /// `x ⊙ cos + rotate_half(x) ⊙ sin`, tables `[batch or 1, 1, seq, head_dim]`.
+    pub fn rotary<B: Backend>(
+        x: Tensor<B, 4>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        let half = x.dims()[3] / 2;
+        let first = x.clone().narrow(3, 0, half);
+        let second = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![second.neg(), first], 3);
+        x * cos.clone() + rotated * sin.clone()
+    }
+}
+
+/// A kernel of `kernels.rs` and its scalar parameters.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Kernel {
+    /// `[scores]` or `[scores, bias]` → `[probabilities]`.
+    SoftmaxForward { scale: f32 },
+    /// `[probabilities, d probabilities]` → `[d scores]`.
+    SoftmaxBackward { scale: f32 },
+    /// `[x, weight]` → `[y, 1/rms (f32)]`.
+    RmsNormForward { eps: f32 },
+    /// `[x, weight, dy, 1/rms]` → `[dx]`.
+    RmsNormBackward,
+    /// `[gate, up]` → `[y]`.
+    SwigluForward,
+    /// `[gate, up, dy]` → `[d gate, d up]`.
+    SwigluBackward,
+    /// `[x, cos, sin]` → `[y]`.
+    RopeForward,
+    /// `[dy, cos, sin]` → `[dx]`.
+    RopeBackward,
+}
+
+/// The outputs of `kernel` on `inputs` when `X` is Burn's CUDA backend and the kernel takes
+/// them (`kernels.rs`); `None` otherwise, and always on a build without `cuda`.
+fn kernel<X: Backend>(kernel: Kernel, inputs: &[FloatTensor<X>]) -> Option<Vec<FloatTensor<X>>> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::kernels::run::<X>(kernel, inputs)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (kernel, inputs);
+        None
     }
 }
 
@@ -100,7 +178,7 @@ macro_rules! on_known_autodiff {
 }
 
 /// Whether `A` and `T` are the same type.
-fn is<A: 'static, T: 'static>() -> bool {
+pub(crate) fn is<A: 'static, T: 'static>() -> bool {
     TypeId::of::<A>() == TypeId::of::<T>()
 }
 
@@ -130,6 +208,17 @@ fn tensor<X: Backend, const D: usize>(p: FloatTensor<X>) -> Tensor<X, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
 
+/// The primitive of a float tensor.
+fn raw<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// The single output of a kernel.
+fn single<T>(outputs: Vec<T>) -> T {
+    let [out] = <[_; 1]>::try_from(outputs).unwrap_or_else(|_| unreachable!("one output"));
+    out
+}
+
 /// RMSNorm over the last dimension of `x` `[batch, seq, hidden]` scaled by `weight`
 /// `[hidden]`: the values of [`composed::rms_norm`].
 pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
@@ -138,20 +227,97 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> 
         X,
         cast(RmsNormNode::<X>::apply(cast(x), cast(weight), eps))
     );
+    let forward = Kernel::RmsNormForward { eps: eps as f32 };
+    if let Some(out) = kernel::<B>(forward, &[raw(x.clone()), raw(weight.clone())]) {
+        return tensor(
+            out.into_iter()
+                .next()
+                .unwrap_or_else(|| unreachable!("two outputs")),
+        );
+    }
     composed::rms_norm(x, weight, eps)
 }
 
 /// `silu(gate) ⊙ up` for `[batch, seq, intermediate]`: the values of [`composed::swiglu`].
 pub fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
     on_known_autodiff!(B, X, cast(SwigluNode::<X>::apply(cast(gate), cast(up))));
+    if let Some(out) = kernel::<B>(Kernel::SwigluForward, &[raw(gate.clone()), raw(up.clone())]) {
+        return tensor(single(out));
+    }
     composed::swiglu(gate, up)
 }
 
-/// The softmax of attention scores `[batch, heads, queries, keys]` over the keys, in f32,
-/// returned in the scores' dtype: the values of [`composed::attention_softmax`].
-pub fn attention_softmax<B: Backend>(scores: Tensor<B, 4>) -> Tensor<B, 4> {
-    on_known_autodiff!(B, X, cast(SoftmaxNode::<X>::apply(cast(scores))));
-    composed::attention_softmax(scores)
+/// `softmax(scale · scores + bias)` over the keys of attention scores
+/// `[batch, heads, queries, keys]`, in f32, returned in the scores' dtype: the values of
+/// [`composed::attention_softmax`]. `bias` (0 or `-inf`, `[batch or 1, 1, queries, keys]`) is
+/// a constant: it gets no gradient.
+pub fn attention_softmax<B: Backend>(
+    scores: Tensor<B, 4>,
+    scale: f64,
+    bias: Option<Tensor<B, 4>>,
+) -> Tensor<B, 4> {
+    on_known_autodiff!(
+        B,
+        X,
+        cast(SoftmaxNode::<X>::apply(
+            cast(scores),
+            scale,
+            bias.map(|b| cast::<_, Tensor<Autodiff<X>, 4>>(b))
+        ))
+    );
+    let mut inputs = vec![raw(scores.clone())];
+    inputs.extend(bias.clone().map(raw));
+    let forward = Kernel::SoftmaxForward {
+        scale: scale as f32,
+    };
+    if let Some(out) = kernel::<B>(forward, &inputs) {
+        return tensor(single(out));
+    }
+    composed::attention_softmax(scores, scale, bias)
+}
+
+/// Attention `softmax(scale · q kᵀ + bias) v` (see [`composed::attention`]) as one autodiff
+/// node that keeps `q`, `k` and `v` and recomputes the probabilities in its backward pass
+/// (two small products and one softmax) instead of keeping them: `[batch, heads, queries,
+/// keys]` per layer, 64 MiB per LLaMA-7B layer at batch 4 × 512 in bf16, where PyTorch's
+/// fused attention keeps none either. `bias` is a constant.
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f64,
+    bias: Option<Tensor<B, 4>>,
+) -> Tensor<B, 4> {
+    on_known_autodiff!(
+        B,
+        X,
+        cast(AttentionNode::<X>::apply(
+            [cast(q), cast(k), cast(v)],
+            scale,
+            bias.map(|b| cast::<_, Tensor<Autodiff<X>, 4>>(b))
+        ))
+    );
+    composed::attention(q, k, v, scale, bias)
+}
+
+/// The rotary embedding of `x` `[batch, heads, seq, head_dim]` with tables
+/// `[batch or 1, 1, seq, head_dim]` (constants: they get no gradient): the values of
+/// [`composed::rotary`].
+pub fn rotary<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    on_known_autodiff!(
+        B,
+        X,
+        cast(RotaryNode::<X>::apply(
+            cast(x),
+            cast(cos.clone()),
+            cast(sin.clone())
+        ))
+    );
+    let inputs = [raw(x.clone()), raw(cos.clone()), raw(sin.clone())];
+    if let Some(out) = kernel::<B>(Kernel::RopeForward, &inputs) {
+        return tensor(single(out));
+    }
+    composed::rotary(x, cos, sin)
 }
 
 /// The RMSNorm node.
@@ -166,16 +332,25 @@ impl<X: Backend> RmsNormNode<X> {
     ) -> Tensor<Autodiff<X>, 3> {
         let (x, weight) = (prim(x), prim(weight));
         let x_tracked = x.is_tracked();
-        let (xi, wi) = (
-            tensor::<X, 3>(x.primitive.clone()),
-            tensor::<X, 1>(weight.primitive.clone()),
-        );
-        let dtype = xi.dtype();
-        let x32 = upcast(xi.clone());
-        let variance = x32.clone().powi_scalar(2).mean_dim(2);
-        let inv_rms = (variance + eps).sqrt().recip();
-        let out = wi.clone().unsqueeze::<3>() * cast_to(x32 * inv_rms.clone(), dtype);
-        let out = out.into_primitive().tensor();
+        let forward = Kernel::RmsNormForward { eps: eps as f32 };
+        let (out, inv_rms) =
+            match kernel::<X>(forward, &[x.primitive.clone(), weight.primitive.clone()]) {
+                Some(outputs) => {
+                    let [out, inv_rms] =
+                        <[_; 2]>::try_from(outputs).unwrap_or_else(|_| unreachable!("two outputs"));
+                    (out, inv_rms)
+                }
+                None => {
+                    let xi = tensor::<X, 3>(x.primitive.clone());
+                    let wi = tensor::<X, 1>(weight.primitive.clone());
+                    let dtype = xi.dtype();
+                    let x32 = upcast(xi);
+                    let variance = x32.clone().powi_scalar(2).mean_dim(2);
+                    let inv_rms = (variance + eps).sqrt().recip();
+                    let out = wi.unsqueeze::<3>() * cast_to(x32 * inv_rms.clone(), dtype);
+                    (raw(out), raw(inv_rms))
+                }
+            };
         let node = match Self(PhantomData)
             .prepare::<NoCheckpointing>([x.node.clone(), weight.node.clone()])
             .compute_bound()
@@ -183,9 +358,9 @@ impl<X: Backend> RmsNormNode<X> {
         {
             OpsKind::Tracked(prep) => {
                 let state = RmsNormState {
-                    x: xi.into_primitive().tensor(),
-                    inv_rms: inv_rms.into_primitive().tensor(),
-                    weight: x_tracked.then(|| wi.into_primitive().tensor()),
+                    x: x.primitive.clone(),
+                    inv_rms,
+                    weight: x_tracked.then(|| weight.primitive.clone()),
                 };
                 prep.finish(state, out)
             }
@@ -213,30 +388,38 @@ impl<X: Backend> Backward<X, 2> for RmsNormNode<X> {
     /// `dw = Σ_rows dy ⊙ x̂`.
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_w] = ops.parents;
-        let dy = tensor::<X, 3>(grads.consume::<X>(&ops.node));
+        let dy = grads.consume::<X>(&ops.node);
         let state = ops.state;
-        let x = tensor::<X, 3>(state.x);
-        let dtype = x.dtype();
-        let inv_rms = tensor::<X, 3>(state.inv_rms);
-        let normed = upcast(x) * inv_rms.clone();
         if let Some(node) = node_w {
+            let x = tensor::<X, 3>(state.x.clone());
+            let dtype = x.dtype();
+            let normed = upcast(x) * tensor::<X, 3>(state.inv_rms.clone());
             let [batch, seq, hidden] = normed.dims();
-            let dw = (dy.clone() * cast_to(normed.clone(), dtype))
+            let dw = (tensor::<X, 3>(dy.clone()) * cast_to(normed, dtype))
                 .reshape([batch * seq, hidden])
                 .sum_dim(0)
                 .reshape([hidden]);
-            grads.register::<X>(node.id, dw.into_primitive().tensor());
+            grads.register::<X>(node.id, raw(dw));
         }
         if let Some(node) = node_x {
-            let weight = tensor::<X, 1>(
-                state
-                    .weight
-                    .unwrap_or_else(|| unreachable!("kept when x is tracked")),
-            );
-            let g = upcast(dy * weight.unsqueeze::<3>());
-            let dot = (g.clone() * normed.clone()).mean_dim(2);
-            let dx = (g - normed * dot) * inv_rms;
-            grads.register::<X>(node.id, cast_to(dx, dtype).into_primitive().tensor());
+            let weight = state
+                .weight
+                .unwrap_or_else(|| unreachable!("kept when x is tracked"));
+            let inputs = [state.x, weight, dy, state.inv_rms];
+            let dx = match kernel::<X>(Kernel::RmsNormBackward, &inputs) {
+                Some(out) => single(out),
+                None => {
+                    let [x, weight, dy, inv_rms] = inputs;
+                    let x = tensor::<X, 3>(x);
+                    let dtype = x.dtype();
+                    let inv_rms = tensor::<X, 3>(inv_rms);
+                    let normed = upcast(x) * inv_rms.clone();
+                    let g = upcast(tensor::<X, 3>(dy) * tensor::<X, 1>(weight).unsqueeze::<3>());
+                    let dot = (g.clone() * normed.clone()).mean_dim(2);
+                    raw(cast_to((g - normed * dot) * inv_rms, dtype))
+                }
+            };
+            grads.register::<X>(node.id, dx);
         }
     }
 }
@@ -248,22 +431,20 @@ struct SwigluNode<X>(PhantomData<X>);
 impl<X: Backend> SwigluNode<X> {
     fn apply(gate: Tensor<Autodiff<X>, 3>, up: Tensor<Autodiff<X>, 3>) -> Tensor<Autodiff<X>, 3> {
         let (gate, up) = (prim(gate), prim(up));
-        let (gi, ui) = (
-            tensor::<X, 3>(gate.primitive.clone()),
-            tensor::<X, 3>(up.primitive.clone()),
-        );
-        let out = composed::swiglu(gi.clone(), ui.clone())
-            .into_primitive()
-            .tensor();
+        let (gi, ui) = (gate.primitive.clone(), up.primitive.clone());
+        let out = match kernel::<X>(Kernel::SwigluForward, &[gi.clone(), ui.clone()]) {
+            Some(out) => single(out),
+            None => raw(composed::swiglu(
+                tensor::<X, 3>(gi.clone()),
+                tensor::<X, 3>(ui.clone()),
+            )),
+        };
         let node = match Self(PhantomData)
             .prepare::<NoCheckpointing>([gate.node.clone(), up.node.clone()])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => {
-                let state = (gi.into_primitive().tensor(), ui.into_primitive().tensor());
-                prep.finish(state, out)
-            }
+            OpsKind::Tracked(prep) => prep.finish((gi, ui), out),
             OpsKind::UnTracked(prep) => prep.finish(out),
         };
         Tensor::from_primitive(TensorPrimitive::Float(node))
@@ -277,41 +458,71 @@ impl<X: Backend> Backward<X, 2> for SwigluNode<X> {
     /// With `s = σ(gate)`: `d up = dy ⊙ gate ⊙ s`, `d gate = (dy ⊙ up) ⊙ s ⊙ (1 + gate ⊙ (1 − s))`.
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_gate, node_up] = ops.parents;
-        let dy = tensor::<X, 3>(grads.consume::<X>(&ops.node));
+        let dy = grads.consume::<X>(&ops.node);
         let (gate, up) = ops.state;
+        if let Some(outputs) = kernel::<X>(
+            Kernel::SwigluBackward,
+            &[gate.clone(), up.clone(), dy.clone()],
+        ) {
+            let [dgate, dup] =
+                <[_; 2]>::try_from(outputs).unwrap_or_else(|_| unreachable!("two outputs"));
+            if let Some(node) = node_up {
+                grads.register::<X>(node.id, dup);
+            }
+            if let Some(node) = node_gate {
+                grads.register::<X>(node.id, dgate);
+            }
+            return;
+        }
+        let dy = tensor::<X, 3>(dy);
         let (gate, up) = (tensor::<X, 3>(gate), tensor::<X, 3>(up));
         let dtype = gate.dtype();
         if let Some(node) = node_up {
             // The activation as the forward computed it, in the model's dtype.
             let activation = gate.clone() * sigmoid(gate.clone());
-            grads.register::<X>(node.id, (dy.clone() * activation).into_primitive().tensor());
+            grads.register::<X>(node.id, raw(dy.clone() * activation));
         }
         if let Some(node) = node_gate {
             let gate32 = upcast(gate);
             let s = sigmoid(gate32.clone());
             let dact = upcast(dy * up);
             let dgate = dact * s.clone() * (gate32 * (s.neg() + 1.0) + 1.0);
-            grads.register::<X>(node.id, cast_to(dgate, dtype).into_primitive().tensor());
+            grads.register::<X>(node.id, raw(cast_to(dgate, dtype)));
         }
     }
 }
 
-/// The attention softmax node.
+/// The attention softmax node (scale and bias included).
 #[derive(Debug)]
 struct SoftmaxNode<X>(PhantomData<X>);
 
 impl<X: Backend> SoftmaxNode<X> {
-    fn apply(scores: Tensor<Autodiff<X>, 4>) -> Tensor<Autodiff<X>, 4> {
+    fn apply(
+        scores: Tensor<Autodiff<X>, 4>,
+        scale: f64,
+        bias: Option<Tensor<Autodiff<X>, 4>>,
+    ) -> Tensor<Autodiff<X>, 4> {
         let scores = prim(scores);
-        let out = composed::attention_softmax(tensor::<X, 4>(scores.primitive.clone()))
-            .into_primitive()
-            .tensor();
+        let bias = bias.map(|b| prim(b).primitive);
+        let mut inputs = vec![scores.primitive.clone()];
+        inputs.extend(bias.clone());
+        let forward = Kernel::SoftmaxForward {
+            scale: scale as f32,
+        };
+        let out = match kernel::<X>(forward, &inputs) {
+            Some(out) => single(out),
+            None => raw(composed::attention_softmax(
+                tensor::<X, 4>(scores.primitive.clone()),
+                scale,
+                bias.map(tensor::<X, 4>),
+            )),
+        };
         let node = match Self(PhantomData)
             .prepare::<NoCheckpointing>([scores.node.clone()])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(out.clone(), out),
+            OpsKind::Tracked(prep) => prep.finish((out.clone(), scale), out),
             OpsKind::UnTracked(prep) => prep.finish(out),
         };
         Tensor::from_primitive(TensorPrimitive::Float(node))
@@ -319,19 +530,170 @@ impl<X: Backend> SoftmaxNode<X> {
 }
 
 impl<X: Backend> Backward<X, 1> for SoftmaxNode<X> {
-    /// The probabilities, in the model's dtype.
-    type State = FloatTensor<X>;
+    /// The probabilities, in the model's dtype, and the scale.
+    type State = (FloatTensor<X>, f64);
 
-    /// `d scores = p ⊙ (dp − Σ_keys dp ⊙ p)`, in f32.
+    /// `d scores = scale · p ⊙ (dp − Σ_keys dp ⊙ p)`, in f32.
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node] = ops.parents;
-        let dp = tensor::<X, 4>(grads.consume::<X>(&ops.node));
+        let dp = grads.consume::<X>(&ops.node);
         let Some(node) = node else { return };
-        let p = tensor::<X, 4>(ops.state);
-        let dtype = p.dtype();
-        let (p, dp) = (upcast(p), upcast(dp));
-        let dot = (dp.clone() * p.clone()).sum_dim(3);
-        let dscores = p * (dp - dot);
-        grads.register::<X>(node.id, cast_to(dscores, dtype).into_primitive().tensor());
+        let (p, scale) = ops.state;
+        grads.register::<X>(node.id, softmax_grad::<X>(p, dp, scale));
+    }
+}
+
+/// `scale · p ⊙ (dp − Σ_keys dp ⊙ p)` in f32, rounded to `p`'s dtype: the gradient of the
+/// scores of [`attention_softmax`] from its probabilities `p` and their gradient `dp`.
+fn softmax_grad<X: Backend>(p: FloatTensor<X>, dp: FloatTensor<X>, scale: f64) -> FloatTensor<X> {
+    let backward = Kernel::SoftmaxBackward {
+        scale: scale as f32,
+    };
+    match kernel::<X>(backward, &[p.clone(), dp.clone()]) {
+        Some(out) => single(out),
+        None => {
+            let p = tensor::<X, 4>(p);
+            let dtype = p.dtype();
+            let (p, dp) = (upcast(p), upcast(tensor::<X, 4>(dp)));
+            let dot = (dp.clone() * p.clone()).sum_dim(3);
+            raw(cast_to(p * (dp - dot) * scale, dtype))
+        }
+    }
+}
+
+/// The attention node.
+#[derive(Debug)]
+struct AttentionNode<X>(PhantomData<X>);
+
+/// What the attention backward reads: `q`, `k`, `v`, the bias and the scale.
+type AttentionState<X> = ([FloatTensor<X>; 3], Option<FloatTensor<X>>, f64);
+
+impl<X: Backend> AttentionNode<X> {
+    /// The probabilities `softmax(scale · q kᵀ + bias)` on the inner backend.
+    fn probabilities(
+        q: &FloatTensor<X>,
+        k: &FloatTensor<X>,
+        scale: f64,
+        bias: &Option<FloatTensor<X>>,
+    ) -> Tensor<X, 4> {
+        let scores = crate::model::matmul(
+            tensor::<X, 4>(q.clone()),
+            tensor::<X, 4>(k.clone()).swap_dims(2, 3),
+        );
+        attention_softmax(scores, scale, bias.clone().map(tensor::<X, 4>))
+    }
+
+    fn apply(
+        qkv: [Tensor<Autodiff<X>, 4>; 3],
+        scale: f64,
+        bias: Option<Tensor<Autodiff<X>, 4>>,
+    ) -> Tensor<Autodiff<X>, 4> {
+        let [q, k, v] = qkv.map(prim);
+        let bias = bias.map(|b| prim(b).primitive);
+        let p = Self::probabilities(&q.primitive, &k.primitive, scale, &bias);
+        let out = raw(crate::model::matmul(p, tensor::<X, 4>(v.primitive.clone())));
+        let node = match Self(PhantomData)
+            .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = ([q.primitive, k.primitive, v.primitive], bias, scale);
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(node))
+    }
+}
+
+impl<X: Backend> Backward<X, 3> for AttentionNode<X> {
+    type State = AttentionState<X>;
+
+    /// With `p` recomputed: `dv = pᵀ do`, `dp = do vᵀ`, `ds` from [`softmax_grad`] (scale
+    /// included), `dq = ds k`, `dk = dsᵀ q`.
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let d_out = tensor::<X, 4>(grads.consume::<X>(&ops.node));
+        let ([q, k, v], bias, scale) = ops.state;
+        let p = Self::probabilities(&q, &k, scale, &bias);
+        let matmul = crate::model::matmul::<X, 4>;
+        if let Some(node) = node_v {
+            let dv = matmul(p.clone().swap_dims(2, 3), d_out.clone());
+            grads.register::<X>(node.id, raw(dv));
+        }
+        if node_q.is_none() && node_k.is_none() {
+            return;
+        }
+        let dp = matmul(d_out, tensor::<X, 4>(v).swap_dims(2, 3));
+        let ds = tensor::<X, 4>(softmax_grad::<X>(raw(p), raw(dp), scale));
+        if let Some(node) = node_q {
+            grads.register::<X>(node.id, raw(matmul(ds.clone(), tensor::<X, 4>(k))));
+        }
+        if let Some(node) = node_k {
+            grads.register::<X>(node.id, raw(matmul(ds.swap_dims(2, 3), tensor::<X, 4>(q))));
+        }
+    }
+}
+
+/// The rotary embedding node.
+#[derive(Debug)]
+struct RotaryNode<X>(PhantomData<X>);
+
+impl<X: Backend> RotaryNode<X> {
+    fn apply(
+        x: Tensor<Autodiff<X>, 4>,
+        cos: Tensor<Autodiff<X>, 4>,
+        sin: Tensor<Autodiff<X>, 4>,
+    ) -> Tensor<Autodiff<X>, 4> {
+        let x = prim(x);
+        let (cos, sin) = (prim(cos).primitive, prim(sin).primitive);
+        let inputs = [x.primitive.clone(), cos.clone(), sin.clone()];
+        let out = match kernel::<X>(Kernel::RopeForward, &inputs) {
+            Some(out) => single(out),
+            None => raw(composed::rotary(
+                tensor::<X, 4>(x.primitive.clone()),
+                &tensor::<X, 4>(cos.clone()),
+                &tensor::<X, 4>(sin.clone()),
+            )),
+        };
+        let node = match Self(PhantomData)
+            .prepare::<NoCheckpointing>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((cos, sin), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(node))
+    }
+}
+
+impl<X: Backend> Backward<X, 1> for RotaryNode<X> {
+    /// The cosine and sine tables.
+    type State = (FloatTensor<X>, FloatTensor<X>);
+
+    /// `dx = dy ⊙ cos + rotate_halfᵀ(dy ⊙ sin)`, where `rotate_halfᵀ([a, b]) = [b, −a]`.
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let dy = grads.consume::<X>(&ops.node);
+        let Some(node) = node else { return };
+        let (cos, sin) = ops.state;
+        let dx = match kernel::<X>(
+            Kernel::RopeBackward,
+            &[dy.clone(), cos.clone(), sin.clone()],
+        ) {
+            Some(out) => single(out),
+            None => {
+                let dy = tensor::<X, 4>(dy);
+                let half = dy.dims()[3] / 2;
+                let by_sin = dy.clone() * tensor::<X, 4>(sin);
+                let first = by_sin.clone().narrow(3, 0, half);
+                let second = by_sin.narrow(3, half, half);
+                let rotated = Tensor::cat(vec![second, first.neg()], 3);
+                raw(dy * tensor::<X, 4>(cos) + rotated)
+            }
+        };
+        grads.register::<X>(node.id, dx);
     }
 }

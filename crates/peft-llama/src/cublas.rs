@@ -62,14 +62,14 @@ use cudarc::driver::result as driver;
 /// `burn_fusion::Fusion`); its products also run on cuBLAS.
 pub type CudaBare = CubeBackend<CudaRuntime, f32, i32, u8>;
 /// The tensors cuBLAS reads and writes are [`CudaBare`]'s.
-type Cube = CudaBare;
+pub(crate) type Cube = CudaBare;
 /// Burn's CUDA backend with kernel fusion (`burn::backend::Cuda` under this crate's `cuda`
 /// feature).
-type Fused = Fusion<Cube>;
+pub(crate) type Fused = Fusion<Cube>;
 /// A float tensor of [`Cube`].
-type Prim = CubeTensor<CudaRuntime>;
+pub(crate) type Prim = CubeTensor<CudaRuntime>;
 /// The fusion runtime of [`Fused`].
-type FusedRuntime = <Cube as FusionBackend>::FusionRuntime;
+pub(crate) type FusedRuntime = <Cube as FusionBackend>::FusionRuntime;
 
 /// Whether products go to cuBLAS: not when `PEFT_CUBLAS=0`, nor when the library cannot be
 /// loaded (said once on stderr).
@@ -160,7 +160,7 @@ fn supported(a: DType, b: DType) -> bool {
 }
 
 /// A CUDA backend whose products this module runs on cuBLAS.
-trait BlasBackend: Backend {
+pub(crate) trait BlasBackend: Backend {
     /// The shape and dtype of a float tensor.
     fn meta(t: &FloatTensor<Self>) -> (Vec<usize>, DType);
     /// `a · b` on cuBLAS, for operands [`product`] accepted; the result `shape`.
@@ -420,6 +420,23 @@ fn with_blas<T>(device: &CudaDevice, f: impl FnOnce(&Blas) -> T) -> T {
         // SAFETY: a context retained above.
         unsafe { driver::ctx::set_current(blas.context) }.expect("set the CUDA context current");
         f(blas)
+    })
+}
+
+/// Runs `launch` with the context of `device` current and the stream to launch on, ordered
+/// like a cuBLAS product: CubeCL's own stream when it was found (nothing else to do), else this
+/// thread's cuBLAS stream, with both streams synchronised on the host before and after. Runs on
+/// CubeCL's device thread (inside `client.exclusive`), after everything the calling thread
+/// submitted before.
+pub(crate) fn on_stream(device: &CudaDevice, launch: impl FnOnce(cudarc::driver::sys::CUstream)) {
+    with_blas(device, |blas| match blas.cubecl {
+        Some(cubecl) => launch(cubecl),
+        None => {
+            <Cube as Backend>::sync(device).expect("CUDA stream sync before a kernel");
+            launch(blas.stream);
+            // SAFETY: a stream created by `with_blas`.
+            unsafe { driver::stream::synchronize(blas.stream) }.expect("kernel stream sync");
+        }
     })
 }
 

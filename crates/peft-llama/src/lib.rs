@@ -19,6 +19,8 @@ pub mod cublas;
 pub mod error;
 pub mod generate;
 pub mod hooks;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod model;
 pub mod pickle_check;
 pub mod rope;

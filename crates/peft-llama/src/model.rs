@@ -2,7 +2,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
@@ -70,11 +70,10 @@ pub fn cast_to<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Ten
     }
 }
 
-/// The value masked attention scores are filled with. `-inf` gives exact zeros after the
+/// The attention bias of masked keys. `-inf` gives exact zeros after the
 /// softmax and keeps `exp` on its fast path (a huge finite value takes libm's slow underflow
 /// path); [`Llama`] guarantees every query row keeps at least one visible key.
-pub(crate) fn mask_value(dtype: DType) -> f32 {
-    let _ = dtype;
+pub(crate) fn mask_value() -> f32 {
     f32::NEG_INFINITY
 }
 
@@ -115,8 +114,9 @@ pub struct LayerContext<B: Backend> {
     pub cos: Tensor<B, 4>,
     /// `[batch, 1, seq, head_dim]`
     pub sin: Tensor<B, 4>,
-    /// `[batch, 1, seq, prefix + past + seq]`, true where attention is not allowed.
-    pub mask: Option<Tensor<B, 4, Bool>>,
+    /// `[batch, 1, seq, prefix + past + seq]` in f32: `-inf` where attention is not allowed,
+    /// 0 elsewhere; added to the scaled attention scores.
+    pub bias: Option<Tensor<B, 4>>,
 }
 
 impl<B: Backend> Attention<B> {
@@ -169,14 +169,9 @@ impl<B: Backend> Attention<B> {
         let n_rep = self.num_heads / self.num_kv_heads;
         let keys = repeat_kv(keys, n_rep);
         let values = repeat_kv(values, n_rep);
-        let dtype = queries.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut scores = matmul(queries.clone(), keys.swap_dims(2, 3)) * scale;
-        if let Some(mask) = &context.mask {
-            scores = scores.mask_fill(mask.clone(), mask_value(dtype));
-        }
-        let probabilities = crate::blocks::attention_softmax(scores);
-        let mut output = matmul(probabilities, values);
+        let mut output =
+            crate::blocks::attention(queries.clone(), keys, values, scale, context.bias.clone());
         if let Some(branch) = hooks.attention_branch(layer, &queries) {
             output = output + branch;
         }
@@ -446,11 +441,17 @@ impl<B: Backend> Llama<B> {
         let (cos, sin) = self.rope.tables(&positions, batch, seq, &device);
         let dtype = self.dtype();
         let (cos, sin) = (cast_to(cos, dtype), cast_to(sin, dtype));
-        let mask = any_masked.then(|| {
-            Tensor::<B, 3, Bool>::from_data(TensorData::new(mask, [batch, seq, keys]), &device)
-                .unsqueeze_dim(1)
+        let bias = any_masked.then(|| {
+            let bias: Vec<f32> = mask
+                .iter()
+                .map(|&masked| if masked { mask_value() } else { 0.0 })
+                .collect();
+            cast_to(
+                Tensor::<B, 4>::from_data(TensorData::new(bias, [batch, 1, seq, keys]), &device),
+                DType::F32,
+            )
         });
-        LayerContext { cos, sin, mask }
+        LayerContext { cos, sin, bias }
     }
 
     /// Embeds `tokens` → `[batch, seq, hidden]`.

@@ -86,19 +86,13 @@ impl RotaryEmbedding {
 }
 
 /// Applies rotary embeddings to `x` `[batch, heads, seq, head_dim]` with tables from
-/// [`RotaryEmbedding::tables`].
+/// [`RotaryEmbedding::tables`] (see [`crate::blocks::rotary`]).
 pub fn apply_rotary<B: Backend>(
     x: Tensor<B, 4>,
     cos: &Tensor<B, 4>,
     sin: &Tensor<B, 4>,
 ) -> Tensor<B, 4> {
-    let [batch, heads, seq, dim] = x.dims();
-    let half = dim / 2;
-    let first = x.clone().narrow(3, 0, half);
-    let second = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![second.neg(), first], 3);
-    debug_assert_eq!(rotated.dims(), [batch, heads, seq, dim]);
-    x * cos.clone() + rotated * sin.clone()
+    crate::blocks::rotary(x, cos, sin)
 }
 
 #[cfg(test)]
