@@ -1,4 +1,5 @@
-//! RMSNorm, the SwiGLU activation and the attention softmax as single autodiff nodes.
+//! RMSNorm, the SwiGLU activation, the rotary embedding, the attention softmax and attention
+//! itself as single autodiff nodes, with hand-written CUDA kernels inside on the CUDA backend.
 //!
 //! Written as chains of tensor operations, these blocks make autodiff keep every intermediate
 //! its operations need: RMSNorm keeps an f32 copy of its input (twice the bytes of a bf16
@@ -9,14 +10,18 @@
 //! - RMSNorm keeps its input (the residual stream, alive anyway) and `1/rms` per row;
 //! - SwiGLU keeps `gate` and `up` (which the down projection and the frozen projections'
 //!   products no longer keep, see `cublas.rs`);
-//! - the softmax keeps its output in the model's dtype, the same tensor the `probabilities · v`
-//!   product keeps.
+//! - the rotary embedding keeps its tables;
+//! - the softmax keeps its output in the model's dtype;
+//! - attention (`softmax(scale · q kᵀ + bias) v`) keeps `q`, `k` and `v` and recomputes the
+//!   probabilities in its backward pass.
 //!
 //! On LLaMA-7B with batch 4 × 512 tokens in bf16 the peak memory of an adaption-prompt step on
-//! the CUDA backend fell from 35,991 to 24,259 MiB, about 390 MB per trained layer
-//! (`docs/benchmarks.md`).
-//! The forward values come from the same operations as the chains (results unchanged); the
-//! gradients are the closed forms below, computed in f32 and rounded once, as PyTorch's
+//! the CUDA backend fell from 35,991 to 22,307 MiB (`docs/benchmarks.md`).
+//!
+//! On the CUDA backend (bare or fused) each node's forward and backward is one kernel of
+//! `kernels.cu` (see `kernels.rs`), which also serves the same functions without autodiff
+//! (inference). Elsewhere the forward values come from the same operations as the chains and
+//! the gradients are the closed forms below, computed in f32 and rounded once, as PyTorch's
 //! kernels do.
 //!
 //! The model stays generic over `B: Backend`: each function checks at run time (a `TypeId`
@@ -262,7 +267,7 @@ pub fn attention_softmax<B: Backend>(
         cast(SoftmaxNode::<X>::apply(
             cast(scores),
             scale,
-            bias.map(|b| cast::<_, Tensor<Autodiff<X>, 4>>(b))
+            bias.map(cast::<_, Tensor<Autodiff<X>, 4>>)
         ))
     );
     let mut inputs = vec![raw(scores.clone())];
@@ -294,7 +299,7 @@ pub fn attention<B: Backend>(
         cast(AttentionNode::<X>::apply(
             [cast(q), cast(k), cast(v)],
             scale,
-            bias.map(|b| cast::<_, Tensor<Autodiff<X>, 4>>(b))
+            bias.map(cast::<_, Tensor<Autodiff<X>, 4>>)
         ))
     );
     composed::attention(q, k, v, scale, bias)

@@ -294,11 +294,14 @@ impl Arg {
     }
 }
 
+/// A loaded module's functions by name, as addresses.
+type Functions = HashMap<String, usize>;
+
 /// The compiled module of `dtype` on `device`, loaded once: its functions by name (as
 /// addresses, to be shared between threads; functions of a module in the primary context are
 /// valid in every thread).
 fn function(device: &CudaDevice, dtype: DType, name: &str) -> CUfunction {
-    static MODULES: Mutex<Option<HashMap<(usize, u8), HashMap<String, usize>>>> = Mutex::new(None);
+    static MODULES: Mutex<Option<HashMap<(usize, u8), Functions>>> = Mutex::new(None);
     let tag = match dtype {
         DType::F32 => 0,
         DType::BF16 => 1,
@@ -317,7 +320,7 @@ fn function(device: &CudaDevice, dtype: DType, name: &str) -> CUfunction {
 
 /// Compiles `kernels.cu` for `dtype` and the device's architecture and loads it into the
 /// current context.
-fn load(device: &CudaDevice, dtype: DType) -> HashMap<String, usize> {
+fn load(device: &CudaDevice, dtype: DType) -> Functions {
     let define = match dtype {
         DType::F32 => "-DT_F32",
         DType::BF16 => "-DT_BF16",
