@@ -325,6 +325,24 @@ pub fn rotary<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4
     composed::rotary(x, cos, sin)
 }
 
+/// `out` as the output of the node `op` whose inputs are `parents`; `state()` is what its
+/// backward pass reads, built only when one of them needs a gradient.
+fn record<X: Backend, N: Backward<X, K>, const K: usize>(
+    op: N,
+    parents: [&FloatTensor<Autodiff<X>>; K],
+    state: impl FnOnce() -> N::State,
+    out: FloatTensor<X>,
+) -> FloatTensor<Autodiff<X>> {
+    match op
+        .prepare::<NoCheckpointing>(parents.map(|p| p.node.clone()))
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state(), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
 /// The RMSNorm node.
 #[derive(Debug)]
 struct RmsNormNode<X>(PhantomData<X>);
@@ -356,21 +374,12 @@ impl<X: Backend> RmsNormNode<X> {
                     (raw(out), raw(inv_rms))
                 }
             };
-        let node = match Self(PhantomData)
-            .prepare::<NoCheckpointing>([x.node.clone(), weight.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let state = RmsNormState {
-                    x: x.primitive.clone(),
-                    inv_rms,
-                    weight: x_tracked.then(|| weight.primitive.clone()),
-                };
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(out),
+        let state = || RmsNormState {
+            x: x.primitive.clone(),
+            inv_rms,
+            weight: x_tracked.then(|| weight.primitive.clone()),
         };
+        let node = record(Self(PhantomData), [&x, &weight], state, out);
         Tensor::from_primitive(TensorPrimitive::Float(node))
     }
 }
@@ -444,14 +453,7 @@ impl<X: Backend> SwigluNode<X> {
                 tensor::<X, 3>(ui.clone()),
             )),
         };
-        let node = match Self(PhantomData)
-            .prepare::<NoCheckpointing>([gate.node.clone(), up.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((gi, ui), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        };
+        let node = record(Self(PhantomData), [&gate, &up], || (gi, ui), out);
         Tensor::from_primitive(TensorPrimitive::Float(node))
     }
 }
@@ -522,14 +524,8 @@ impl<X: Backend> SoftmaxNode<X> {
                 bias.map(tensor::<X, 4>),
             )),
         };
-        let node = match Self(PhantomData)
-            .prepare::<NoCheckpointing>([scores.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((out.clone(), scale), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        };
+        let kept = out.clone();
+        let node = record(Self(PhantomData), [&scores], || (kept, scale), out);
         Tensor::from_primitive(TensorPrimitive::Float(node))
     }
 }
@@ -597,17 +593,11 @@ impl<X: Backend> AttentionNode<X> {
         let bias = bias.map(|b| prim(b).primitive);
         let p = Self::probabilities(&q.primitive, &k.primitive, scale, &bias);
         let out = raw(crate::model::matmul(p, tensor::<X, 4>(v.primitive.clone())));
-        let node = match Self(PhantomData)
-            .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let state = ([q.primitive, k.primitive, v.primitive], bias, scale);
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(out),
+        let state = || {
+            let qkv = [&q, &k, &v].map(|t| t.primitive.clone());
+            (qkv, bias, scale)
         };
+        let node = record(Self(PhantomData), [&q, &k, &v], state, out);
         Tensor::from_primitive(TensorPrimitive::Float(node))
     }
 }
@@ -662,14 +652,7 @@ impl<X: Backend> RotaryNode<X> {
                 &tensor::<X, 4>(sin.clone()),
             )),
         };
-        let node = match Self(PhantomData)
-            .prepare::<NoCheckpointing>([x.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((cos, sin), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        };
+        let node = record(Self(PhantomData), [&x], || (cos, sin), out);
         Tensor::from_primitive(TensorPrimitive::Float(node))
     }
 }
