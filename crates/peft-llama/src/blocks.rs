@@ -232,24 +232,13 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> 
         X,
         cast(RmsNormNode::<X>::apply(cast(x), cast(weight), eps))
     );
-    let forward = Kernel::RmsNormForward { eps: eps as f32 };
-    if let Some(out) = kernel::<B>(forward, &[raw(x.clone()), raw(weight.clone())]) {
-        return tensor(
-            out.into_iter()
-                .next()
-                .unwrap_or_else(|| unreachable!("two outputs")),
-        );
-    }
-    composed::rms_norm(x, weight, eps)
+    tensor(rms_norm_values::<B>(raw(x), raw(weight), eps).0)
 }
 
 /// `silu(gate) ⊙ up` for `[batch, seq, intermediate]`: the values of [`composed::swiglu`].
 pub fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
     on_known_autodiff!(B, X, cast(SwigluNode::<X>::apply(cast(gate), cast(up))));
-    if let Some(out) = kernel::<B>(Kernel::SwigluForward, &[raw(gate.clone()), raw(up.clone())]) {
-        return tensor(single(out));
-    }
-    composed::swiglu(gate, up)
+    tensor(swiglu_values::<B>(raw(gate), raw(up)))
 }
 
 /// `softmax(scale · scores + bias)` over the keys of attention scores
@@ -270,15 +259,7 @@ pub fn attention_softmax<B: Backend>(
             bias.map(cast::<_, Tensor<Autodiff<X>, 4>>)
         ))
     );
-    let mut inputs = vec![raw(scores.clone())];
-    inputs.extend(bias.clone().map(raw));
-    let forward = Kernel::SoftmaxForward {
-        scale: scale as f32,
-    };
-    if let Some(out) = kernel::<B>(forward, &inputs) {
-        return tensor(single(out));
-    }
-    composed::attention_softmax(scores, scale, bias)
+    tensor(softmax_values::<B>(raw(scores), scale, bias.map(raw)))
 }
 
 /// Attention `softmax(scale · q kᵀ + bias) v` (see [`composed::attention`]) as one autodiff
@@ -318,11 +299,79 @@ pub fn rotary<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4
             cast(sin.clone())
         ))
     );
-    let inputs = [raw(x.clone()), raw(cos.clone()), raw(sin.clone())];
-    if let Some(out) = kernel::<B>(Kernel::RopeForward, &inputs) {
-        return tensor(single(out));
+    tensor(rotary_values::<B>(
+        raw(x),
+        raw(cos.clone()),
+        raw(sin.clone()),
+    ))
+}
+
+/// RMSNorm's output and `1/rms` per row (f32, `[batch, seq, 1]`) on any backend: the kernel
+/// where it runs, else Burn's operations.
+fn rms_norm_values<X: Backend>(
+    x: FloatTensor<X>,
+    weight: FloatTensor<X>,
+    eps: f64,
+) -> (FloatTensor<X>, FloatTensor<X>) {
+    let forward = Kernel::RmsNormForward { eps: eps as f32 };
+    if let Some(outputs) = kernel::<X>(forward, &[x.clone(), weight.clone()]) {
+        let [out, inv_rms] =
+            <[_; 2]>::try_from(outputs).unwrap_or_else(|_| unreachable!("two outputs"));
+        return (out, inv_rms);
     }
-    composed::rotary(x, cos, sin)
+    let x = tensor::<X, 3>(x);
+    let dtype = x.dtype();
+    let x32 = upcast(x);
+    let variance = x32.clone().powi_scalar(2).mean_dim(2);
+    let inv_rms = (variance + eps).sqrt().recip();
+    let out = tensor::<X, 1>(weight).unsqueeze::<3>() * cast_to(x32 * inv_rms.clone(), dtype);
+    (raw(out), raw(inv_rms))
+}
+
+/// SwiGLU's output on any backend: the kernel where it runs, else [`composed::swiglu`].
+fn swiglu_values<X: Backend>(gate: FloatTensor<X>, up: FloatTensor<X>) -> FloatTensor<X> {
+    match kernel::<X>(Kernel::SwigluForward, &[gate.clone(), up.clone()]) {
+        Some(out) => single(out),
+        None => raw(composed::swiglu(tensor::<X, 3>(gate), tensor::<X, 3>(up))),
+    }
+}
+
+/// The attention probabilities on any backend: the kernel where it runs, else
+/// [`composed::attention_softmax`].
+fn softmax_values<X: Backend>(
+    scores: FloatTensor<X>,
+    scale: f64,
+    bias: Option<FloatTensor<X>>,
+) -> FloatTensor<X> {
+    let mut inputs = vec![scores.clone()];
+    inputs.extend(bias.clone());
+    let forward = Kernel::SoftmaxForward {
+        scale: scale as f32,
+    };
+    match kernel::<X>(forward, &inputs) {
+        Some(out) => single(out),
+        None => raw(composed::attention_softmax(
+            tensor::<X, 4>(scores),
+            scale,
+            bias.map(tensor::<X, 4>),
+        )),
+    }
+}
+
+/// The rotary embedding on any backend: the kernel where it runs, else [`composed::rotary`].
+fn rotary_values<X: Backend>(
+    x: FloatTensor<X>,
+    cos: FloatTensor<X>,
+    sin: FloatTensor<X>,
+) -> FloatTensor<X> {
+    match kernel::<X>(Kernel::RopeForward, &[x.clone(), cos.clone(), sin.clone()]) {
+        Some(out) => single(out),
+        None => raw(composed::rotary(
+            tensor::<X, 4>(x),
+            &tensor::<X, 4>(cos),
+            &tensor::<X, 4>(sin),
+        )),
+    }
 }
 
 /// `out` as the output of the node `op` whose inputs are `parents`; `state()` is what its
@@ -355,25 +404,8 @@ impl<X: Backend> RmsNormNode<X> {
     ) -> Tensor<Autodiff<X>, 3> {
         let (x, weight) = (prim(x), prim(weight));
         let x_tracked = x.is_tracked();
-        let forward = Kernel::RmsNormForward { eps: eps as f32 };
         let (out, inv_rms) =
-            match kernel::<X>(forward, &[x.primitive.clone(), weight.primitive.clone()]) {
-                Some(outputs) => {
-                    let [out, inv_rms] =
-                        <[_; 2]>::try_from(outputs).unwrap_or_else(|_| unreachable!("two outputs"));
-                    (out, inv_rms)
-                }
-                None => {
-                    let xi = tensor::<X, 3>(x.primitive.clone());
-                    let wi = tensor::<X, 1>(weight.primitive.clone());
-                    let dtype = xi.dtype();
-                    let x32 = upcast(xi);
-                    let variance = x32.clone().powi_scalar(2).mean_dim(2);
-                    let inv_rms = (variance + eps).sqrt().recip();
-                    let out = wi.unsqueeze::<3>() * cast_to(x32 * inv_rms.clone(), dtype);
-                    (raw(out), raw(inv_rms))
-                }
-            };
+            rms_norm_values::<X>(x.primitive.clone(), weight.primitive.clone(), eps);
         let state = || RmsNormState {
             x: x.primitive.clone(),
             inv_rms,
@@ -446,13 +478,7 @@ impl<X: Backend> SwigluNode<X> {
     fn apply(gate: Tensor<Autodiff<X>, 3>, up: Tensor<Autodiff<X>, 3>) -> Tensor<Autodiff<X>, 3> {
         let (gate, up) = (prim(gate), prim(up));
         let (gi, ui) = (gate.primitive.clone(), up.primitive.clone());
-        let out = match kernel::<X>(Kernel::SwigluForward, &[gi.clone(), ui.clone()]) {
-            Some(out) => single(out),
-            None => raw(composed::swiglu(
-                tensor::<X, 3>(gi.clone()),
-                tensor::<X, 3>(ui.clone()),
-            )),
-        };
+        let out = swiglu_values::<X>(gi.clone(), ui.clone());
         let node = record(Self(PhantomData), [&gate, &up], || (gi, ui), out);
         Tensor::from_primitive(TensorPrimitive::Float(node))
     }
@@ -511,19 +537,7 @@ impl<X: Backend> SoftmaxNode<X> {
     ) -> Tensor<Autodiff<X>, 4> {
         let scores = prim(scores);
         let bias = bias.map(|b| prim(b).primitive);
-        let mut inputs = vec![scores.primitive.clone()];
-        inputs.extend(bias.clone());
-        let forward = Kernel::SoftmaxForward {
-            scale: scale as f32,
-        };
-        let out = match kernel::<X>(forward, &inputs) {
-            Some(out) => single(out),
-            None => raw(composed::attention_softmax(
-                tensor::<X, 4>(scores.primitive.clone()),
-                scale,
-                bias.map(tensor::<X, 4>),
-            )),
-        };
+        let out = softmax_values::<X>(scores.primitive.clone(), scale, bias);
         let kept = out.clone();
         let node = record(Self(PhantomData), [&scores], || (kept, scale), out);
         Tensor::from_primitive(TensorPrimitive::Float(node))
@@ -581,7 +595,7 @@ impl<X: Backend> AttentionNode<X> {
             tensor::<X, 4>(q.clone()),
             tensor::<X, 4>(k.clone()).swap_dims(2, 3),
         );
-        attention_softmax(scores, scale, bias.clone().map(tensor::<X, 4>))
+        tensor(softmax_values::<X>(raw(scores), scale, bias.clone()))
     }
 
     fn apply(
@@ -643,15 +657,7 @@ impl<X: Backend> RotaryNode<X> {
     ) -> Tensor<Autodiff<X>, 4> {
         let x = prim(x);
         let (cos, sin) = (prim(cos).primitive, prim(sin).primitive);
-        let inputs = [x.primitive.clone(), cos.clone(), sin.clone()];
-        let out = match kernel::<X>(Kernel::RopeForward, &inputs) {
-            Some(out) => single(out),
-            None => raw(composed::rotary(
-                tensor::<X, 4>(x.primitive.clone()),
-                &tensor::<X, 4>(cos.clone()),
-                &tensor::<X, 4>(sin.clone()),
-            )),
-        };
+        let out = rotary_values::<X>(x.primitive.clone(), cos.clone(), sin.clone());
         let node = record(Self(PhantomData), [&x], || (cos, sin), out);
         Tensor::from_primitive(TensorPrimitive::Float(node))
     }

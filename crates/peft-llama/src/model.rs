@@ -70,9 +70,9 @@ pub fn cast_to<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Ten
     }
 }
 
-/// The attention bias of masked keys. `-inf` gives exact zeros after the
-/// softmax and keeps `exp` on its fast path (a huge finite value takes libm's slow underflow
-/// path); [`Llama`] guarantees every query row keeps at least one visible key.
+/// The attention bias of masked keys. `-inf` gives exact zeros after the softmax and keeps
+/// `exp` on its fast path (a huge finite value takes libm's slow underflow path); [`Llama`]
+/// guarantees every query row keeps at least one visible key.
 pub(crate) fn mask_value() -> f32 {
     f32::NEG_INFINITY
 }
