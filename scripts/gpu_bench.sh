@@ -16,10 +16,11 @@
 #
 # Environment: PRESET (llama-7b), DTYPE (bf16), BATCH (4), SEQ (512), STEPS (10),
 # WHAT (a space-separated subset of: matmul-test blocks-test check ours ours-prev ours-burn
-# decode-ours base decode-base scale dp-check host-bound ours-sync ours-nokernels; `ours-burn`
-# is `ours` for adaption prompt with PEFT_CUBLAS=0, Burn's own CUDA matmul; `ours-sync` the
-# same with PEFT_CUBLAS_SYNC=1, cuBLAS ordered on the host; `ours-nokernels` with
-# PEFT_KERNELS=0, Burn's operations instead of kernels.cu),
+# decode-ours base decode-base scale dp-check host-bound ours-sync ours-nokernels ours-exclusive
+# ours-flush; `ours-burn` is `ours` for adaption prompt with PEFT_CUBLAS=0, Burn's own CUDA
+# matmul; `ours-sync` the same with PEFT_CUBLAS_SYNC=1, cuBLAS ordered on the host;
+# `ours-nokernels` with PEFT_KERNELS=0, Burn's operations instead of kernels.cu;
+# `ours-exclusive` and `ours-flush` with PEFT_LAUNCH=exclusive or queued-flush),
 # METHODS (the methods `ours` and `base` train, default "adaption-prompt lora prefix"),
 # SCALE_DEVICES (device counts for `scale`, default "1 2 4" capped at the GPUs present),
 # SCALE_METHODS (methods for `scale`, default adaption-prompt),
@@ -106,26 +107,33 @@ for what in $WHAT; do
         # The host's share: the same adaption-prompt step at batch 1 x 16 tokens, where the GPU
         # has almost nothing to do, with the cuBLAS products ordered by events (default) and on
         # the host (PEFT_CUBLAS_SYNC=1), and with Burn's matmul (PEFT_CUBLAS=0).
-        # HOST_MODES picks among them and no-kernels (PEFT_KERNELS=0).
+        # HOST_MODES picks among them, no-kernels (PEFT_KERNELS=0), exclusive and queued-flush
+        # (PEFT_LAUNCH).
         for mode in ${HOST_MODES:-events host-sync burn-matmul}; do
             case $mode in
             events) env=() ;;
             host-sync) env=(PEFT_CUBLAS_SYNC=1) ;;
             burn-matmul) env=(PEFT_CUBLAS=0) ;;
             no-kernels) env=(PEFT_KERNELS=0) ;;
+            exclusive) env=(PEFT_LAUNCH=exclusive) ;;
+            queued-flush) env=(PEFT_LAUNCH=queued-flush) ;;
             esac
             measure "host-bound-$mode" env "${env[@]}" .gpu/train_bench --preset "$PRESET" \
                 --dtype "$DTYPE" --batch 1 --seq 16 --steps "$STEPS" train adaption-prompt
         done
         ;;
-    ours-sync | ours-burn | ours-nokernels)
+    ours-sync | ours-burn | ours-nokernels | ours-exclusive | ours-flush)
         # A/B: the adaption-prompt step with the cuBLAS products ordered on the host
         # (PEFT_CUBLAS_SYNC=1), with Burn's own matmul (PEFT_CUBLAS=0), or with Burn's
-        # operations instead of the hand-written kernels (PEFT_KERNELS=0).
+        # operations instead of the hand-written kernels (PEFT_KERNELS=0), or with the cuBLAS
+        # products and kernels handed to CubeCL's device thread in a blocking round trip
+        # (PEFT_LAUNCH=exclusive) or queued with a flush after each (PEFT_LAUNCH=queued-flush).
         case $what in
         ours-sync) env=(PEFT_CUBLAS_SYNC=1) ;;
         ours-burn) env=(PEFT_CUBLAS=0) ;;
         ours-nokernels) env=(PEFT_KERNELS=0) ;;
+        ours-exclusive) env=(PEFT_LAUNCH=exclusive) ;;
+        ours-flush) env=(PEFT_LAUNCH=queued-flush) ;;
         esac
         measure "$what-train-adaption-prompt" env "${env[@]}" .gpu/train_bench --preset "$PRESET" \
             --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" train adaption-prompt

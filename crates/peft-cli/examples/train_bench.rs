@@ -154,18 +154,46 @@ where
         .expect("valid optimiser settings");
     let trainable = adapter.num_trainable_parameters();
     let mut last_loss = f32::NAN;
+    // Host time of each phase of each step: when the calling thread returns from it. The
+    // backend queues device work, so all but `wait` are the host's own (plus any wait for the
+    // device inside them); `wait` is the loss read and the device sync that end the step.
+    let mut phases: Vec<[f64; 5]> = Vec::new();
     let seconds = time(adapter, args.warmup, args.steps, |adapter: A| {
+        let mut clock = Instant::now();
+        let mut lap = || {
+            let elapsed = clock.elapsed().as_secs_f64();
+            clock = Instant::now();
+            elapsed
+        };
         let logits = base
             .forward(&tokens, adapter.hooks(base).as_ref(), None)
             .expect("valid batch");
+        let forward = lap();
         let loss = causal_lm_loss(logits, &labels).expect("labels match");
+        let loss_time = lap();
         let grads = GradientsParams::from_grads(loss.loss.clone().backward(), &adapter);
+        let backward = lap();
         let (adapter, _) = optimizer.step(1e-3, adapter, grads);
+        let step = lap();
         last_loss = loss.loss.into_scalar();
         <B as Backend>::sync(&device).expect("device sync");
+        phases.push([forward, loss_time, backward, step, lap()]);
         adapter
     });
-    report(args, name, trainable, seconds, last_loss);
+    let timed = &phases[phases.len() - args.steps.min(phases.len())..];
+    let mean = |i: usize| timed.iter().map(|p| p[i]).sum::<f64>() / timed.len().max(1) as f64 * 1e3;
+    let host_ms = serde_json::json!({
+        "forward": mean(0), "loss": mean(1), "backward": mean(2), "optimizer": mean(3),
+        "wait": mean(4),
+    });
+    report_with(
+        args,
+        name,
+        trainable,
+        seconds,
+        last_loss,
+        serde_json::json!({ "host_ms": host_ms }),
+    );
 }
 
 /// Data-parallel training steps: one replica per device, `--batch` rows each.

@@ -44,7 +44,11 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::cubecl::cuda::{CudaDevice, CudaRuntime};
+use burn_cubecl::cubecl::device::Device;
+use burn_cubecl::cubecl::device_handle::DeviceHandle;
 use burn_cubecl::cubecl::stream_id::StreamId;
+use burn_cubecl::cubecl::server::ComputeServer;
+use burn_cubecl::cubecl::Runtime;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -423,11 +427,137 @@ fn with_blas<T>(device: &CudaDevice, f: impl FnOnce(&Blas) -> T) -> T {
     })
 }
 
+/// How work that needs CubeCL's buffers reaches CubeCL's device thread (`PEFT_LAUNCH`):
+/// queued (the default) or a blocking round trip (`exclusive`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dispatch {
+    /// Queued like CubeCL's own kernel launches; the calling thread goes on at once.
+    Queued,
+    /// Queued, then the device thread's queue is flushed so it runs without waiting for more.
+    QueuedFlush,
+    /// `ComputeClient::exclusive`: the calling thread waits until the device thread has run
+    /// everything queued before, then the task.
+    Exclusive,
+}
+
+fn dispatch() -> Dispatch {
+    static DISPATCH: OnceLock<Dispatch> = OnceLock::new();
+    *DISPATCH.get_or_init(|| match std::env::var("PEFT_LAUNCH").as_deref() {
+        Ok("exclusive") => Dispatch::Exclusive,
+        Ok("queued-flush") => Dispatch::QueuedFlush,
+        _ => Dispatch::Queued,
+    })
+}
+
+/// The first failure of a queued task, raised on the next call of [`on_device_thread`].
+static QUEUED_FAILURE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+type Server = <CudaRuntime as Runtime>::Server;
+
+thread_local! {
+    /// A handle to each device's CubeCL device thread (the one its `ComputeClient` uses), and
+    /// whether tasks for it may be queued, by device and CubeCL stream id: known after the
+    /// first task, which sets up the device thread's [`Blas`] in a round trip.
+    static DEVICE_THREADS: RefCell<HashMap<(usize, u64), DeviceThread>> =
+        RefCell::new(HashMap::new());
+}
+
+/// A handle to a CubeCL device thread, and whether tasks may be queued there.
+type DeviceThread = (DeviceHandle<Server>, bool);
+
+/// The device address of a CubeCL buffer, the buffer held until the task has run.
+pub(crate) type Address<'a> = &'a mut dyn FnMut(&Prim) -> u64;
+
+/// Runs `task` on CubeCL's device thread for `client`, after every task the calling thread
+/// queued there before (CubeCL's kernel launches among them), under the calling thread's
+/// CubeCL stream id, so it may launch on CubeCL's stream; `task` gets the device address of
+/// each CubeCL buffer it asks for.
+///
+/// By default the task is queued and the caller goes on: a blocking round trip per product
+/// or kernel kept the calling thread (Burn's autodiff and fusion) in step with the device
+/// thread, about a thousand times per training step. The first task of a thread, and every
+/// task when CubeCL's stream is unknown (kernels are then ordered on the host, which needs
+/// the client), take the round trip. A queued task that panics is reported when the calling
+/// thread next gets here (CubeCL's device thread itself only logs panics).
+pub(crate) fn on_device_thread(
+    client: &burn_cubecl::cubecl::client::ComputeClient<CudaRuntime>,
+    device: &CudaDevice,
+    what: &'static str,
+    task: impl FnOnce(Address) + Send + 'static,
+) {
+    if let Some(failure) = QUEUED_FAILURE.lock().ok().and_then(|mut f| f.take()) {
+        panic!("an earlier CUDA task failed on CubeCL's device thread: {failure}");
+    }
+    let key = (device.index, StreamId::current().value);
+    let (handle, queue) = DEVICE_THREADS.with(|cell| {
+        if let Some(known) = cell.borrow().get(&key) {
+            return known.clone();
+        }
+        // Sets up this stream's `Blas` on the device thread (finding CubeCL's stream needs the
+        // client, which a queued task cannot use).
+        let device_for_setup = device.clone();
+        let ordered_on_device = client
+            .exclusive(move || with_blas(&device_for_setup, |blas| blas.cubecl.is_some()))
+            .unwrap_or_else(|e| panic!("CubeCL device thread for {what}: {e:?}"));
+        let known = (
+            DeviceHandle::new(device.to_id()),
+            ordered_on_device && dispatch() != Dispatch::Exclusive,
+        );
+        cell.borrow_mut().insert(key, known.clone());
+        known
+    });
+    if !queue {
+        let owner = client.clone();
+        client
+            .exclusive(move || {
+                let mut held = Vec::new();
+                task(&mut |t: &Prim| {
+                    let resource = owner
+                        .get_resource(t.handle.clone())
+                        .unwrap_or_else(|e| panic!("CubeCL buffer for {what}: {e:?}"));
+                    let address = resource.resource().ptr;
+                    held.push(resource);
+                    address
+                });
+            })
+            .unwrap_or_else(|e| panic!("CubeCL device thread for {what}: {e:?}"));
+        return;
+    }
+    handle.submit(move |server: &mut Server| {
+        let stream = StreamId::current();
+        let mut held = Vec::new();
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            task(&mut |t: &Prim| {
+                let resource = server
+                    .get_resource(t.handle.clone().binding(), stream)
+                    .unwrap_or_else(|e| panic!("CubeCL buffer for {what}: {e:?}"));
+                let address = resource.resource().ptr;
+                held.push(resource);
+                address
+            })
+        }));
+        drop(held);
+        if let Err(panic) = ran {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_else(|| "a panic without a message".to_string());
+            if let Ok(mut failure) = QUEUED_FAILURE.lock() {
+                failure.get_or_insert(format!("{what}: {message}"));
+            }
+        }
+    });
+    if dispatch() == Dispatch::QueuedFlush {
+        handle.flush_queue();
+    }
+}
+
 /// Runs `launch` with the context of `device` current and the stream to launch on, ordered
 /// like a cuBLAS product: CubeCL's own stream when it was found (nothing else to do), else this
 /// thread's cuBLAS stream, with both streams synchronised on the host before and after. Runs on
-/// CubeCL's device thread (inside `client.exclusive`), after everything the calling thread
-/// submitted before.
+/// CubeCL's device thread (in a task of [`on_device_thread`]), after everything the calling
+/// thread submitted before.
 pub(crate) fn on_stream(device: &CudaDevice, launch: impl FnOnce(cudarc::driver::sys::CUstream)) {
     with_blas(device, |blas| match blas.cubecl {
         Some(cubecl) => launch(cubecl),
@@ -557,30 +687,23 @@ fn gemm(a: Operand, b: Operand, m: usize, n: usize, k: usize, shape: Vec<usize>)
     let dtype = a.tensor.dtype;
     let client = a.tensor.client.clone();
     let device = a.tensor.device.clone();
-    let out = empty_device_contiguous_dtype(client.clone(), device, shape.into(), dtype);
-    // On CubeCL's device thread, after everything this thread submitted before: one round trip
-    // for the buffers, the ordering and the launch.
+    let out = empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype);
+    // On CubeCL's device thread, after everything this thread submitted before: the buffers,
+    // the ordering and the launch.
     let written = out.clone();
-    client
-        .exclusive(move || enqueue(&a, &b, &written, m, n, k))
-        .unwrap_or_else(|e| panic!("CubeCL device thread for cuBLAS: {e:?}"));
+    on_device_thread(&client, &device, "cuBLAS", move |address| {
+        enqueue(&a, &b, &written, m, n, k, address)
+    });
     out
 }
 
 /// Launches `out = a · b` on the cuBLAS stream, ordered after CubeCL's work on this stream and
 /// before CubeCL's next kernels. Runs on CubeCL's device thread (see [`gemm`]).
-fn enqueue(a: &Operand, b: &Operand, out: &Prim, m: usize, n: usize, k: usize) {
+fn enqueue(a: &Operand, b: &Operand, out: &Prim, m: usize, n: usize, k: usize, address: Address) {
     let dtype = a.tensor.dtype;
-    let client = &a.tensor.client;
     let device = &a.tensor.device;
     let batch = a.batch;
-    let resource = |t: &Prim| {
-        client
-            .get_resource(t.handle.clone())
-            .unwrap_or_else(|e| panic!("CubeCL buffer for cuBLAS: {e:?}"))
-    };
-    let (ra, rb, rc) = (resource(&a.tensor), resource(&b.tensor), resource(out));
-    let (pa, pb, pc) = (ra.resource().ptr, rb.resource().ptr, rc.resource().ptr);
+    let (pa, pb, pc) = (address(&a.tensor), address(&b.tensor), address(out));
 
     let op = |t: &Operand| {
         if t.col_major {
@@ -599,7 +722,7 @@ fn enqueue(a: &Operand, b: &Operand, out: &Prim, m: usize, n: usize, k: usize) {
     // thread after every task the calling thread submitted before, so all kernels that write the
     // inputs are already launched on that stream.
     with_blas(device, |blas| {
-        // SAFETY: the pointers are CubeCL buffers (held by `ra`, `rb`, `rc`) of the shapes,
+        // SAFETY: the pointers are CubeCL buffers (held until the task ends) of the shapes,
         // strides and leading dimensions given; the cuBLAS stream waits for CubeCL's work on
         // them, and CubeCL's stream for the product.
         unsafe {
@@ -659,5 +782,4 @@ fn enqueue(a: &Operand, b: &Operand, out: &Prim, m: usize, n: usize, k: usize) {
             }
         }
     });
-    drop((ra, rb, rc));
 }

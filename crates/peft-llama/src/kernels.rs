@@ -231,46 +231,37 @@ impl Kernel {
         let launched = outputs.clone();
         let name = self.name();
         let bias_absent = matches!(self, Self::SoftmaxForward { .. }) && inputs.len() == 1;
-        let on_device = client.clone();
-        on_device
-            .exclusive(move || {
-                let resource = |t: &Prim| {
-                    client
-                        .get_resource(t.handle.clone())
-                        .unwrap_or_else(|e| panic!("CubeCL buffer for {name}: {e:?}"))
-                };
-                let held: Vec<_> = inputs.iter().chain(&launched).map(resource).collect();
-                let mut args: Vec<u64> = held.iter().map(|r| r.resource().ptr).collect();
-                if bias_absent {
-                    // `softmax_fwd` takes a null bias.
-                    args.insert(1, 0);
+        let thread_device = device.clone();
+        cublas::on_device_thread(&client, &thread_device, name, move |address| {
+            let mut args: Vec<u64> = inputs.iter().chain(&launched).map(address).collect();
+            if bias_absent {
+                // `softmax_fwd` takes a null bias.
+                args.insert(1, 0);
+            }
+            args.extend(scalars.iter().map(|a| a.bits()));
+            cublas::on_stream(&device, |stream| {
+                let function = function(&device, dtype, name);
+                let mut params: Vec<*mut c_void> = args
+                    .iter_mut()
+                    .map(|a| (a as *mut u64).cast::<c_void>())
+                    .collect();
+                // SAFETY: the parameters match `kernels.cu`'s signature of `name`
+                // (pointers to buffers held until the task ends, of the shapes `outputs` checked,
+                // then the scalars, each in an 8-byte slot read little-endian); the
+                // stream is ordered after the inputs' writers (see `cublas::on_stream`).
+                unsafe {
+                    driver::launch_kernel(
+                        function,
+                        (grid.0, 1, 1),
+                        (grid.1, 1, 1),
+                        0,
+                        stream,
+                        &mut params,
+                    )
                 }
-                args.extend(scalars.iter().map(|a| a.bits()));
-                cublas::on_stream(&device, |stream| {
-                    let function = function(&device, dtype, name);
-                    let mut params: Vec<*mut c_void> = args
-                        .iter_mut()
-                        .map(|a| (a as *mut u64).cast::<c_void>())
-                        .collect();
-                    // SAFETY: the parameters match `kernels.cu`'s signature of `name`
-                    // (pointers to buffers held by `held`, of the shapes `outputs` checked,
-                    // then the scalars, each in an 8-byte slot read little-endian); the
-                    // stream is ordered after the inputs' writers (see `cublas::on_stream`).
-                    unsafe {
-                        driver::launch_kernel(
-                            function,
-                            (grid.0, 1, 1),
-                            (grid.1, 1, 1),
-                            0,
-                            stream,
-                            &mut params,
-                        )
-                    }
-                    .unwrap_or_else(|e| panic!("launching {name} ({dtype:?}): {e:?}"));
-                });
-                drop(held);
-            })
-            .unwrap_or_else(|e| panic!("CubeCL device thread for {name}: {e:?}"));
+                .unwrap_or_else(|e| panic!("launching {name} ({dtype:?}): {e:?}"));
+            });
+        });
         outputs
     }
 }

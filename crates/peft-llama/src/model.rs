@@ -114,8 +114,9 @@ pub struct LayerContext<B: Backend> {
     pub cos: Tensor<B, 4>,
     /// `[batch, 1, seq, head_dim]`
     pub sin: Tensor<B, 4>,
-    /// `[batch, 1, seq, prefix + past + seq]` in f32: `-inf` where attention is not allowed,
-    /// 0 elsewhere; added to the scaled attention scores.
+    /// `[batch, 1, seq, prefix + past + seq]` in f32, or `[1, ...]` when every row has the same
+    /// mask: `-inf` where attention is not allowed, 0 elsewhere; added to the scaled attention
+    /// scores. `None` when nothing is masked.
     pub bias: Option<Tensor<B, 4>>,
 }
 
@@ -397,9 +398,6 @@ impl<B: Backend> Llama<B> {
         let (batch, seq) = (tokens.batch, tokens.seq);
         let past = cache.map_or(0, KvCache::len);
         let mut positions = Vec::with_capacity(batch * seq);
-        let keys = prefix + past + seq;
-        let mut mask = vec![false; batch * seq * keys];
-        let mut any_masked = false;
         for row in 0..batch {
             // Real tokens take consecutive positions after the row's earlier real tokens; prefix
             // tuning's virtual tokens occupy the first `prefix` positions.
@@ -414,6 +412,18 @@ impl<B: Backend> Llama<B> {
                     positions.push(prefix + past + column);
                 }
             }
+        }
+        let (cos, sin) = self.rope.tables(&positions, batch, seq, &device);
+        let dtype = self.dtype();
+        let (cos, sin) = (cast_to(cos, dtype), cast_to(sin, dtype));
+        // Without padding (and no cache, or one row) every row has the same causal mask: one
+        // `[1, 1, seq, keys]` bias then serves the whole batch.
+        let shared = batch == 1 || (cache.is_none() && tokens.mask.is_none());
+        let rows = if shared { 1 } else { batch };
+        let keys = prefix + past + seq;
+        let mut bias = vec![0f32; rows * seq * keys];
+        let mut any_masked = false;
+        for row in 0..rows {
             for column in 0..seq {
                 let query = past + column;
                 let start = (row * seq + column) * keys + prefix;
@@ -425,7 +435,7 @@ impl<B: Backend> Llama<B> {
                         tokens.is_real(row, key - past)
                     };
                     if key > query || !real {
-                        mask[start + key] = true;
+                        bias[start + key] = mask_value();
                         any_masked = true;
                     } else {
                         visible = true;
@@ -434,20 +444,13 @@ impl<B: Backend> Llama<B> {
                 if !visible {
                     // A padding query with nothing to attend to (left padding): let it see
                     // itself, so that masking with -inf never yields a row of NaN.
-                    mask[start + query] = false;
+                    bias[start + query] = 0.0;
                 }
             }
         }
-        let (cos, sin) = self.rope.tables(&positions, batch, seq, &device);
-        let dtype = self.dtype();
-        let (cos, sin) = (cast_to(cos, dtype), cast_to(sin, dtype));
         let bias = any_masked.then(|| {
-            let bias: Vec<f32> = mask
-                .iter()
-                .map(|&masked| if masked { mask_value() } else { 0.0 })
-                .collect();
             cast_to(
-                Tensor::<B, 4>::from_data(TensorData::new(bias, [batch, 1, seq, keys]), &device),
+                Tensor::<B, 4>::from_data(TensorData::new(bias, [rows, 1, seq, keys]), &device),
                 DType::F32,
             )
         });
