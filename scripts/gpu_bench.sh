@@ -17,10 +17,11 @@
 # Environment: PRESET (llama-7b), DTYPE (bf16), BATCH (4), SEQ (512), STEPS (10),
 # WHAT (a space-separated subset of: matmul-test blocks-test check ours ours-prev ours-burn
 # decode-ours base decode-base scale dp-check host-bound ours-sync ours-nokernels ours-exclusive
-# ours-flush; `ours-burn` is `ours` for adaption prompt with PEFT_CUBLAS=0, Burn's own CUDA
+# ours-flush ours-ownstream; `ours-burn` is `ours` for adaption prompt with PEFT_CUBLAS=0, Burn's own CUDA
 # matmul; `ours-sync` the same with PEFT_CUBLAS_SYNC=1, cuBLAS ordered on the host;
 # `ours-nokernels` with PEFT_KERNELS=0, Burn's operations instead of kernels.cu;
-# `ours-exclusive` and `ours-flush` with PEFT_LAUNCH=exclusive or queued-flush),
+# `ours-exclusive` and `ours-flush` with PEFT_LAUNCH=exclusive or queued-flush;
+# `ours-ownstream` with PEFT_CUBLAS_STREAM=own),
 # METHODS (the methods `ours` and `base` train, default "adaption-prompt lora prefix"),
 # SCALE_DEVICES (device counts for `scale`, default "1 2 4" capped at the GPUs present),
 # SCALE_METHODS (methods for `scale`, default adaption-prompt),
@@ -122,18 +123,20 @@ for what in $WHAT; do
                 --dtype "$DTYPE" --batch 1 --seq 16 --steps "$STEPS" train adaption-prompt
         done
         ;;
-    ours-sync | ours-burn | ours-nokernels | ours-exclusive | ours-flush)
+    ours-sync | ours-burn | ours-nokernels | ours-exclusive | ours-flush | ours-ownstream)
         # A/B: the adaption-prompt step with the cuBLAS products ordered on the host
         # (PEFT_CUBLAS_SYNC=1), with Burn's own matmul (PEFT_CUBLAS=0), or with Burn's
         # operations instead of the hand-written kernels (PEFT_KERNELS=0), or with the cuBLAS
         # products and kernels handed to CubeCL's device thread in a blocking round trip
-        # (PEFT_LAUNCH=exclusive) or queued with a flush after each (PEFT_LAUNCH=queued-flush).
+        # (PEFT_LAUNCH=exclusive) or queued with a flush after each (PEFT_LAUNCH=queued-flush),
+        # or with cuBLAS on a stream of its own, ordered by events (PEFT_CUBLAS_STREAM=own).
         case $what in
         ours-sync) env=(PEFT_CUBLAS_SYNC=1) ;;
         ours-burn) env=(PEFT_CUBLAS=0) ;;
         ours-nokernels) env=(PEFT_KERNELS=0) ;;
         ours-exclusive) env=(PEFT_LAUNCH=exclusive) ;;
         ours-flush) env=(PEFT_LAUNCH=queued-flush) ;;
+        ours-ownstream) env=(PEFT_CUBLAS_STREAM=own) ;;
         esac
         measure "$what-train-adaption-prompt" env "${env[@]}" .gpu/train_bench --preset "$PRESET" \
             --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" train adaption-prompt

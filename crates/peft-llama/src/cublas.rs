@@ -17,13 +17,16 @@
 //! when needed); it keeps `a` only when `b` needs a gradient and `b` only when `a` does, so a
 //! projection with a frozen weight does not keep its input alive.
 //!
-//! cuBLAS runs on its own stream, one per thread and device, ordered against CubeCL's stream
-//! on the device with two events per product: the cuBLAS stream waits for CubeCL's work so
-//! far, and CubeCL's stream waits for the product. CubeCL 0.10 keeps its streams private, so
-//! the stream is found once per thread and device by launching one small kernel while CUPTI
-//! (NVIDIA's profiling interface, loaded at run time like cuBLAS) reports the stream of each
-//! kernel launch. Without CUPTI, or with `PEFT_CUBLAS_SYNC=1`, both streams are synchronised on
-//! the host around each product instead (about 20 µs each on an H100, and the GPU idles while
+//! Each product is a task on CubeCL's device thread, queued behind CubeCL's own kernel
+//! launches ([`on_device_thread`]), and cuBLAS launches it on CubeCL's CUDA stream, so stream
+//! order alone puts it after the kernels that write its inputs and before those that read its
+//! result or reuse its inputs' memory. CubeCL 0.10 keeps its streams private, so the stream is
+//! found once per thread and device by launching one small kernel while CUPTI (NVIDIA's
+//! profiling interface, loaded at run time like cuBLAS) reports the stream of each kernel
+//! launch. With `PEFT_CUBLAS_STREAM=own` cuBLAS runs on a stream of its own, ordered with two
+//! events per product (CubeCL's stream waits for the product, after the cuBLAS stream waited
+//! for CubeCL's work). Without CUPTI, or with `PEFT_CUBLAS_SYNC=1`, both streams are
+//! synchronised on the host around each product instead (about 20 µs each on an H100, and the GPU idles while
 //! the host prepares the next kernels). Two other device-side orderings were tried and dropped:
 //! the driver's `cuStreamWaitValue32` refuses CubeCL's stream-ordered allocations
 //! (`CUDA_ERROR_INVALID_VALUE`), and one-thread spin-waiting kernels on the two streams hung the
@@ -46,8 +49,8 @@ use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::cubecl::cuda::{CudaDevice, CudaRuntime};
 use burn_cubecl::cubecl::device::Device;
 use burn_cubecl::cubecl::device_handle::DeviceHandle;
-use burn_cubecl::cubecl::stream_id::StreamId;
 use burn_cubecl::cubecl::server::ComputeServer;
+use burn_cubecl::cubecl::stream_id::StreamId;
 use burn_cubecl::cubecl::Runtime;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
@@ -374,6 +377,10 @@ struct Blas {
     /// CubeCL's stream for this thread, or `None`: then both streams are synchronised on the
     /// host around each product.
     cubecl: Option<cudarc::driver::sys::CUstream>,
+    /// Whether the handle launches on CubeCL's stream itself (the default when that stream is
+    /// known): products are then in stream order with CubeCL's kernels, with no events.
+    /// `PEFT_CUBLAS_STREAM=own` keeps cuBLAS on its own stream, ordered by the two events.
+    shared: bool,
 }
 
 thread_local! {
@@ -411,6 +418,11 @@ fn with_blas<T>(device: &CudaDevice, f: impl FnOnce(&Blas) -> T) -> T {
                 };
                 let (inputs_ready, product_done) = (event(), event());
                 let cubecl = cubecl_stream(device, context);
+                let shared = cubecl.is_some()
+                    && !std::env::var("PEFT_CUBLAS_STREAM").is_ok_and(|v| v == "own");
+                if let (Some(cubecl), true) = (cubecl, shared) {
+                    blas::set_stream(handle, cubecl as sys::cudaStream_t).expect("cublasSetStream");
+                }
                 Blas {
                     context,
                     handle,
@@ -418,6 +430,7 @@ fn with_blas<T>(device: &CudaDevice, f: impl FnOnce(&Blas) -> T) -> T {
                     inputs_ready,
                     product_done,
                     cubecl,
+                    shared,
                 }
             }
         });
@@ -716,17 +729,19 @@ fn enqueue(a: &Operand, b: &Operand, out: &Prim, m: usize, n: usize, k: usize, a
     let int = |v: usize| i32::try_from(v).expect("matrix dimension fits cuBLAS's int");
     let long = |v: usize| i64::try_from(v).expect("stride fits cuBLAS's long");
     let ty = data_type(dtype);
-    // The inputs are written on CubeCL's stream: the cuBLAS stream waits for it. CubeCL's stream
-    // then waits for the product, so its later kernels (which may read the result, or reuse the
-    // inputs' memory once their tensors are dropped) run after it. This runs on CubeCL's device
-    // thread after every task the calling thread submitted before, so all kernels that write the
-    // inputs are already launched on that stream.
+    // The inputs are written on CubeCL's stream. This runs on CubeCL's device thread after every
+    // task the calling thread submitted before, so all kernels that write the inputs are already
+    // launched on that stream. When the handle launches on that stream too, stream order does
+    // the rest. Otherwise the cuBLAS stream waits for CubeCL's, and CubeCL's stream then waits
+    // for the product, so its later kernels (which may read the result, or reuse the inputs'
+    // memory once their tensors are dropped) run after it.
     with_blas(device, |blas| {
         // SAFETY: the pointers are CubeCL buffers (held until the task ends) of the shapes,
-        // strides and leading dimensions given; the cuBLAS stream waits for CubeCL's work on
-        // them, and CubeCL's stream for the product.
+        // strides and leading dimensions given, ordered with CubeCL's work on them as said
+        // above.
         unsafe {
             match blas.cubecl {
+                Some(_) if blas.shared => {}
                 Some(cubecl) => {
                     driver::event::record(blas.inputs_ready, cubecl).expect("cuEventRecord");
                     driver::stream::wait_event(
@@ -769,6 +784,7 @@ fn enqueue(a: &Operand, b: &Operand, out: &Prim, m: usize, n: usize, k: usize, a
                 )
             });
             match blas.cubecl {
+                Some(_) if blas.shared => {}
                 Some(cubecl) => {
                     driver::event::record(blas.product_done, blas.stream).expect("cuEventRecord");
                     driver::stream::wait_event(
