@@ -26,11 +26,12 @@
 //! launch. With `PEFT_CUBLAS_STREAM=own` cuBLAS runs on a stream of its own, ordered with two
 //! events per product (CubeCL's stream waits for the product, after the cuBLAS stream waited
 //! for CubeCL's work). Without CUPTI, or with `PEFT_CUBLAS_SYNC=1`, both streams are
-//! synchronised on the host around each product instead (about 20 µs each on an H100, and the GPU idles while
-//! the host prepares the next kernels). Two other device-side orderings were tried and dropped:
-//! the driver's `cuStreamWaitValue32` refuses CubeCL's stream-ordered allocations
-//! (`CUDA_ERROR_INVALID_VALUE`), and one-thread spin-waiting kernels on the two streams hung the
-//! GPU (likely cause, not confirmed: CUDA's lazy module loading waits for running kernels).
+//! synchronised on the host around each product instead (about 20 µs each on an H100, and the
+//! GPU idles while the host prepares the next kernels). Two other device-side orderings were
+//! tried and dropped: the driver's `cuStreamWaitValue32` refuses CubeCL's stream-ordered
+//! allocations (`CUDA_ERROR_INVALID_VALUE`), and one-thread spin-waiting kernels on the two
+//! streams hung the GPU (likely cause, not confirmed: CUDA's lazy module loading waits for
+//! running kernels).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
