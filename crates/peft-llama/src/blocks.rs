@@ -56,11 +56,22 @@ pub mod composed {
     /// `weight ⊙ cast(x / rms(x))`, `rms` over the last dimension in f32 (Hugging Face's
     /// `LlamaRMSNorm`).
     pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+        rms_norm_with_inv_rms(x, weight, eps).0
+    }
+
+    /// [`rms_norm`] and `1/rms` per row (f32, `[batch, seq, 1]`), which the RMSNorm node's
+    /// backward pass reads.
+    pub(super) fn rms_norm_with_inv_rms<B: Backend>(
+        x: Tensor<B, 3>,
+        weight: Tensor<B, 1>,
+        eps: f64,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let dtype = x.dtype();
         let x32 = upcast(x);
         let variance = x32.clone().powi_scalar(2).mean_dim(2);
-        let normed = x32 * (variance + eps).sqrt().recip();
-        weight.unsqueeze::<3>() * cast_to(normed, dtype)
+        let inv_rms = (variance + eps).sqrt().recip();
+        let out = weight.unsqueeze::<3>() * cast_to(x32 * inv_rms.clone(), dtype);
+        (out, inv_rms)
     }
 
     /// `silu(gate) ⊙ up`, `[batch, seq, intermediate]`.
@@ -307,7 +318,7 @@ pub fn rotary<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4
 }
 
 /// RMSNorm's output and `1/rms` per row (f32, `[batch, seq, 1]`) on any backend: the kernel
-/// where it runs, else Burn's operations.
+/// where it runs, else [`composed::rms_norm`]'s operations.
 fn rms_norm_values<X: Backend>(
     x: FloatTensor<X>,
     weight: FloatTensor<X>,
@@ -319,12 +330,8 @@ fn rms_norm_values<X: Backend>(
             <[_; 2]>::try_from(outputs).unwrap_or_else(|_| unreachable!("two outputs"));
         return (out, inv_rms);
     }
-    let x = tensor::<X, 3>(x);
-    let dtype = x.dtype();
-    let x32 = upcast(x);
-    let variance = x32.clone().powi_scalar(2).mean_dim(2);
-    let inv_rms = (variance + eps).sqrt().recip();
-    let out = tensor::<X, 1>(weight).unsqueeze::<3>() * cast_to(x32 * inv_rms.clone(), dtype);
+    let (out, inv_rms) =
+        composed::rms_norm_with_inv_rms(tensor::<X, 3>(x), tensor::<X, 1>(weight), eps);
     (raw(out), raw(inv_rms))
 }
 
