@@ -17,8 +17,8 @@
 # Environment: PRESET (llama-7b), DTYPE (bf16), BATCH (4), SEQ (512), STEPS (10),
 # WHAT (a space-separated subset of: matmul-test blocks-test check ours ours-prev ours-burn
 # decode-ours base decode-base scale dp-check host-bound ours-sync ours-nokernels ours-exclusive
-# ours-flush ours-ownstream; `ours-burn` is `ours` for adaption prompt with PEFT_CUBLAS=0, Burn's own CUDA
-# matmul; `ours-sync` the same with PEFT_CUBLAS_SYNC=1, cuBLAS ordered on the host;
+# ours-flush ours-ownstream; `ours-burn` is `ours` for adaption prompt with PEFT_CUBLAS=0,
+# Burn's own CUDA matmul; `ours-sync` the same with PEFT_CUBLAS_SYNC=1, cuBLAS ordered on the host;
 # `ours-nokernels` with PEFT_KERNELS=0, Burn's operations instead of kernels.cu;
 # `ours-exclusive` and `ours-flush` with PEFT_LAUNCH=exclusive or queued-flush;
 # `ours-ownstream` with PEFT_CUBLAS_STREAM=own),
@@ -106,8 +106,9 @@ for what in $WHAT; do
         ;;
     host-bound)
         # The host's share: the same adaption-prompt step at batch 1 x 16 tokens, where the GPU
-        # has almost nothing to do, with the cuBLAS products ordered by events (default) and on
-        # the host (PEFT_CUBLAS_SYNC=1), and with Burn's matmul (PEFT_CUBLAS=0).
+        # has almost nothing to do, with the build's default ordering (`events`, named when
+        # cuBLAS was ordered by events; now it shares CubeCL's stream), ordered on the host
+        # (PEFT_CUBLAS_SYNC=1), and with Burn's matmul (PEFT_CUBLAS=0).
         # HOST_MODES picks among them, no-kernels (PEFT_KERNELS=0), exclusive and queued-flush
         # (PEFT_LAUNCH).
         for mode in ${HOST_MODES:-events host-sync burn-matmul}; do
