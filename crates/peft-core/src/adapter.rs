@@ -5,9 +5,10 @@ use std::fmt;
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
-use peft_llama::{LayerHooks, Llama, LlamaConfig};
-
 use crate::error::Result;
+use crate::hooks::LayerHooks;
+use crate::model::AdaptableModel;
+pub use peft_io::NamedTensor;
 
 /// The PEFT methods, named as Hugging Face PEFT's `peft_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -18,6 +19,8 @@ pub enum PeftMethod {
     PrefixTuning,
     /// LLaMA-Adapter: learned prompts in the top layers with zero-initialised gated attention.
     AdaptionPrompt,
+    /// A method defined outside this crate, by its `peft_type`.
+    Other(&'static str),
 }
 
 impl PeftMethod {
@@ -27,6 +30,7 @@ impl PeftMethod {
             PeftMethod::Lora => "LORA",
             PeftMethod::PrefixTuning => "PREFIX_TUNING",
             PeftMethod::AdaptionPrompt => "ADAPTION_PROMPT",
+            PeftMethod::Other(peft_type) => peft_type,
         }
     }
 }
@@ -37,19 +41,9 @@ impl fmt::Display for PeftMethod {
             PeftMethod::Lora => "lora",
             PeftMethod::PrefixTuning => "prefix-tuning",
             PeftMethod::AdaptionPrompt => "adaption-prompt",
+            PeftMethod::Other(peft_type) => peft_type,
         })
     }
-}
-
-/// A tensor on the host under the name a file format gives it, row-major f32.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NamedTensor {
-    /// The key, e.g. `base_model.model.model.layers.3.self_attn.adaption_prompt`.
-    pub key: String,
-    /// Shape as the format stores it.
-    pub shape: Vec<usize>,
-    /// Values.
-    pub values: Vec<f32>,
 }
 
 /// Reads a tensor's values to the host as f32.
@@ -61,24 +55,46 @@ pub fn host_values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32>
         .expect("f32 conversion of float tensor data cannot fail")
 }
 
-/// A parameter-efficient adapter for a frozen [`Llama`].
+/// A parameter-efficient adapter for a frozen model (any [`AdaptableModel`]).
 ///
 /// An adapter is a Burn [`Module`] holding only its own (trainable) parameters. For each
 /// forward pass it binds to the base model through [`Adapter::hooks`], which prepares
 /// whatever does not depend on the tokens (for LLaMA-Adapter: the prompts' keys and values,
 /// once per pass instead of once per token) and returns the [`LayerHooks`] the model calls.
+///
+/// A method of one's own implements this trait and enters [`crate::PeftModel`], the trainer
+/// and the native file format like the built-in ones.
 pub trait Adapter<B: Backend>: Module<B> {
     /// Which method this is.
     fn method(&self) -> PeftMethod;
 
-    /// Checks that the adapter fits `config` (layer count, widths, heads).
+    /// Checks that the adapter fits `model` (layer count, widths, heads, the sites it adapts,
+    /// the insertion points it needs).
     ///
     /// # Errors
     /// [`crate::PeftError::Incompatible`] naming the mismatch.
-    fn check_compatible(&self, config: &LlamaConfig) -> Result<()>;
+    fn check_compatible(&self, model: &dyn AdaptableModel<B>) -> Result<()>;
 
-    /// Binds the adapter to `base` for one or more forward passes.
-    fn hooks<'a>(&'a self, base: &'a Llama<B>) -> Box<dyn LayerHooks<B> + 'a>;
+    /// Binds the adapter to `model` for one or more forward passes.
+    fn hooks<'a>(&'a self, model: &dyn AdaptableModel<B>) -> Box<dyn LayerHooks<B> + 'a>;
+
+    /// Binds the adapter to `model` with per-example conditioning `features` `[batch, width]`
+    /// (the multimodal adaption prompt's image features). Methods without conditioning refuse.
+    ///
+    /// # Errors
+    /// [`crate::PeftError::Unsupported`] for a method that takes no features; a feature width
+    /// the adapter was not made for.
+    fn hooks_with_features<'a>(
+        &'a self,
+        model: &dyn AdaptableModel<B>,
+        features: Tensor<B, 2>,
+    ) -> Result<Box<dyn LayerHooks<B> + 'a>> {
+        let _ = (model, features);
+        Err(crate::PeftError::Unsupported(format!(
+            "{} adapters take no per-example features",
+            self.method()
+        )))
+    }
 
     /// The trainable parameters under Hugging Face PEFT's state-dict names and shapes.
     fn named_tensors(&self) -> Vec<NamedTensor>;
@@ -86,6 +102,31 @@ pub trait Adapter<B: Backend>: Module<B> {
     /// Number of trainable parameters.
     fn num_trainable_parameters(&self) -> usize {
         self.num_params()
+    }
+
+    /// Folds the adapter into `model`'s weights, so that the model alone computes what model and
+    /// adapter did.
+    ///
+    /// # Errors
+    /// [`crate::PeftError::Unsupported`] for methods that change attention, not weights.
+    fn merge_into(&self, model: &mut dyn AdaptableModel<B>) -> Result<()> {
+        let _ = model;
+        Err(crate::PeftError::Unsupported(format!(
+            "{} adapters change attention, not weights: they cannot be merged into the base model",
+            self.method()
+        )))
+    }
+
+    /// Undoes [`Adapter::merge_into`].
+    ///
+    /// # Errors
+    /// See [`Adapter::merge_into`].
+    fn unmerge_from(&self, model: &mut dyn AdaptableModel<B>) -> Result<()> {
+        let _ = model;
+        Err(crate::PeftError::Unsupported(format!(
+            "{} adapters cannot be merged, so not unmerged either",
+            self.method()
+        )))
     }
 }
 
@@ -119,11 +160,13 @@ pub fn gradients_as_module<B: AutodiffBackend, M: AutodiffModule<B>>(
 ///
 /// ```
 /// use burn::module::Module;
+/// use burn::tensor::Tensor;
 /// # type B = burn::backend::NdArray<f32>;
-/// # let model = peft_llama::LlamaConfig::new(32, 16, 24, 2, 4, 2, 4);
-/// let lora = peft_core::LoraConfig::new().init::<B>(&model, &Default::default())?;
-/// let lora = lora.map(&mut peft_core::Randomise(0.1));
-/// # Ok::<(), peft_core::PeftError>(())
+/// let device = Default::default();
+/// let zeros = burn::module::Param::from_tensor(Tensor::<B, 2>::zeros([4, 8], &device));
+/// let noisy = zeros.map(&mut peft_core::Randomise(0.1));
+/// let values = peft_core::host_values(noisy.val());
+/// assert!(values.iter().any(|&v| v != 0.0));
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct Randomise(pub f64);

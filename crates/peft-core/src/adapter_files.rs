@@ -3,9 +3,10 @@
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use peft_llama::LlamaConfig;
 
+use crate::adapter::Adapter;
 use crate::any_adapter::AnyAdapter;
+use crate::model::AdaptableModel;
 use crate::error::{PeftError, Result};
 use crate::{native_format, official_format, peft_format};
 
@@ -65,17 +66,39 @@ pub fn detect_format(path: &Path) -> Result<AdapterFormat> {
     })
 }
 
-/// Loads an adapter of any format for a model with configuration `model`. `adapter_len` is
-/// used only for official checkpoints, which do not store it (the official default is 10).
+/// Options of [`load_adapter`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Prompts per layer of an official LLaMA-Adapter checkpoint, which does not store it (the
+    /// official default is 10); other formats store their sizes and ignore this.
+    pub adapter_len: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { adapter_len: 10 }
+    }
+}
+
+impl LoadOptions {
+    /// Sets [`LoadOptions::adapter_len`].
+    pub fn with_adapter_len(mut self, adapter_len: usize) -> Self {
+        self.adapter_len = adapter_len;
+        self
+    }
+}
+
+/// Loads an adapter of any format for `model`.
 ///
 /// # Errors
 /// See [`detect_format`] and each format's loader.
 pub fn load_adapter<B: Backend>(
     path: &Path,
-    model: &LlamaConfig,
-    adapter_len: usize,
+    model: &dyn AdaptableModel<B>,
+    options: &LoadOptions,
     device: &B::Device,
 ) -> Result<AnyAdapter<B>> {
+    let adapter_len = options.adapter_len;
     match detect_format(path)? {
         AdapterFormat::Peft => peft_format::load_peft(path, model, device),
         AdapterFormat::Native => native_format::load_native(path, model, device),
@@ -96,7 +119,7 @@ pub fn load_adapter<B: Backend>(
 }
 
 /// Whether PEFT's format can hold `adapter` exactly.
-pub fn peft_representable<B: Backend>(adapter: &AnyAdapter<B>, model: &LlamaConfig) -> bool {
+pub fn peft_representable<B: Backend>(adapter: &AnyAdapter<B>, model: &dyn AdaptableModel<B>) -> bool {
     match adapter {
         AnyAdapter::PrefixTuning(prefix) => prefix.projection.is_none(),
         _ => peft_format::peft_config(adapter, model).is_ok(),
@@ -115,7 +138,7 @@ pub fn peft_representable<B: Backend>(adapter: &AnyAdapter<B>, model: &LlamaConf
 /// A format that cannot hold the adapter, and I/O errors (naming the file).
 pub fn save_adapter<B: Backend>(
     adapter: &AnyAdapter<B>,
-    model: &LlamaConfig,
+    model: &dyn AdaptableModel<B>,
     dir: &Path,
     format: Option<AdapterFormat>,
 ) -> Result<AdapterFormat> {

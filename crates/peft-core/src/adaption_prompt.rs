@@ -14,12 +14,14 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
-use peft_llama::blocks::attention_softmax;
-use peft_llama::model::{cast_to, repeat_kv};
-use peft_llama::{LayerHooks, Llama, LlamaConfig};
+use peft_ops::blocks::attention_softmax;
+use peft_ops::tensor::{cast_to, matmul, repeat_kv};
 
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
+use crate::hooks::LayerHooks;
+use crate::lora::require_point;
+use crate::model::{AdaptableModel, InsertionPoint, ModelGeometry};
 
 /// How many gates an adapted layer has.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -84,7 +86,7 @@ impl AdaptionPromptConfig {
             .with_gate_activation(GateActivation::Identity)
     }
 
-    fn gates_per_layer(&self, model: &LlamaConfig) -> usize {
+    fn gates_per_layer(&self, model: &ModelGeometry) -> usize {
         match self.gate_shape {
             GateShape::PerHead => model.num_attention_heads,
             GateShape::Scalar => 1,
@@ -96,7 +98,7 @@ impl AdaptionPromptConfig {
     /// # Errors
     /// Zero sizes, more adapted layers than the model has, or a random gate initialisation
     /// whose standard deviation is not a positive finite number.
-    pub fn validate(&self, model: &LlamaConfig) -> Result<()> {
+    pub fn validate(&self, model: &ModelGeometry) -> Result<()> {
         if self.adapter_len == 0 || self.adapter_layers == 0 {
             return Err(PeftError::Config(
                 "adapter_len and adapter_layers must be positive".into(),
@@ -120,7 +122,7 @@ impl AdaptionPromptConfig {
 
     /// Trainable parameters for `model`, computed without allocating anything:
     /// `L·K·d` prompt values plus `L` or `L·H` gates.
-    pub fn num_trainable_parameters(&self, model: &LlamaConfig) -> usize {
+    pub fn num_trainable_parameters(&self, model: &ModelGeometry) -> usize {
         self.adapter_layers * (self.adapter_len * model.hidden_size + self.gates_per_layer(model))
     }
 
@@ -132,16 +134,18 @@ impl AdaptionPromptConfig {
     /// See [`AdaptionPromptConfig::validate`].
     pub fn init<B: Backend>(
         &self,
-        model: &LlamaConfig,
+        model: &(impl AdaptableModel<B> + ?Sized),
         device: &B::Device,
     ) -> Result<AdaptionPrompt<B>> {
-        self.validate(model)?;
+        let geometry = model.geometry();
+        self.validate(&geometry)?;
+        require_point(model, InsertionPoint::AttentionBranch, "an adaption prompt")?;
         let prompts = Tensor::random(
-            [self.adapter_layers, self.adapter_len, model.hidden_size],
+            [self.adapter_layers, self.adapter_len, geometry.hidden_size],
             Distribution::Normal(0.0, 1.0),
             device,
         );
-        let gate_shape = [self.adapter_layers, self.gates_per_layer(model)];
+        let gate_shape = [self.adapter_layers, self.gates_per_layer(&geometry)];
         let gates = match self.gate_init.unwrap_or(GateInit::Zero) {
             GateInit::Zero => Tensor::zeros(gate_shape, device),
             GateInit::Random { std } => {
@@ -157,7 +161,7 @@ impl AdaptionPromptConfig {
     }
 }
 
-/// Adaption prompts and gates for the top `L` layers of a LLaMA.
+/// Adaption prompts and gates for the top `L` layers of a model.
 #[derive(Module, Debug)]
 pub struct AdaptionPrompt<B: Backend> {
     /// Prompts `[L, K, hidden]`, bottom adapted layer first.
@@ -169,20 +173,29 @@ pub struct AdaptionPrompt<B: Backend> {
     pub config: AdaptionPromptConfig,
     /// Index of the lowest adapted layer (`N - L`).
     pub first_layer: usize,
+    /// The module path of each adapted layer's attention, bottom first (PEFT's keys).
+    #[module(skip)]
+    pub attention_paths: Vec<String>,
 }
 
 impl<B: Backend> AdaptionPrompt<B> {
-    /// Builds the adapter from given tensors (prompts `[L, K, hidden]`, gates `[L, H or 1]`).
+    /// Builds the adapter for the top layers of `model` from given tensors (prompts
+    /// `[L, K, hidden]`, gates `[L, H or 1]`).
     pub fn from_tensors(
         config: AdaptionPromptConfig,
-        model: &LlamaConfig,
+        model: &(impl AdaptableModel<B> + ?Sized),
         prompts: Tensor<B, 3>,
         gates: Tensor<B, 2>,
     ) -> Self {
+        let layers = model.geometry().num_hidden_layers;
+        let first_layer = layers.saturating_sub(config.adapter_layers);
         Self {
             prompts: Param::from_tensor(prompts),
             gates: Param::from_tensor(gates),
-            first_layer: model.num_hidden_layers - config.adapter_layers,
+            first_layer,
+            attention_paths: (first_layer..layers)
+                .map(|layer| model.attention_path(layer))
+                .collect(),
             config,
         }
     }
@@ -201,26 +214,25 @@ impl<B: Backend> AdaptionPrompt<B> {
     /// the output still equals the base model's.
     pub fn hooks_with_prompt_offset<'a>(
         &'a self,
-        base: &'a Llama<B>,
+        model: &dyn AdaptableModel<B>,
         offset: Tensor<B, 2>,
     ) -> Box<dyn LayerHooks<B> + 'a> {
-        self.prepare(base, Some(offset))
+        self.prepare(model, Some(offset))
     }
 
     fn prepare<'a>(
         &'a self,
-        base: &'a Llama<B>,
+        model: &dyn AdaptableModel<B>,
         offset: Option<Tensor<B, 2>>,
     ) -> Box<dyn LayerHooks<B> + 'a> {
-        let config = &base.config;
-        let n_rep = config.num_attention_heads / config.num_key_value_heads;
+        let geometry = model.geometry();
+        let n_rep = geometry.kv_groups();
         let prompts = self.prompts.val();
         let gates = self.activated_gates();
-        let dtype = base.dtype();
+        let dtype = model.dtype();
         let [layers, _, _] = prompts.dims();
         let prepared = (0..layers)
-            .map(|index| {
-                let attention = &base.layers[self.first_layer + index].self_attn;
+            .filter_map(|index| {
                 let prompt = prompts.clone().narrow(0, index, 1);
                 // [1, K, hidden] + [batch, 1, hidden] → [batch, K, hidden]
                 let prompt = match &offset {
@@ -228,20 +240,21 @@ impl<B: Backend> AdaptionPrompt<B> {
                     None => prompt,
                 };
                 let prompt = cast_to(prompt, dtype);
-                let (keys, values) = attention.project_key_values(prompt);
+                // `check_compatible` makes sure every adapted layer has its projections.
+                let (keys, values) = model.project_key_values(self.first_layer + index, prompt)?;
                 let gate = gates.clone().narrow(0, index, 1);
                 let count = gate.dims()[1];
-                (
+                Some((
                     repeat_kv(keys, n_rep),
                     repeat_kv(values, n_rep),
                     gate.reshape([1, count, 1, 1]),
-                )
+                ))
             })
             .collect();
         Box::new(PreparedPrompts {
             first_layer: self.first_layer,
             layers: prepared,
-            scale: 1.0 / (config.head_dim as f64).sqrt(),
+            scale: 1.0 / (geometry.head_dim as f64).sqrt(),
         })
     }
 }
@@ -262,13 +275,13 @@ impl<B: Backend> LayerHooks<B> for PreparedPrompts<B> {
         let keys = keys.clone().expand([batch, heads, prompt_len, head_dim]);
         let values = values.clone().expand([batch, heads, prompt_len, head_dim]);
         let dtype = queries.dtype();
-        let scores = peft_llama::model::matmul(queries.clone(), keys.swap_dims(2, 3));
+        let scores = matmul(queries.clone(), keys.swap_dims(2, 3));
         // The prompt softmax runs in f32 like the main one and returns the queries' dtype; the
         // gate scales those probabilities, as the official code (`gate.tanh() *
         // softmax(scores.float()).type_as(xq)`) and PEFT do.
         let probabilities = attention_softmax(scores, self.scale, None);
         let weights = probabilities * cast_to(gate.clone(), dtype);
-        Some(peft_llama::model::matmul(weights, values))
+        Some(matmul(weights, values))
     }
 
     fn first_adapted_layer(&self) -> Option<usize> {
@@ -281,11 +294,13 @@ impl<B: Backend> Adapter<B> for AdaptionPrompt<B> {
         PeftMethod::AdaptionPrompt
     }
 
-    fn check_compatible(&self, config: &LlamaConfig) -> Result<()> {
-        self.config.validate(config)?;
+    fn check_compatible(&self, model: &dyn AdaptableModel<B>) -> Result<()> {
+        let config = model.geometry();
+        self.config.validate(&config)?;
+        require_point(model, InsertionPoint::AttentionBranch, "an adaption prompt")?;
         let [layers, len, width] = self.prompts.dims();
         let gates = self.gates.dims();
-        let expected_gates = self.config.gates_per_layer(config);
+        let expected_gates = self.config.gates_per_layer(&config);
         if width != config.hidden_size {
             return Err(PeftError::Incompatible(format!(
                 "adaption prompts have width {width}, the model's hidden size is {}",
@@ -313,8 +328,25 @@ impl<B: Backend> Adapter<B> for AdaptionPrompt<B> {
         Ok(())
     }
 
-    fn hooks<'a>(&'a self, base: &'a Llama<B>) -> Box<dyn LayerHooks<B> + 'a> {
-        self.prepare(base, None)
+    fn hooks<'a>(&'a self, model: &dyn AdaptableModel<B>) -> Box<dyn LayerHooks<B> + 'a> {
+        self.prepare(model, None)
+    }
+
+    /// The features are the prompt offset of [`AdaptionPrompt::hooks_with_prompt_offset`],
+    /// `[batch, hidden]`.
+    fn hooks_with_features<'a>(
+        &'a self,
+        model: &dyn AdaptableModel<B>,
+        features: Tensor<B, 2>,
+    ) -> Result<Box<dyn LayerHooks<B> + 'a>> {
+        let [_, width] = features.dims();
+        let hidden = model.geometry().hidden_size;
+        if width != hidden {
+            return Err(PeftError::Incompatible(format!(
+                "prompt offsets have width {width}, the model's hidden size is {hidden}"
+            )));
+        }
+        Ok(self.prepare(model, Some(features)))
     }
 
     /// PEFT's names: `...layers.{i}.self_attn.adaption_prompt` `[1, K, hidden]` and
@@ -327,10 +359,7 @@ impl<B: Backend> Adapter<B> for AdaptionPrompt<B> {
         let per_layer = gates.len() / layers;
         let mut out = Vec::with_capacity(2 * layers);
         for index in 0..layers {
-            let prefix = format!(
-                "base_model.model.model.layers.{}.self_attn",
-                self.first_layer + index
-            );
+            let prefix = format!("base_model.model.{}", self.attention_paths[index]);
             out.push(NamedTensor {
                 key: format!("{prefix}.adaption_prompt"),
                 shape: vec![1, len, width],
@@ -351,10 +380,12 @@ mod tests {
     use super::*;
     use burn::backend::NdArray;
 
+    use crate::testing::SizedModel;
+
     type B = NdArray<f32>;
 
-    fn small_model() -> LlamaConfig {
-        LlamaConfig::new(32, 16, 24, 3, 4, 2, 4)
+    fn small_model() -> SizedModel<B> {
+        SizedModel::new(16, 24, 3, 4, 2, 4, &Default::default())
     }
 
     #[test]
@@ -374,7 +405,7 @@ mod tests {
     fn random_gate_init_draws_gates_with_the_given_spread() {
         let device = Default::default();
         B::seed(&device, 7);
-        let model = LlamaConfig::new(32, 256, 24, 3, 64, 64, 4);
+        let model = SizedModel::<B>::new(256, 24, 3, 64, 64, 4, &device);
         let adapter = AdaptionPromptConfig::new()
             .with_adapter_layers(3)
             .with_gate_init(Some(GateInit::Random { std: 0.5 }))
@@ -402,7 +433,7 @@ mod tests {
                 .with_adapter_layers(2)
                 .with_gate_init(Some(GateInit::Random { std }));
             assert!(matches!(
-                config.validate(&small_model()),
+                config.validate(&AdaptableModel::<B>::geometry(&small_model())),
                 Err(PeftError::Config(message)) if message.contains("gate_init")
             ));
         }

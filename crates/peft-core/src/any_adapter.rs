@@ -1,19 +1,23 @@
-//! An adapter of any method, for code that decides the method at run time (files, the CLI).
+//! An adapter of any built-in method, for code that decides the method at run time (files, the
+//! CLI). It is an [`Adapter`] and a Burn [`Module`] itself, so the trainer and [`crate::PeftModel`]
+//! hold it like any single method.
 
-use burn::tensor::backend::Backend;
-use peft_llama::{LayerHooks, Llama, LlamaConfig};
+use burn::module::Module;
+use burn::tensor::{backend::Backend, Tensor};
 
 use crate::adapter::{Adapter, NamedTensor, PeftMethod};
 use crate::adaption_prompt::AdaptionPrompt;
 use crate::error::Result;
+use crate::hooks::LayerHooks;
 use crate::lora::Lora;
+use crate::model::AdaptableModel;
 use crate::prefix::PrefixTuning;
 
-/// One adapter of any of the three methods.
+/// One adapter of any of the built-in methods.
 // The variants hold a few tensor handles each and an adapter lives for a whole run: boxing would
 // only add an indirection to every call.
 #[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone)]
+#[derive(Module, Debug)]
 pub enum AnyAdapter<B: Backend> {
     /// LoRA.
     Lora(Lora<B>),
@@ -33,33 +37,41 @@ macro_rules! delegate {
     };
 }
 
-impl<B: Backend> AnyAdapter<B> {
-    /// Which method this is.
-    pub fn method(&self) -> PeftMethod {
+impl<B: Backend> Adapter<B> for AnyAdapter<B> {
+    fn method(&self) -> PeftMethod {
         delegate!(self, a => a.method())
     }
 
-    /// See [`Adapter::check_compatible`].
-    ///
-    /// # Errors
-    /// The adapter does not fit `config`.
-    pub fn check_compatible(&self, config: &LlamaConfig) -> Result<()> {
-        delegate!(self, a => a.check_compatible(config))
+    fn check_compatible(&self, model: &dyn AdaptableModel<B>) -> Result<()> {
+        delegate!(self, a => a.check_compatible(model))
     }
 
-    /// See [`Adapter::hooks`].
-    pub fn hooks<'a>(&'a self, base: &'a Llama<B>) -> Box<dyn LayerHooks<B> + 'a> {
-        delegate!(self, a => a.hooks(base))
+    fn hooks<'a>(&'a self, model: &dyn AdaptableModel<B>) -> Box<dyn LayerHooks<B> + 'a> {
+        delegate!(self, a => a.hooks(model))
     }
 
-    /// See [`Adapter::named_tensors`].
-    pub fn named_tensors(&self) -> Vec<NamedTensor> {
+    fn hooks_with_features<'a>(
+        &'a self,
+        model: &dyn AdaptableModel<B>,
+        features: Tensor<B, 2>,
+    ) -> Result<Box<dyn LayerHooks<B> + 'a>> {
+        delegate!(self, a => a.hooks_with_features(model, features))
+    }
+
+    fn named_tensors(&self) -> Vec<NamedTensor> {
         delegate!(self, a => a.named_tensors())
     }
 
-    /// See [`Adapter::num_trainable_parameters`].
-    pub fn num_trainable_parameters(&self) -> usize {
+    fn num_trainable_parameters(&self) -> usize {
         delegate!(self, a => a.num_trainable_parameters())
+    }
+
+    fn merge_into(&self, model: &mut dyn AdaptableModel<B>) -> Result<()> {
+        delegate!(self, a => a.merge_into(model))
+    }
+
+    fn unmerge_from(&self, model: &mut dyn AdaptableModel<B>) -> Result<()> {
+        delegate!(self, a => a.unmerge_from(model))
     }
 }
 

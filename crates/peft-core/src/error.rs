@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use peft_llama::LlamaError;
+use peft_io::CheckpointError;
 
 /// Everything that can go wrong while building, attaching, switching, saving or loading adapters.
 #[derive(Debug, thiserror::Error)]
@@ -44,9 +44,27 @@ pub enum PeftError {
         /// What is wrong, naming the key where there is one.
         message: String,
     },
-    /// An error from the base model.
+    /// A tensor file could not be read: missing, unexpected, mis-shaped or non-finite tensors,
+    /// an unreadable or hostile file.
     #[error(transparent)]
-    Llama(#[from] LlamaError),
+    Checkpoint(CheckpointError),
+    /// An error from the base model (its forward pass, its tokenizer).
+    #[error(transparent)]
+    Model(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<CheckpointError> for PeftError {
+    /// I/O errors and malformed JSON keep the variants this crate has always given them.
+    fn from(error: CheckpointError) -> Self {
+        match error {
+            CheckpointError::Io { path, source } => Self::Io { path, source },
+            CheckpointError::Json { path, message } => Self::Format {
+                path,
+                message: format!("malformed JSON: {message}"),
+            },
+            other => Self::Checkpoint(other),
+        }
+    }
 }
 
 /// Shorthand for results of this crate.

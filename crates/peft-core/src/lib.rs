@@ -1,24 +1,21 @@
-//! Parameter-efficient fine-tuning for LLaMA models in Burn.
+//! Parameter-efficient fine-tuning for any Burn model.
 //!
 //! Three methods behind one [`Adapter`] trait:
 //! - [`AdaptionPrompt`]: LLaMA-Adapter's zero-initialised gated adaption prompts,
-//! - [`Lora`]: low-rank adaptation of linear layers,
+//! - [`Lora`]: low-rank adaptation of linear layers, chosen by module path ([`TargetModules`]),
 //! - [`PrefixTuning`]: learned key/value prefixes.
 //!
-//! ```no_run
-//! use peft_core::{Adapter, AdaptionPromptConfig};
-//! use peft_llama::{LlamaLoader, TokenBatch};
-//! # type B = burn::backend::NdArray;
-//! let device = Default::default();
-//! let base = LlamaLoader::new("models/stories260k").load::<B>(&device)?;
-//! let adapter = AdaptionPromptConfig::new()
-//!     .with_adapter_len(10)
-//!     .with_adapter_layers(3)
-//!     .init::<B>(&base.config, &device)?;
-//! let tokens = TokenBatch::from_rows(&[vec![1, 403, 407]])?;
-//! // Gates start at zero: these logits equal the base model's.
+//! They attach to any model that implements [`AdaptableModel`] (its sizes, its linear sites by
+//! module path, its attention's key/value projections) and calls [`LayerHooks`] in its forward
+//! pass: `peft-llama`'s LLaMA-family decoders, `peft-vision`'s CLIP tower, or a model of one's
+//! own. Adapters save as Hugging Face PEFT directories ([`save_adapter`]) that Python's `peft`
+//! loads onto the same model.
+//!
+//! ```ignore
+//! // With a LLaMA from `peft-llama` (which depends on this crate):
+//! let base = peft_llama::LlamaLoader::new("models/stories260k").load::<B>(&device)?;
+//! let adapter = peft_core::LoraConfig::new().init::<B>(&base, &device)?;
 //! let logits = base.forward(&tokens, adapter.hooks(&base).as_ref(), None)?;
-//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![warn(missing_docs)]
 
@@ -27,22 +24,37 @@ pub mod adapter_files;
 pub mod adaption_prompt;
 pub mod any_adapter;
 pub mod error;
-pub mod files;
+pub mod hooks;
 pub mod lora;
+pub mod model;
 pub mod native_format;
 pub mod official_format;
 pub mod peft_format;
 pub mod peft_model;
 pub mod prefix;
-pub mod torch_pickle;
+pub mod targets;
+#[cfg(test)]
+mod testing;
 
 pub use adapter::{gradients_as_module, host_values, Adapter, NamedTensor, PeftMethod, Randomise};
-pub use adapter_files::{detect_format, load_adapter, save_adapter, AdapterFormat};
+pub use adapter_files::{detect_format, load_adapter, save_adapter, AdapterFormat, LoadOptions};
 pub use adaption_prompt::{
     AdaptionPrompt, AdaptionPromptConfig, GateActivation, GateInit, GateShape,
 };
 pub use any_adapter::AnyAdapter;
 pub use error::{PeftError, Result};
+pub use hooks::{LayerHooks, NoHooks, Site};
 pub use lora::{Lora, LoraConfig, LoraLinear};
+pub use model::{AdaptableModel, InsertionPoint, LinearSite, ModelGeometry};
 pub use peft_model::PeftModel;
 pub use prefix::{PrefixProjection, PrefixTuning, PrefixTuningConfig};
+pub use targets::TargetModules;
+
+/// What a program adapting a model needs in scope.
+pub mod prelude {
+    pub use crate::{
+        load_adapter, save_adapter, AdaptableModel, AdaptionPromptConfig, Adapter, AnyAdapter,
+        LayerHooks, LinearSite, LoadOptions, LoraConfig, ModelGeometry, NoHooks, PeftModel,
+        PrefixTuningConfig, Site, TargetModules,
+    };
+}

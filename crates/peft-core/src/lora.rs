@@ -1,16 +1,21 @@
 //! LoRA (Hu et al. 2021) with Hugging Face PEFT semantics:
 //! `y = W x + (lora_alpha / r) · B A dropout(x)` (`lora_alpha / √r` with rsLoRA), computed in
 //! activation space (`x·A·B`), never as a dense delta per step.
+//!
+//! LoRA attaches to any linear site a model lists ([`crate::AdaptableModel::linear_sites`]),
+//! chosen by module path as PEFT's `target_modules` ([`TargetModules`]).
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
-use peft_llama::model::{cast_to, matmul, upcast};
-use peft_llama::{LayerHooks, Llama, LlamaConfig, Projection};
+use peft_ops::tensor::{cast_to, matmul, upcast};
 
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
+use crate::hooks::{LayerHooks, Site};
+use crate::model::{AdaptableModel, InsertionPoint, LinearSite, ModelGeometry};
+use crate::targets::TargetModules;
 
 /// Configuration of [`Lora`].
 #[derive(Config, Debug, PartialEq)]
@@ -21,16 +26,17 @@ pub struct LoraConfig {
     /// Scaling numerator.
     #[config(default = 8.0)]
     pub lora_alpha: f64,
-    /// Projections to adapt.
-    #[config(default = "vec![Projection::Query, Projection::Value]")]
-    pub target_modules: Vec<Projection>,
+    /// Linear sites to adapt, by module path (PEFT's `target_modules`); by default the query and
+    /// value projections, PEFT's default for LLaMA.
+    #[config(default = "TargetModules::names(&[\"q_proj\", \"v_proj\"])")]
+    pub target_modules: TargetModules,
     /// Dropout on the LoRA branch's input during training.
     #[config(default = 0.0)]
     pub lora_dropout: f64,
     /// Scale by `lora_alpha / √r` (rank-stabilised LoRA) instead of `lora_alpha / r`.
     #[config(default = false)]
     pub use_rslora: bool,
-    /// Layers to adapt; `None` adapts every layer.
+    /// Layers to adapt; `None` adapts every layer (and the sites outside the layers).
     #[config(default = "None")]
     pub layers_to_transform: Option<Vec<usize>>,
 }
@@ -45,73 +51,41 @@ impl LoraConfig {
         }
     }
 
-    /// Parses PEFT's `target_modules`: module names, or `all-linear` for every projection
-    /// except the output head.
+    /// The sites of `sites` (a model's [`AdaptableModel::linear_sites`]) this configuration
+    /// adapts, in the model's order: those [`LoraConfig::target_modules`] selects, in the layers
+    /// of [`LoraConfig::layers_to_transform`] when that is set.
     ///
     /// # Errors
-    /// An unknown module name.
-    pub fn parse_target_modules<S: AsRef<str>>(names: &[S]) -> Result<Vec<Projection>> {
-        if names.len() == 1 && names[0].as_ref() == "all-linear" {
-            return Ok(Projection::ALL.to_vec());
-        }
-        let mut targets: Vec<Projection> = names
-            .iter()
-            .map(|name| {
-                Projection::from_hf_name(name.as_ref()).ok_or_else(|| {
-                    PeftError::Config(format!(
-                        "unknown target module `{}` (known: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, all-linear)",
-                        name.as_ref()
-                    ))
-                })
+    /// Targets that select nothing, a name that matches no site, a bad regular expression.
+    pub fn targets(&self, sites: &[LinearSite]) -> Result<Vec<LinearSite>> {
+        let selected = self.target_modules.select(sites)?;
+        let selected: Vec<LinearSite> = selected
+            .into_iter()
+            .filter(|site| match (&self.layers_to_transform, site.layer) {
+                (None, _) => true,
+                (Some(layers), Some(layer)) => layers.contains(&layer),
+                (Some(_), None) => false,
             })
-            .collect::<Result<_>>()?;
-        targets.sort();
-        targets.dedup();
-        Ok(targets)
-    }
-
-    fn layers(&self, model: &LlamaConfig) -> Vec<usize> {
-        match &self.layers_to_transform {
-            Some(layers) => layers.clone(),
-            None => (0..model.num_hidden_layers).collect(),
+            .cloned()
+            .collect();
+        if selected.is_empty() {
+            return Err(PeftError::Incompatible(format!(
+                "target_modules {} select no linear layer in layers_to_transform {:?}",
+                self.target_modules, self.layers_to_transform
+            )));
         }
+        Ok(selected)
     }
 
-    /// `(layer, projection, in, out)` of every adapted linear layer.
-    pub(crate) fn targets(&self, model: &LlamaConfig) -> Vec<(usize, Projection, usize, usize)> {
-        let mut out = Vec::new();
-        for layer in self.layers(model) {
-            for &projection in &self.target_modules {
-                let (d, q, kv, f) = (
-                    model.hidden_size,
-                    model.query_width(),
-                    model.kv_width(),
-                    model.intermediate_size,
-                );
-                let (input, output) = match projection {
-                    Projection::Query => (d, q),
-                    Projection::Key | Projection::Value => (d, kv),
-                    Projection::Output => (q, d),
-                    Projection::Gate | Projection::Up => (d, f),
-                    Projection::Down => (f, d),
-                };
-                out.push((layer, projection, input, output));
-            }
-        }
-        out
-    }
-
-    /// Checks the configuration against a model.
+    /// Checks the configuration against a model of sizes `geometry`.
     ///
     /// # Errors
-    /// Zero rank, no targets, dropout outside [0, 1), or layers the model lacks.
-    pub fn validate(&self, model: &LlamaConfig) -> Result<()> {
+    /// Zero rank, dropout outside [0, 1), or layers the model lacks.
+    pub fn validate(&self, geometry: &ModelGeometry) -> Result<()> {
         if self.r == 0 {
             return Err(PeftError::Config("r must be positive".into()));
         }
-        if self.target_modules.is_empty() {
-            return Err(PeftError::Config("target_modules is empty".into()));
-        }
+        self.target_modules.matcher()?;
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(PeftError::Config(format!(
                 "lora_dropout {} is not in [0, 1)",
@@ -119,61 +93,97 @@ impl LoraConfig {
             )));
         }
         if let Some(bad) = self
-            .layers(model)
-            .into_iter()
-            .find(|&l| l >= model.num_hidden_layers)
+            .layers_to_transform
+            .iter()
+            .flatten()
+            .find(|&&l| l >= geometry.num_hidden_layers)
         {
             return Err(PeftError::Incompatible(format!(
                 "layers_to_transform names layer {bad}, the model has {} layers",
-                model.num_hidden_layers
+                geometry.num_hidden_layers
             )));
         }
         Ok(())
     }
 
-    /// Trainable parameters for `model`, computed without allocating anything: `r·(in + out)`
-    /// per adapted projection.
-    pub fn num_trainable_parameters(&self, model: &LlamaConfig) -> usize {
-        self.targets(model)
-            .iter()
-            .map(|&(_, _, i, o)| self.r * (i + o))
-            .sum()
-    }
-
-    /// Creates the adapter: `A` Kaiming-uniform as `nn.Linear`'s default (U(±1/√in)), `B` zero,
-    /// so the adapted model starts exactly at the base model.
+    /// Trainable parameters on a model with linear sites `sites`, computed without allocating
+    /// anything: `r·(in + out)` per adapted site.
     ///
     /// # Errors
-    /// See [`LoraConfig::validate`].
-    pub fn init<B: Backend>(&self, model: &LlamaConfig, device: &B::Device) -> Result<Lora<B>> {
-        self.validate(model)?;
+    /// See [`LoraConfig::targets`]; a count that overflows `usize`.
+    pub fn num_trainable_parameters(&self, sites: &[LinearSite]) -> Result<usize> {
+        self.checked_parameters(sites)?.ok_or_else(|| {
+            PeftError::Config(format!("r = {} gives more parameters than can be addressed", self.r))
+        })
+    }
+
+    /// [`LoraConfig::num_trainable_parameters`] with `None` on overflow (for sizes read from a
+    /// file).
+    pub(crate) fn checked_parameters(&self, sites: &[LinearSite]) -> Result<Option<usize>> {
+        Ok(self.targets(sites)?.iter().try_fold(0usize, |sum, site| {
+            sum.checked_add(
+                self.r
+                    .checked_mul(site.in_features.checked_add(site.out_features)?)?,
+            )
+        }))
+    }
+
+    /// Creates the adapter for `model`: `A` Kaiming-uniform as `nn.Linear`'s default
+    /// (U(±1/√in)), `B` zero, so the adapted model starts exactly at the base model.
+    ///
+    /// # Errors
+    /// See [`LoraConfig::validate`] and [`LoraConfig::targets`]; a model that does not call its
+    /// hooks at its linear sites.
+    pub fn init<B: Backend>(
+        &self,
+        model: &(impl AdaptableModel<B> + ?Sized),
+        device: &B::Device,
+    ) -> Result<Lora<B>> {
+        self.validate(&model.geometry())?;
+        require_point(model, InsertionPoint::Linear, "LoRA")?;
         let modules = self
-            .targets(model)
+            .targets(&model.linear_sites())?
             .into_iter()
-            .map(|(layer, projection, input, output)| {
-                let bound = 1.0 / (input as f64).sqrt();
+            .map(|site| {
+                let bound = 1.0 / (site.in_features as f64).sqrt();
                 LoraLinear {
                     lora_a: Param::from_tensor(Tensor::random(
-                        [input, self.r],
+                        [site.in_features, self.r],
                         Distribution::Uniform(-bound, bound),
                         device,
                     )),
-                    lora_b: Param::from_tensor(Tensor::zeros([self.r, output], device)),
+                    lora_b: Param::from_tensor(Tensor::zeros([self.r, site.out_features], device)),
                     dropout: DropoutConfig::new(self.lora_dropout).init(),
-                    layer,
-                    projection: projection.hf_name().to_string(),
+                    site,
                 }
             })
             .collect();
         Ok(Lora {
             modules,
             config: self.clone(),
-            num_layers: model.num_hidden_layers,
+            geometry: model.geometry(),
         })
     }
 }
 
-/// The low-rank pair of one adapted projection.
+/// Fails unless `model` calls its hooks at `point`.
+pub(crate) fn require_point<B: Backend>(
+    model: &(impl AdaptableModel<B> + ?Sized),
+    point: InsertionPoint,
+    method: &str,
+) -> Result<()> {
+    if model.insertion_points().contains(&point) {
+        Ok(())
+    } else {
+        Err(PeftError::Incompatible(format!(
+            "{method} needs the model to call its hooks at {point:?}, and this model does not \
+             (it supports {:?})",
+            model.insertion_points()
+        )))
+    }
+}
+
+/// The low-rank pair of one adapted linear site.
 #[derive(Module, Debug)]
 pub struct LoraLinear<B: Backend> {
     /// `A` `[in, r]` (PEFT stores its transpose, `lora_A.weight` `[r, in]`).
@@ -182,10 +192,9 @@ pub struct LoraLinear<B: Backend> {
     pub lora_b: Param<Tensor<B, 2>>,
     /// Dropout on the input of the branch.
     pub dropout: Dropout,
-    /// Decoder layer index.
-    pub layer: usize,
-    /// Hugging Face module name of the projection.
-    pub projection: String,
+    /// The site adapted.
+    #[module(skip)]
+    pub site: LinearSite,
 }
 
 impl<B: Backend> LoraLinear<B> {
@@ -194,7 +203,7 @@ impl<B: Backend> LoraLinear<B> {
         let dtype = x.dtype();
         let lora_a = self.lora_a.val();
         let x = cast_to(x.clone(), lora_a.dtype());
-        // One 2-D product per factor (see `peft_llama::model::linear_rows`).
+        // One 2-D product per factor (see `peft_ops::tensor::linear_rows`).
         let [batch, seq, width] = x.dims();
         let rows = self.dropout.forward(x).reshape([batch * seq, width]);
         let low = matmul(rows, lora_a);
@@ -209,99 +218,79 @@ impl<B: Backend> LoraLinear<B> {
     }
 }
 
-/// LoRA pairs for a set of projections of a LLaMA.
+/// LoRA pairs for a set of linear sites of a model.
 #[derive(Module, Debug)]
 pub struct Lora<B: Backend> {
-    /// One pair per adapted projection, ordered by layer then projection.
+    /// One pair per adapted site, in the model's order of sites.
     pub modules: Vec<LoraLinear<B>>,
     /// Settings.
     #[module(skip)]
     pub config: LoraConfig,
-    /// Layers of the model the adapter was made for.
-    pub num_layers: usize,
+    /// Sizes of the model the adapter was made for.
+    #[module(skip)]
+    pub geometry: ModelGeometry,
 }
 
 struct LoraHooks<'a, B: Backend> {
-    /// `slots[layer][projection]` → index into `modules`.
-    slots: Vec<[Option<usize>; 7]>,
+    /// `layers[layer]`: `(site name, index into modules)` of the layer's adapted sites.
+    layers: Vec<Vec<(&'a str, usize)>>,
+    /// The same for sites outside the layers.
+    top_level: Vec<(&'a str, usize)>,
     modules: &'a [LoraLinear<B>],
     scaling: f64,
 }
 
-fn projection_index(projection: Projection) -> usize {
-    Projection::ALL
-        .iter()
-        .position(|&p| p == projection)
-        .unwrap_or(0)
-}
-
 impl<B: Backend> LayerHooks<B> for LoraHooks<'_, B> {
-    fn adapt_projection(
+    fn adapt_linear(
         &self,
-        layer: usize,
-        projection: Projection,
+        site: Site<'_>,
         input: &Tensor<B, 3>,
         output: Tensor<B, 3>,
     ) -> Tensor<B, 3> {
-        match self
-            .slots
-            .get(layer)
-            .and_then(|s| s[projection_index(projection)])
-        {
-            Some(index) => output + self.modules[index].delta(input, self.scaling),
+        let slots = match site.layer {
+            Some(layer) => self.layers.get(layer).map(Vec::as_slice).unwrap_or_default(),
+            None => &self.top_level,
+        };
+        match slots.iter().find(|(name, _)| *name == site.name) {
+            Some(&(_, index)) => output + self.modules[index].delta(input, self.scaling),
             None => output,
         }
     }
 
     fn first_adapted_layer(&self) -> Option<usize> {
-        self.slots
-            .iter()
-            .position(|s| s.iter().any(Option::is_some))
+        self.layers.iter().position(|slots| !slots.is_empty())
     }
 }
 
 impl<B: Backend> Lora<B> {
-    fn linear_mut<'m>(
-        base: &'m mut Llama<B>,
-        layer: usize,
-        projection: &str,
-    ) -> Option<&'m mut Linear<B>> {
-        let layer = base.layers.get_mut(layer)?;
-        Some(match Projection::from_hf_name(projection)? {
-            Projection::Query => &mut layer.self_attn.q_proj,
-            Projection::Key => &mut layer.self_attn.k_proj,
-            Projection::Value => &mut layer.self_attn.v_proj,
-            Projection::Output => &mut layer.self_attn.o_proj,
-            Projection::Gate => &mut layer.mlp.gate_proj,
-            Projection::Up => &mut layer.mlp.up_proj,
-            Projection::Down => &mut layer.mlp.down_proj,
-        })
-    }
-
-    fn apply_dense(&self, mut base: Llama<B>, sign: f64) -> Llama<B> {
+    fn apply_dense(&self, model: &mut dyn AdaptableModel<B>, sign: f64) -> Result<()> {
+        // Every site is looked up before any weight changes, so a failure leaves the model as
+        // it was.
+        if let Some(missing) = self
+            .modules
+            .iter()
+            .find(|m| model.linear_mut(&m.site.path).is_none())
+        {
+            return Err(PeftError::Incompatible(format!(
+                "the model has no linear layer `{}` to merge into",
+                missing.site.path
+            )));
+        }
         let scaling = self.config.scaling();
         for module in &self.modules {
-            if let Some(linear) = Self::linear_mut(&mut base, module.layer, &module.projection) {
-                let weight = linear.weight.val();
-                let dtype = weight.dtype();
-                let delta = module.dense_delta(scaling);
-                let weight = upcast(weight);
-                let merged = cast_to(delta, weight.dtype()).mul_scalar(sign) + weight;
-                let merged = cast_to(merged, dtype);
-                linear.weight = Param::from_tensor(merged).set_require_grad(false);
-            }
+            let path = &module.site.path;
+            let linear = model.linear_mut(path).ok_or_else(|| {
+                PeftError::Incompatible(format!("the model has no linear layer `{path}` to merge into"))
+            })?;
+            let weight = linear.weight.val();
+            let dtype = weight.dtype();
+            let delta = module.dense_delta(scaling);
+            let weight = upcast(weight);
+            let merged = cast_to(delta, weight.dtype()).mul_scalar(sign) + weight;
+            let merged = cast_to(merged, dtype);
+            linear.weight = Param::from_tensor(merged).set_require_grad(false);
         }
-        base
-    }
-
-    /// Adds `scaling · A B` to the base weights (in f32, then back to the weights' dtype).
-    pub fn merge_into(&self, base: Llama<B>) -> Llama<B> {
-        self.apply_dense(base, 1.0)
-    }
-
-    /// Subtracts what [`Lora::merge_into`] added.
-    pub fn unmerge_from(&self, base: Llama<B>) -> Llama<B> {
-        self.apply_dense(base, -1.0)
+        Ok(())
     }
 }
 
@@ -310,59 +299,62 @@ impl<B: Backend> Adapter<B> for Lora<B> {
         PeftMethod::Lora
     }
 
-    fn check_compatible(&self, config: &LlamaConfig) -> Result<()> {
-        self.config.validate(config)?;
-        if self.num_layers != config.num_hidden_layers {
+    fn check_compatible(&self, model: &dyn AdaptableModel<B>) -> Result<()> {
+        let geometry = model.geometry();
+        self.config.validate(&geometry)?;
+        require_point(model, InsertionPoint::Linear, "LoRA")?;
+        let targets = self.config.targets(&model.linear_sites())?;
+        if targets.len() != self.modules.len() {
             return Err(PeftError::Incompatible(format!(
-                "LoRA made for {} layers, the model has {}",
-                self.num_layers, config.num_hidden_layers
+                "LoRA holds {} pairs, its target_modules select {} linear layers of this model",
+                self.modules.len(),
+                targets.len()
             )));
         }
-        for (module, (layer, projection, input, output)) in
-            self.modules.iter().zip(self.config.targets(config))
-        {
+        for (module, site) in self.modules.iter().zip(&targets) {
             let found = [module.lora_a.dims(), module.lora_b.dims()];
-            let expected = [[input, self.config.r], [self.config.r, output]];
-            if found != expected
-                || module.layer != layer
-                || module.projection != projection.hf_name()
-            {
+            let expected = [
+                [site.in_features, self.config.r],
+                [self.config.r, site.out_features],
+            ];
+            if found != expected || module.site.path != site.path {
                 return Err(PeftError::Incompatible(format!(
-                    "layers.{}.{}: LoRA A/B have shapes {:?}, the model needs {:?} (layer {layer} {projection})",
-                    module.layer, module.projection, found, expected
+                    "{}: LoRA A/B have shapes {:?}, the model's `{}` needs {:?}",
+                    module.site.path, found, site.path, expected
                 )));
             }
         }
         Ok(())
     }
 
-    fn hooks<'a>(&'a self, base: &'a Llama<B>) -> Box<dyn LayerHooks<B> + 'a> {
-        let mut slots = vec![[None; 7]; base.config.num_hidden_layers];
+    fn hooks<'a>(&'a self, model: &dyn AdaptableModel<B>) -> Box<dyn LayerHooks<B> + 'a> {
+        let mut layers = vec![Vec::new(); model.geometry().num_hidden_layers];
+        let mut top_level = Vec::new();
         for (index, module) in self.modules.iter().enumerate() {
-            if let Some(projection) = Projection::from_hf_name(&module.projection) {
-                if let Some(layer) = slots.get_mut(module.layer) {
-                    layer[projection_index(projection)] = Some(index);
+            let slot = (module.site.name.as_str(), index);
+            match module.site.layer {
+                Some(layer) => {
+                    if let Some(slots) = layers.get_mut(layer) {
+                        slots.push(slot);
+                    }
                 }
+                None => top_level.push(slot),
             }
         }
         Box::new(LoraHooks {
-            slots,
+            layers,
+            top_level,
             modules: &self.modules,
             scaling: self.config.scaling(),
         })
     }
 
-    /// PEFT's names: `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight`
-    /// `[r, in]` and `.lora_B.weight` `[out, r]`.
+    /// PEFT's names: `base_model.model.{path}.lora_A.weight` `[r, in]` and
+    /// `.lora_B.weight` `[out, r]`.
     fn named_tensors(&self) -> Vec<NamedTensor> {
         let mut out = Vec::with_capacity(2 * self.modules.len());
         for module in &self.modules {
-            let parent = Projection::from_hf_name(&module.projection)
-                .map_or("self_attn", Projection::hf_parent);
-            let prefix = format!(
-                "base_model.model.model.layers.{}.{parent}.{}",
-                module.layer, module.projection
-            );
+            let prefix = format!("base_model.model.{}", module.site.path);
             let [input, r] = module.lora_a.dims();
             let [_, output] = module.lora_b.dims();
             out.push(NamedTensor {
@@ -377,5 +369,15 @@ impl<B: Backend> Adapter<B> for Lora<B> {
             });
         }
         out
+    }
+
+    /// Adds `scaling · A B` to the base weights (in f32, then back to the weights' dtype).
+    fn merge_into(&self, model: &mut dyn AdaptableModel<B>) -> Result<()> {
+        self.apply_dense(model, 1.0)
+    }
+
+    /// Subtracts what [`Adapter::merge_into`] added.
+    fn unmerge_from(&self, model: &mut dyn AdaptableModel<B>) -> Result<()> {
+        self.apply_dense(model, -1.0)
     }
 }

@@ -9,15 +9,16 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
-use peft_llama::weights::TensorMap;
-use peft_llama::LlamaConfig;
+use peft_io::files::{read_json, write_atomic};
+use peft_io::TensorMap;
 use serde_json::{json, Value};
 
+use crate::adapter::Adapter;
 use crate::adaption_prompt::{AdaptionPromptConfig, GateShape};
 use crate::any_adapter::AnyAdapter;
 use crate::error::{PeftError, Result};
-use crate::files::{read_json, write_atomic};
 use crate::lora::LoraConfig;
+use crate::model::{AdaptableModel, ModelGeometry};
 use crate::prefix::PrefixTuningConfig;
 
 /// The configuration file.
@@ -27,15 +28,8 @@ pub const WEIGHTS_FILE: &str = "adapter.safetensors";
 /// The format's version; bumped on incompatible changes.
 pub const FORMAT_VERSION: u64 = 1;
 
-fn model_sizes(model: &LlamaConfig) -> Value {
-    json!({
-        "num_hidden_layers": model.num_hidden_layers,
-        "hidden_size": model.hidden_size,
-        "num_attention_heads": model.num_attention_heads,
-        "num_key_value_heads": model.num_key_value_heads,
-        "head_dim": model.head_dim,
-        "intermediate_size": model.intermediate_size,
-    })
+fn model_sizes(model: &ModelGeometry) -> Value {
+    serde_json::to_value(model).expect("model sizes serialise")
 }
 
 /// Saves `adapter` (made for `model`) in this crate's format; each file replaced atomically.
@@ -44,7 +38,7 @@ fn model_sizes(model: &LlamaConfig) -> Value {
 /// I/O errors.
 pub fn save_native<B: Backend>(
     adapter: &AnyAdapter<B>,
-    model: &LlamaConfig,
+    model: &dyn AdaptableModel<B>,
     dir: &Path,
 ) -> Result<()> {
     let to_json = |c: &dyn erased::Serialize| c.to_value();
@@ -58,7 +52,7 @@ pub fn save_native<B: Backend>(
         "format_version": FORMAT_VERSION,
         "peft_type": method,
         "config": config,
-        "model": model_sizes(model),
+        "model": model_sizes(&model.geometry()),
     });
     let weights = dir.join(WEIGHTS_FILE);
     // No metadata: burn-store keeps it in a hash map, which would make the header (and so the
@@ -81,7 +75,7 @@ pub fn save_native<B: Backend>(
     })?;
     write_atomic(&weights, &bytes)?;
     let text = serde_json::to_string_pretty(&manifest).expect("JSON values serialise");
-    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+    Ok(write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?)
 }
 
 mod erased {
@@ -138,7 +132,7 @@ pub fn apply<B: Backend, M: ModuleSnapshot<B>>(module: &mut M, path: &Path) -> R
 /// missing, unexpected or mis-shaped tensor.
 pub fn load_native<B: Backend>(
     dir: &Path,
-    model: &LlamaConfig,
+    model: &dyn AdaptableModel<B>,
     device: &B::Device,
 ) -> Result<AnyAdapter<B>> {
     let Manifest {
@@ -146,7 +140,8 @@ pub fn load_native<B: Backend>(
         config,
         config_path,
         weights,
-    } = read_manifest(dir, model)?;
+    } = read_manifest(dir, &model.geometry())?;
+    let geometry = model.geometry();
     let format = |message: String| PeftError::Format {
         path: config_path.clone(),
         message,
@@ -159,8 +154,8 @@ pub fn load_native<B: Backend>(
     let adapter = match peft_type.as_deref() {
         Some("LORA") => {
             let lora: LoraConfig = serde_json::from_value(config.clone()).map_err(parse_error)?;
-            lora.validate(model).map_err(invalid)?;
-            check(lora_parameters(&lora, model))?;
+            lora.validate(&geometry).map_err(invalid)?;
+            check(lora.checked_parameters(&model.linear_sites()).map_err(invalid)?)?;
             let mut adapter = lora.init::<B>(model, device)?;
             apply(&mut adapter, &weights)?;
             AnyAdapter::Lora(adapter)
@@ -178,7 +173,7 @@ pub fn load_native<B: Backend>(
                     "`config`: encoder_hidden_size must be positive with prefix_projection".into(),
                 ));
             }
-            check(prefix_parameters(&prefix, model))?;
+            check(prefix_parameters(&prefix, &geometry))?;
             let mut adapter = prefix.init::<B>(model, device)?;
             apply(&mut adapter, &weights)?;
             AnyAdapter::PrefixTuning(adapter)
@@ -186,8 +181,8 @@ pub fn load_native<B: Backend>(
         Some("ADAPTION_PROMPT") => {
             let prompt: AdaptionPromptConfig =
                 serde_json::from_value(config.clone()).map_err(parse_error)?;
-            prompt.validate(model).map_err(invalid)?;
-            check(adaption_prompt_parameters(&prompt, model))?;
+            prompt.validate(&geometry).map_err(invalid)?;
+            check(adaption_prompt_parameters(&prompt, &geometry))?;
             let mut adapter = prompt.init::<B>(model, device)?;
             apply(&mut adapter, &weights)?;
             AnyAdapter::AdaptionPrompt(adapter)
@@ -218,7 +213,7 @@ pub struct Manifest {
 ///
 /// # Errors
 /// An unreadable or malformed manifest, another format or version, or another model's sizes.
-pub fn read_manifest(dir: &Path, model: &LlamaConfig) -> Result<Manifest> {
+pub fn read_manifest(dir: &Path, model: &ModelGeometry) -> Result<Manifest> {
     let config_path = dir.join(CONFIG_FILE);
     let manifest = read_json(&config_path)?;
     let format = |message: String| PeftError::Format {
@@ -300,20 +295,8 @@ pub fn check_parameter_count(
     })
 }
 
-/// The number of values a LoRA with `config` has for `model`, or `None` on overflow (the same
-/// count as [`LoraConfig::num_trainable_parameters`], checked: the configuration is read from a
-/// file).
-fn lora_parameters(config: &LoraConfig, model: &LlamaConfig) -> Option<usize> {
-    config
-        .targets(model)
-        .iter()
-        .try_fold(0usize, |sum, &(_, _, input, output)| {
-            sum.checked_add(config.r.checked_mul(input.checked_add(output)?)?)
-        })
-}
-
 /// [`PrefixTuningConfig::num_trainable_parameters`], checked.
-fn prefix_parameters(config: &PrefixTuningConfig, model: &LlamaConfig) -> Option<usize> {
+fn prefix_parameters(config: &PrefixTuningConfig, model: &ModelGeometry) -> Option<usize> {
     let width = PrefixTuningConfig::prompt_width(model);
     let tokens = config.num_virtual_tokens;
     if config.prefix_projection {
@@ -332,7 +315,7 @@ fn prefix_parameters(config: &PrefixTuningConfig, model: &LlamaConfig) -> Option
 /// from a file); `None` on overflow.
 pub fn adaption_prompt_parameters(
     config: &AdaptionPromptConfig,
-    model: &LlamaConfig,
+    model: &ModelGeometry,
 ) -> Option<usize> {
     let gates = match config.gate_shape {
         GateShape::PerHead => model.num_attention_heads,

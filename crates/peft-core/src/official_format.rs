@@ -7,12 +7,12 @@
 use std::path::Path;
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use peft_llama::weights::TensorMap;
-use peft_llama::LlamaConfig;
+use peft_io::TensorMap;
 
 use crate::adapter::{host_values, NamedTensor};
 use crate::adaption_prompt::{AdaptionPrompt, AdaptionPromptConfig, GateActivation, GateShape};
 use crate::error::{PeftError, Result};
+use crate::model::AdaptableModel;
 
 /// The key of the stacked prompts.
 pub const PROMPT_KEY: &str = "adapter_query.weight";
@@ -31,9 +31,11 @@ fn gate_key(layer: usize) -> String {
 pub fn load_official<B: Backend>(
     path: &Path,
     adapter_len: usize,
-    model: &LlamaConfig,
+    model: &dyn AdaptableModel<B>,
     device: &B::Device,
 ) -> Result<AdaptionPrompt<B>> {
+    let model_ref = model;
+    let model = model.geometry();
     let format = |message: String| PeftError::Format {
         path: path.into(),
         message,
@@ -80,7 +82,7 @@ pub fn load_official<B: Backend>(
         .with_adapter_layers(layers)
         .with_gate_shape(GateShape::PerHead)
         .with_gate_activation(GateActivation::Tanh);
-    config.validate(model).map_err(|e| {
+    config.validate(&model).map_err(|e| {
         format(format!(
             "{e} (`{PROMPT_KEY}` has {} rows, adapter_len {adapter_len}: check --adapter-len)",
             shape[0]
@@ -110,7 +112,7 @@ pub fn load_official<B: Backend>(
     let width = model.hidden_size;
     Ok(AdaptionPrompt::from_tensors(
         config,
-        model,
+        model_ref,
         Tensor::from_data(
             TensorData::new(prompts, [layers, adapter_len, width]),
             device,
@@ -126,7 +128,7 @@ pub fn load_official<B: Backend>(
 /// An adapter whose gates are not per head with `tanh`: the official format has no other form.
 pub fn official_tensors<B: Backend>(
     adapter: &AdaptionPrompt<B>,
-    model: &LlamaConfig,
+    model: &dyn AdaptableModel<B>,
 ) -> Result<Vec<NamedTensor>> {
     if adapter.config.gate_shape != GateShape::PerHead
         || adapter.config.gate_activation != GateActivation::Tanh
@@ -137,6 +139,7 @@ pub fn official_tensors<B: Backend>(
         )));
     }
     let [layers, len, width] = adapter.prompts.dims();
+    let model = model.geometry();
     let heads = model.num_attention_heads;
     let gates = host_values(adapter.gates.val());
     let mut out = vec![NamedTensor {
@@ -165,7 +168,7 @@ pub fn official_tensors<B: Backend>(
 /// See [`official_tensors`]; I/O errors.
 pub fn save_official<B: Backend>(
     adapter: &AdaptionPrompt<B>,
-    model: &LlamaConfig,
+    model: &dyn AdaptableModel<B>,
     path: &Path,
 ) -> Result<()> {
     let tensors = official_tensors(adapter, model)?;
@@ -177,7 +180,7 @@ pub fn save_official<B: Backend>(
     }
     let bytes = match path.extension().and_then(|e| e.to_str()) {
         Some("safetensors") => crate::peft_format::safetensors_bytes(&tensors, path)?,
-        _ => crate::torch_pickle::state_dict_bytes(&tensors, path)?,
+        _ => peft_io::torch_pickle::state_dict_bytes(&tensors, path)?,
     };
-    crate::files::write_atomic(path, &bytes)
+    Ok(peft_io::files::write_atomic(path, &bytes)?)
 }

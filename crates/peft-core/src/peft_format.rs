@@ -11,17 +11,18 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use peft_llama::weights::{transpose, TensorMap};
-use peft_llama::LlamaConfig;
+use peft_io::files::{read_json, write_atomic};
+use peft_io::{transpose, TensorMap};
 use serde_json::{json, Value};
 
-use crate::adapter::NamedTensor;
+use crate::adapter::{Adapter, NamedTensor};
 use crate::adaption_prompt::{AdaptionPrompt, AdaptionPromptConfig};
 use crate::any_adapter::AnyAdapter;
 use crate::error::{PeftError, Result};
-use crate::files::{read_json, write_atomic};
 use crate::lora::{Lora, LoraConfig, LoraLinear};
+use crate::model::AdaptableModel;
 use crate::prefix::{PrefixTuning, PrefixTuningConfig};
+use crate::targets::TargetModules;
 
 /// The configuration file of a PEFT adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -90,21 +91,15 @@ fn lora_config(config: &Value, path: &Path) -> Result<LoraConfig> {
     })?;
     refuse(config, path, "layer_replication", Value::is_null)?;
     refuse(config, path, "lora_bias", |v| v.as_bool() != Some(true))?;
-    let targets: Vec<String> = match field(config, "target_modules", path)? {
-        Value::String(s) => vec![s.clone()],
-        Value::Array(items) => items
-            .iter()
-            .map(|v| v.as_str().map(str::to_string))
-            .collect::<Option<_>>()
-            .ok_or_else(|| format_error(path, "`target_modules` must be a list of module names"))?,
-        _ => {
-            return Err(format_error(
+    let target_modules: TargetModules =
+        serde_json::from_value(field(config, "target_modules", path)?.clone()).map_err(|_| {
+            format_error(
                 path,
-                "`target_modules` must be a list of module names",
-            ))
-        }
-    };
-    let target_modules = LoraConfig::parse_target_modules(&targets)
+                "`target_modules` must be a list of module names or a regular expression",
+            )
+        })?;
+    target_modules
+        .matcher()
         .map_err(|e| format_error(path, e.to_string()))?;
     let layers_to_transform = match config.get("layers_to_transform") {
         None | Some(Value::Null) => None,
@@ -165,19 +160,23 @@ pub fn read_peft_type(dir: &Path) -> Result<String> {
 /// missing, unexpected, mis-shaped or non-finite tensor, each naming the file and key.
 pub fn load_peft<B: Backend>(
     dir: &Path,
-    model: &LlamaConfig,
+    model: &dyn AdaptableModel<B>,
     device: &B::Device,
 ) -> Result<AnyAdapter<B>> {
     let config_path = dir.join(CONFIG_FILE);
     let config = read_json(&config_path)?;
-    if let Some(task) = config.get("task_type").and_then(Value::as_str) {
-        if task != "CAUSAL_LM" {
+    if let (Some(task), Some(expected)) = (
+        config.get("task_type").and_then(Value::as_str),
+        model.task_type(),
+    ) {
+        if task != expected {
             return Err(format_error(
                 &config_path,
-                format!("task_type `{task}` is not CAUSAL_LM"),
+                format!("task_type `{task}` is not {expected}, this model's task"),
             ));
         }
     }
+    let geometry = model.geometry();
     let peft_type = read_peft_type(dir)?;
     let weights = dir.join(WEIGHTS_FILE);
     let mut tensors = TensorMap::new(weights.display().to_string());
@@ -185,38 +184,37 @@ pub fn load_peft<B: Backend>(
     let adapter = match peft_type.as_str() {
         "LORA" => {
             let lora = lora_config(&config, &config_path)?;
-            lora.validate(model).map_err(|e| format_error(&config_path, e.to_string()))?;
+            lora.validate(&geometry).map_err(|e| format_error(&config_path, e.to_string()))?;
+            let targets = lora
+                .targets(&model.linear_sites())
+                .map_err(|e| format_error(&config_path, e.to_string()))?;
             let mut modules = Vec::new();
-            for (layer, projection, input, output) in lora.targets(model) {
-                let prefix = format!(
-                    "base_model.model.model.layers.{layer}.{}.{}",
-                    projection.hf_parent(),
-                    projection.hf_name()
-                );
+            for site in targets {
+                let (input, output) = (site.in_features, site.out_features);
+                let prefix = format!("base_model.model.{}", site.path);
                 let a = tensors.take_f32(&format!("{prefix}.lora_A.weight"), &[lora.r, input])?;
                 let b = tensors.take_f32(&format!("{prefix}.lora_B.weight"), &[output, lora.r])?;
                 modules.push(LoraLinear {
                     lora_a: burn::module::Param::from_tensor(tensor(transpose(&a, lora.r, input), [input, lora.r], device)),
                     lora_b: burn::module::Param::from_tensor(tensor(transpose(&b, output, lora.r), [lora.r, output], device)),
                     dropout: burn::nn::DropoutConfig::new(lora.lora_dropout).init(),
-                    layer,
-                    projection: projection.hf_name().to_string(),
+                    site,
                 });
             }
-            AnyAdapter::Lora(Lora { modules, config: lora, num_layers: model.num_hidden_layers })
+            AnyAdapter::Lora(Lora { modules, config: lora, geometry })
         }
         "PREFIX_TUNING" => {
             let tokens = usize_field(&config, "num_virtual_tokens", &config_path)?;
             if let Some(layers) = config.get("num_layers").and_then(Value::as_u64) {
-                if layers as usize != model.num_hidden_layers {
+                if layers as usize != geometry.num_hidden_layers {
                     return Err(PeftError::Incompatible(format!(
                         "{}: prefix made for {layers} layers, the model has {}",
                         config_path.display(),
-                        model.num_hidden_layers
+                        geometry.num_hidden_layers
                     )));
                 }
             }
-            let width = PrefixTuningConfig::prompt_width(model);
+            let width = PrefixTuningConfig::prompt_width(&geometry);
             let values = tensors.take_f32("prompt_embeddings", &[tokens, width])?;
             let prefix_config = PrefixTuningConfig::new()
                 .with_num_virtual_tokens(tokens)
@@ -225,9 +223,9 @@ pub fn load_peft<B: Backend>(
                 embedding: burn::module::Param::from_tensor(tensor(values, [tokens, width], device)),
                 projection: None,
                 config: prefix_config,
-                num_layers: model.num_hidden_layers,
-                kv_heads: model.num_key_value_heads,
-                head_dim: model.head_dim,
+                num_layers: geometry.num_hidden_layers,
+                kv_heads: geometry.num_key_value_heads,
+                head_dim: geometry.head_dim,
             })
         }
         "ADAPTION_PROMPT" => {
@@ -235,16 +233,16 @@ pub fn load_peft<B: Backend>(
             let layers = usize_field(&config, "adapter_layers", &config_path)?;
             refuse(&config, &config_path, "target_modules", |v| v.as_str() == Some("self_attn"))?;
             let prompt_config = AdaptionPromptConfig::peft_compatible(len, layers);
-            prompt_config.validate(model).map_err(|e| format_error(&config_path, e.to_string()))?;
-            let first = model.num_hidden_layers - layers;
-            let width = model.hidden_size;
+            prompt_config.validate(&geometry).map_err(|e| format_error(&config_path, e.to_string()))?;
+            let first = geometry.num_hidden_layers - layers;
+            let width = geometry.hidden_size;
             // Nothing is reserved from the configuration's sizes (`"adapter_len": 3000000000`
             // would abort, and the product can overflow): `take_f32` checks each tensor's shape
             // against the file before reading it, so memory follows what the file holds.
             let mut prompts = Vec::new();
             let mut gates = Vec::new();
-            for layer in first..model.num_hidden_layers {
-                let prefix = format!("base_model.model.model.layers.{layer}.self_attn");
+            for layer in first..geometry.num_hidden_layers {
+                let prefix = format!("base_model.model.{}", model.attention_path(layer));
                 prompts.extend(tensors.take_f32(&format!("{prefix}.adaption_prompt"), &[1, len, width])?);
                 gates.extend(tensors.take_f32(&format!("{prefix}.adaption_gate"), &[1])?);
             }
@@ -272,13 +270,17 @@ pub fn load_peft<B: Backend>(
 /// # Errors
 /// A per-head or tanh-gated adaption prompt whose heads do not share one gate: PEFT has no
 /// such form (save it with [`crate::native_format`] instead).
-pub fn peft_config<B: Backend>(adapter: &AnyAdapter<B>, model: &LlamaConfig) -> Result<Value> {
+pub fn peft_config<B: Backend>(
+    adapter: &AnyAdapter<B>,
+    model: &dyn AdaptableModel<B>,
+) -> Result<Value> {
+    let geometry = model.geometry();
     let common = |peft_type: &str| {
         json!({
             "peft_type": peft_type,
-            "task_type": "CAUSAL_LM",
+            "task_type": model.task_type(),
             "inference_mode": true,
-            "base_model_name_or_path": null,
+            "base_model_name_or_path": model.name_or_path(),
             "revision": null,
             "auto_mapping": null,
         })
@@ -286,8 +288,15 @@ pub fn peft_config<B: Backend>(adapter: &AnyAdapter<B>, model: &LlamaConfig) -> 
     let mut config = match adapter {
         AnyAdapter::Lora(lora) => {
             let c = &lora.config;
-            let mut targets: Vec<&str> = c.target_modules.iter().map(|p| p.hf_name()).collect();
-            targets.sort();
+            let targets = match &c.target_modules {
+                TargetModules::Names(names) => {
+                    let mut names = names.clone();
+                    names.sort();
+                    names.dedup();
+                    json!(names)
+                }
+                other => json!(other),
+            };
             let mut value = common("LORA");
             let extra = json!({
                 "r": c.r,
@@ -316,10 +325,10 @@ pub fn peft_config<B: Backend>(adapter: &AnyAdapter<B>, model: &LlamaConfig) -> 
                 &mut value,
                 json!({
                     "num_virtual_tokens": prefix.config.num_virtual_tokens,
-                    "token_dim": model.kv_width(),
+                    "token_dim": geometry.kv_width(),
                     "num_transformer_submodules": 1,
-                    "num_attention_heads": model.num_key_value_heads,
-                    "num_layers": model.num_hidden_layers,
+                    "num_attention_heads": geometry.num_key_value_heads,
+                    "num_layers": geometry.num_hidden_layers,
                     "encoder_hidden_size": prefix.config.encoder_hidden_size,
                     "prefix_projection": false,
                     "modules_to_save": null,
@@ -420,7 +429,7 @@ pub fn safetensors_bytes(tensors: &[NamedTensor], path: &Path) -> Result<Vec<u8>
 /// See [`peft_config`]; I/O errors.
 pub fn save_peft<B: Backend>(
     adapter: &AnyAdapter<B>,
-    model: &LlamaConfig,
+    model: &dyn AdaptableModel<B>,
     dir: &Path,
 ) -> Result<()> {
     let config = peft_config(adapter, model)?;
@@ -432,5 +441,5 @@ pub fn save_peft<B: Backend>(
     let weights = dir.join(WEIGHTS_FILE);
     write_atomic(&weights, &safetensors_bytes(&tensors, &weights)?)?;
     let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
-    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+    Ok(write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?)
 }

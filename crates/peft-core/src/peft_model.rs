@@ -4,38 +4,57 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::{backend::Backend, Tensor};
-use peft_llama::{
-    generate, Generation, GenerationConfig, KvCache, LayerHooks, Llama, NoHooks, TokenBatch,
-};
+use std::marker::PhantomData;
 
+use burn::tensor::backend::Backend;
+
+use crate::adapter::Adapter;
 use crate::any_adapter::AnyAdapter;
 use crate::error::{PeftError, Result};
+use crate::hooks::{LayerHooks, NoHooks};
+use crate::model::AdaptableModel;
 
-/// A base model and its named adapters.
+/// A base model of any kind and its named adapters, of the built-in methods ([`AnyAdapter`], the
+/// default) or of any other type implementing [`Adapter`].
+///
+/// The model's own forward pass takes [`PeftModel::hooks`]; model crates add a `forward` that
+/// does so (`peft_llama::PeftLlama`).
 #[derive(Debug)]
-pub struct PeftModel<B: Backend> {
-    base: Llama<B>,
-    adapters: BTreeMap<String, AnyAdapter<B>>,
+pub struct PeftModel<B: Backend, M: AdaptableModel<B>, A: Adapter<B> = AnyAdapter<B>> {
+    base: M,
+    adapters: BTreeMap<String, A>,
     active: Option<String>,
     enabled: bool,
     merged: Option<String>,
+    backend: PhantomData<B>,
 }
 
-impl<B: Backend> PeftModel<B> {
+impl<B: Backend, M: AdaptableModel<B>, A: Adapter<B>> PeftModel<B, M, A> {
     /// Wraps a base model with no adapter.
-    pub fn new(base: Llama<B>) -> Self {
+    pub fn new(base: M) -> Self {
         Self {
             base,
             adapters: BTreeMap::new(),
             active: None,
             enabled: true,
             merged: None,
+            backend: PhantomData,
         }
     }
 
-    /// The base model (with a merged LoRA's weights, if one is merged).
-    pub fn base(&self) -> &Llama<B> {
+    /// Wraps `base` with `adapter` as its one, active adapter named `default` (PEFT's
+    /// `get_peft_model`).
+    ///
+    /// # Errors
+    /// The adapter does not fit the base model.
+    pub fn with_adapter(base: M, adapter: impl Into<A>) -> Result<Self> {
+        let mut model = Self::new(base);
+        model.add_adapter("default", adapter)?;
+        Ok(model)
+    }
+
+    /// The base model (with a merged adapter's weights, if one is merged).
+    pub fn base(&self) -> &M {
         &self.base
     }
 
@@ -43,7 +62,7 @@ impl<B: Backend> PeftModel<B> {
     ///
     /// # Errors
     /// [`PeftError::Merged`].
-    pub fn into_base(self) -> Result<Llama<B>> {
+    pub fn into_base(self) -> Result<M> {
         match self.merged {
             Some(name) => Err(PeftError::Merged(name)),
             None => Ok(self.base),
@@ -56,7 +75,7 @@ impl<B: Backend> PeftModel<B> {
     }
 
     /// The adapter of that name.
-    pub fn adapter(&self, name: &str) -> Option<&AnyAdapter<B>> {
+    pub fn adapter(&self, name: &str) -> Option<&A> {
         self.adapters.get(name)
     }
 
@@ -91,11 +110,11 @@ impl<B: Backend> PeftModel<B> {
     pub fn add_adapter(
         &mut self,
         name: impl Into<String>,
-        adapter: impl Into<AnyAdapter<B>>,
+        adapter: impl Into<A>,
     ) -> Result<()> {
         let name = name.into();
         let adapter = adapter.into();
-        adapter.check_compatible(&self.base.config)?;
+        adapter.check_compatible(&self.base)?;
         if self.adapters.contains_key(&name) {
             return Err(PeftError::Config(format!(
                 "an adapter named `{name}` is already loaded"
@@ -112,7 +131,7 @@ impl<B: Backend> PeftModel<B> {
     ///
     /// # Errors
     /// Unknown name, or the adapter is merged.
-    pub fn remove_adapter(&mut self, name: &str) -> Result<AnyAdapter<B>> {
+    pub fn remove_adapter(&mut self, name: &str) -> Result<A> {
         if self.merged.as_deref() == Some(name) {
             return Err(PeftError::Merged(name.into()));
         }
@@ -156,7 +175,8 @@ impl<B: Backend> PeftModel<B> {
         self.enabled = true;
     }
 
-    /// Merges the active LoRA into the base weights (in f32), so inference costs nothing extra.
+    /// Merges the active adapter into the base weights (LoRA, in f32), so inference costs
+    /// nothing extra.
     ///
     /// # Errors
     /// No active adapter, a method that cannot merge, or something already merged.
@@ -166,18 +186,9 @@ impl<B: Backend> PeftModel<B> {
             .active
             .clone()
             .ok_or_else(|| PeftError::Config("no active adapter to merge".into()))?;
-        match &self.adapters[&name] {
-            AnyAdapter::Lora(lora) => {
-                // Cloning a module only clones reference-counted parameter handles.
-                self.base = lora.merge_into(self.base.clone());
-                self.merged = Some(name);
-                Ok(())
-            }
-            other => Err(PeftError::Unsupported(format!(
-                "{} adapters change attention, not weights: they cannot be merged into the base model",
-                other.method()
-            ))),
-        }
+        self.adapters[&name].merge_into(&mut self.base)?;
+        self.merged = Some(name);
+        Ok(())
     }
 
     /// Undoes [`PeftModel::merge_active`].
@@ -189,46 +200,19 @@ impl<B: Backend> PeftModel<B> {
             .merged
             .take()
             .ok_or_else(|| PeftError::Config("no adapter is merged".into()))?;
-        if let AnyAdapter::Lora(lora) = &self.adapters[&name] {
-            self.base = lora.unmerge_from(self.base.clone());
+        if let Err(error) = self.adapters[&name].unmerge_from(&mut self.base) {
+            self.merged = Some(name);
+            return Err(error);
         }
         Ok(())
     }
 
-    /// The hooks of the active adapter (none when disabled, merged or absent).
+    /// The hooks of the active adapter (none when disabled, merged or absent), for the base
+    /// model's forward pass.
     pub fn hooks(&self) -> Box<dyn LayerHooks<B> + '_> {
         match (&self.active, self.enabled, &self.merged) {
             (Some(name), true, None) => self.adapters[name].hooks(&self.base),
             _ => Box::new(NoHooks),
         }
-    }
-
-    /// Logits `[batch, seq, vocab]` with the active adapter.
-    ///
-    /// # Errors
-    /// See [`Llama::forward`].
-    pub fn forward(
-        &self,
-        tokens: &TokenBatch,
-        cache: Option<&mut KvCache<B>>,
-    ) -> Result<Tensor<B, 3>> {
-        Ok(self.base.forward(tokens, self.hooks().as_ref(), cache)?)
-    }
-
-    /// Generates with the active adapter (its prompt keys/values prepared once for all steps).
-    ///
-    /// # Errors
-    /// See [`generate`].
-    pub fn generate(
-        &self,
-        prompts: &[Vec<u32>],
-        config: &GenerationConfig,
-    ) -> Result<Vec<Generation>> {
-        Ok(generate(
-            &self.base,
-            self.hooks().as_ref(),
-            prompts,
-            config,
-        )?)
     }
 }

@@ -6,11 +6,13 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
-use peft_llama::model::{cast_to, upcast};
-use peft_llama::{KvCache, LayerHooks, Llama, LlamaConfig, NoHooks, TokenBatch};
+use peft_ops::tensor::{cast_to, upcast};
 
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
+use crate::hooks::LayerHooks;
+use crate::lora::require_point;
+use crate::model::{AdaptableModel, InsertionPoint, ModelGeometry};
 
 /// Configuration of [`PrefixTuning`].
 #[derive(Config, Debug, PartialEq)]
@@ -28,12 +30,12 @@ pub struct PrefixTuningConfig {
 
 impl PrefixTuningConfig {
     /// Width of all prefixes of one virtual token: keys and values of every layer.
-    pub fn prompt_width(model: &LlamaConfig) -> usize {
+    pub fn prompt_width(model: &ModelGeometry) -> usize {
         2 * model.num_hidden_layers * model.kv_width()
     }
 
     /// Trainable parameters for `model`, computed without allocating anything.
-    pub fn num_trainable_parameters(&self, model: &LlamaConfig) -> usize {
+    pub fn num_trainable_parameters(&self, model: &ModelGeometry) -> usize {
         let width = Self::prompt_width(model);
         if self.prefix_projection {
             let token = model.kv_width();
@@ -44,13 +46,26 @@ impl PrefixTuningConfig {
         }
     }
 
-    /// Creates the adapter, prefixes drawn from N(0, 1) as PEFT's `nn.Embedding`.
+    /// Creates the adapter for `model`, prefixes drawn from N(0, 1) as PEFT's `nn.Embedding`.
+    ///
+    /// # Errors
+    /// Zero virtual tokens; a model that takes no prefix keys/values.
+    pub fn init<B: Backend>(
+        &self,
+        model: &(impl AdaptableModel<B> + ?Sized),
+        device: &B::Device,
+    ) -> Result<PrefixTuning<B>> {
+        require_point(model, InsertionPoint::PrefixKeyValues, "prefix tuning")?;
+        self.init_for(&model.geometry(), device)
+    }
+
+    /// [`PrefixTuningConfig::init`] from the model's sizes alone (for loading files).
     ///
     /// # Errors
     /// Zero virtual tokens.
-    pub fn init<B: Backend>(
+    pub fn init_for<B: Backend>(
         &self,
-        model: &LlamaConfig,
+        model: &ModelGeometry,
         device: &B::Device,
     ) -> Result<PrefixTuning<B>> {
         if self.num_virtual_tokens == 0 {
@@ -83,23 +98,22 @@ impl PrefixTuningConfig {
             head_dim: model.head_dim,
         })
     }
-}
 
-impl PrefixTuningConfig {
-    /// Creates the adapter with each prefix set to the keys and values `base` computes for
-    /// `token_ids` (one id per virtual token): Li & Liang's initialisation from the activations
-    /// of real words. Since real tokens take positions `P..`, the untrained adapter is exactly the
-    /// base model reading `token_ids` before every input, instead of the large perturbation that
-    /// N(0, 1) prefixes are. The files it produces are ordinary PEFT prefix-tuning files.
+    /// Creates the adapter with each layer's prefix set to given keys and values, each
+    /// `[1, kv_heads, P, head_dim]`, bottom layer first: Li & Liang's initialisation from the
+    /// activations of real words, when `key_values` are what the model computes for `P` real
+    /// tokens (`peft_llama::prefix_from_tokens` does that for LLaMA). The files it produces are
+    /// ordinary PEFT prefix-tuning files.
     ///
     /// # Errors
-    /// `prefix_projection` set (an MLP's output cannot be set directly), a number of ids other
-    /// than `num_virtual_tokens`, or ids outside the vocabulary.
-    pub fn init_from_tokens<B: Backend>(
+    /// `prefix_projection` set (an MLP's output cannot be set directly), a number of layers or a
+    /// shape that does not match the model and `num_virtual_tokens`.
+    pub fn init_from_key_values<B: Backend>(
         &self,
-        base: &Llama<B>,
-        token_ids: &[u32],
+        model: &(impl AdaptableModel<B> + ?Sized),
+        key_values: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
     ) -> Result<PrefixTuning<B>> {
+        require_point(model, InsertionPoint::PrefixKeyValues, "prefix tuning")?;
         if self.prefix_projection {
             return Err(PeftError::Config(
                 "prefixes initialised from tokens cannot be reparameterised through an MLP \
@@ -107,30 +121,38 @@ impl PrefixTuningConfig {
                     .into(),
             ));
         }
-        if token_ids.len() != self.num_virtual_tokens {
-            return Err(PeftError::Config(format!(
-                "prefix initialisation needs {} token ids (num_virtual_tokens), got {}",
-                self.num_virtual_tokens,
-                token_ids.len()
+        let geometry = model.geometry();
+        if key_values.len() != geometry.num_hidden_layers {
+            return Err(PeftError::Incompatible(format!(
+                "prefix initialisation got keys/values of {} layers, the model has {}",
+                key_values.len(),
+                geometry.num_hidden_layers
             )));
         }
-        let config = &base.config;
-        let tokens = TokenBatch::right_padded(&[token_ids.to_vec()], 0)
-            .map_err(|e| PeftError::Config(format!("prefix initialisation tokens: {e}")))?;
-        let mut cache = KvCache::new(config.num_hidden_layers, 1);
-        base.forward_hidden(&tokens, &NoHooks, Some(&mut cache))
-            .map_err(|e| PeftError::Config(format!("prefix initialisation tokens: {e}")))?;
-        // Per layer: keys then values, each [1, kv_heads, P, head_dim]; PEFT's layout puts the
-        // virtual token first and then, for every layer, its key block and its value block.
-        let mut blocks = Vec::with_capacity(2 * config.num_hidden_layers);
-        for layer in 0..config.num_hidden_layers {
-            let (keys, values) = cache
-                .layer(layer)
-                .ok_or_else(|| PeftError::Config(format!("layer {layer} cached no keys/values")))?;
+        let expected = [
+            1,
+            geometry.num_key_value_heads,
+            self.num_virtual_tokens,
+            geometry.head_dim,
+        ];
+        let mut blocks = Vec::with_capacity(2 * geometry.num_hidden_layers);
+        for (layer, (keys, values)) in key_values.into_iter().enumerate() {
+            for tensor in [&keys, &values] {
+                if tensor.dims() != expected {
+                    return Err(PeftError::Incompatible(format!(
+                        "prefix initialisation: layer {layer} has keys/values of shape {:?}, \
+                         expected {expected:?} (num_virtual_tokens {})",
+                        tensor.dims(),
+                        self.num_virtual_tokens
+                    )));
+                }
+            }
             blocks.push(keys);
             blocks.push(values);
         }
-        let width = Self::prompt_width(config);
+        // Per layer: keys then values, each [1, kv_heads, P, head_dim]; PEFT's layout puts the
+        // virtual token first and then, for every layer, its key block and its value block.
+        let width = Self::prompt_width(&geometry);
         let embedding = upcast(Tensor::cat(blocks, 0))
             .permute([2, 0, 1, 3])
             .reshape([self.num_virtual_tokens, width])
@@ -139,9 +161,9 @@ impl PrefixTuningConfig {
             embedding: Param::from_tensor(embedding),
             projection: None,
             config: self.clone(),
-            num_layers: config.num_hidden_layers,
-            kv_heads: config.num_key_value_heads,
-            head_dim: config.head_dim,
+            num_layers: geometry.num_hidden_layers,
+            kv_heads: geometry.num_key_value_heads,
+            head_dim: geometry.head_dim,
         })
     }
 }
@@ -232,7 +254,9 @@ impl<B: Backend> Adapter<B> for PrefixTuning<B> {
         PeftMethod::PrefixTuning
     }
 
-    fn check_compatible(&self, config: &LlamaConfig) -> Result<()> {
+    fn check_compatible(&self, model: &dyn AdaptableModel<B>) -> Result<()> {
+        require_point(model, InsertionPoint::PrefixKeyValues, "prefix tuning")?;
+        let config = model.geometry();
         let found = [self.num_layers, self.kv_heads, self.head_dim];
         let expected = [
             config.num_hidden_layers,
@@ -247,7 +271,7 @@ impl<B: Backend> Adapter<B> for PrefixTuning<B> {
         let [tokens, width] = self.embedding.dims();
         let expected_width = match &self.projection {
             Some(_) => config.kv_width(),
-            None => PrefixTuningConfig::prompt_width(config),
+            None => PrefixTuningConfig::prompt_width(&config),
         };
         if tokens != self.config.num_virtual_tokens || width != expected_width {
             return Err(PeftError::Incompatible(format!(
@@ -258,14 +282,13 @@ impl<B: Backend> Adapter<B> for PrefixTuning<B> {
         Ok(())
     }
 
-    fn hooks<'a>(&'a self, base: &'a Llama<B>) -> Box<dyn LayerHooks<B> + 'a> {
+    fn hooks<'a>(&'a self, model: &dyn AdaptableModel<B>) -> Box<dyn LayerHooks<B> + 'a> {
         let prompts = self.prompt_embeddings();
         let tokens = prompts.dims()[0];
         let key_values = prompts
             .reshape([tokens, 2 * self.num_layers, self.kv_heads, self.head_dim])
             .permute([1, 2, 0, 3]);
-        let dtype = base.dtype();
-        let key_values = cast_to(key_values, dtype);
+        let key_values = cast_to(key_values, model.dtype());
         Box::new(PreparedPrefix { key_values, tokens })
     }
 

@@ -1,4 +1,4 @@
-//! The autodiff nodes of `peft_llama::blocks` (RMSNorm, SwiGLU, the attention softmax, the
+//! The autodiff nodes of `peft_ops::blocks` (RMSNorm, SwiGLU, the attention softmax, the
 //! rotary embedding) against the chains of tensor operations they replace
 //! (`blocks::composed`, whose gradients come from Burn's autodiff): the same forward values
 //! (see `forward_tol`), and gradients that agree to rounding. f32 within 1e-5 of the largest
@@ -11,8 +11,8 @@
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Distribution, Tensor};
-use peft_llama::blocks::{self, composed};
-use peft_llama::model::cast_to;
+use peft_ops::blocks::{self, composed};
+use peft_ops::tensor::cast_to;
 
 #[cfg(feature = "cuda")]
 type Inner = burn::backend::Cuda<f32>;

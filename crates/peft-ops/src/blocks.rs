@@ -29,7 +29,6 @@
 //! and CUDA with and without fusion) and builds the node then. Any other backend runs
 //! [`composed`], with the same values and gradients and more memory.
 
-use std::any::{Any, TypeId};
 use std::marker::PhantomData;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -42,7 +41,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use crate::model::{cast_to, upcast};
+use crate::dispatch::{cast, is, Kernel};
+use crate::tensor::{cast_to, upcast};
 
 /// The chains of tensor operations the nodes replace (backends without autodiff, and autodiff
 /// over a backend this crate does not name).
@@ -51,7 +51,7 @@ pub mod composed {
     use burn::tensor::backend::Backend;
     use burn::tensor::Tensor;
 
-    use crate::model::{cast_to, upcast};
+    use crate::tensor::{cast_to, upcast};
 
     /// `weight ⊙ cast(x / rms(x))`, `rms` over the last dimension in f32 (Hugging Face's
     /// `LlamaRMSNorm`).
@@ -110,8 +110,8 @@ pub mod composed {
         scale: f64,
         bias: Option<Tensor<B, 4>>,
     ) -> Tensor<B, 4> {
-        let scores = crate::model::matmul(q, k.swap_dims(2, 3));
-        crate::model::matmul(super::attention_softmax(scores, scale, bias), v)
+        let scores = crate::tensor::matmul(q, k.swap_dims(2, 3));
+        crate::tensor::matmul(super::attention_softmax(scores, scale, bias), v)
     }
 
     /// The rotary embedding of `x` `[batch, heads, seq, head_dim]` in the rotate-half layout:
@@ -127,28 +127,6 @@ pub mod composed {
         let rotated = Tensor::cat(vec![second.neg(), first], 3);
         x * cos.clone() + rotated * sin.clone()
     }
-}
-
-/// A kernel of `kernels.rs` and its scalar parameters.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Kernel {
-    /// `[scores]` or `[scores, bias]` → `[probabilities]`.
-    SoftmaxForward { scale: f32 },
-    /// `[probabilities, d probabilities]` → `[d scores]`.
-    SoftmaxBackward { scale: f32 },
-    /// `[x, weight]` → `[y, 1/rms (f32)]`.
-    RmsNormForward { eps: f32 },
-    /// `[x, weight, dy, 1/rms]` → `[dx]`.
-    RmsNormBackward,
-    /// `[gate, up]` → `[y]`.
-    SwigluForward,
-    /// `[gate, up, dy]` → `[d gate, d up]`.
-    SwigluBackward,
-    /// `[x, cos, sin]` → `[y]`.
-    RopeForward,
-    /// `[dy, cos, sin]` → `[dx]`.
-    RopeBackward,
 }
 
 /// The outputs of `kernel` on `inputs` when `X` is Burn's CUDA backend and the kernel takes
@@ -191,27 +169,6 @@ macro_rules! on_known_autodiff {
             }
         }
     }};
-}
-
-/// Whether `A` and `T` are the same type.
-pub(crate) fn is<A: 'static, T: 'static>() -> bool {
-    TypeId::of::<A>() == TypeId::of::<T>()
-}
-
-/// `a` as a `T` when that is its type, else `a` back.
-pub(crate) fn downcast<A: 'static, T: 'static>(a: A) -> Result<T, A> {
-    let boxed: Box<dyn Any> = Box::new(a);
-    match boxed.downcast::<T>() {
-        Ok(t) => Ok(*t),
-        Err(boxed) => Err(*boxed
-            .downcast::<A>()
-            .unwrap_or_else(|_| unreachable!("a box holds the type it was made from"))),
-    }
-}
-
-/// `a` as the `T` it is known to be (a backend checked with [`is`], or on a partner operand).
-pub(crate) fn cast<A: 'static, T: 'static>(a: A) -> T {
-    downcast::<A, T>(a).unwrap_or_else(|_| unreachable!("the backend was checked"))
 }
 
 /// A float tensor of `Autodiff<X>` as a primitive.
@@ -598,7 +555,7 @@ impl<X: Backend> AttentionNode<X> {
         scale: f64,
         bias: &Option<FloatTensor<X>>,
     ) -> Tensor<X, 4> {
-        let scores = crate::model::matmul(
+        let scores = crate::tensor::matmul(
             tensor::<X, 4>(q.clone()),
             tensor::<X, 4>(k.clone()).swap_dims(2, 3),
         );
@@ -613,7 +570,7 @@ impl<X: Backend> AttentionNode<X> {
         let [q, k, v] = qkv.map(prim);
         let bias = bias.map(|b| prim(b).primitive);
         let p = Self::probabilities(&q.primitive, &k.primitive, scale, &bias);
-        let out = raw(crate::model::matmul(p, tensor::<X, 4>(v.primitive.clone())));
+        let out = raw(crate::tensor::matmul(p, tensor::<X, 4>(v.primitive.clone())));
         let state = || {
             let qkv = [&q, &k, &v].map(|t| t.primitive.clone());
             (qkv, bias, scale)
@@ -633,7 +590,7 @@ impl<X: Backend> Backward<X, 3> for AttentionNode<X> {
         let d_out = tensor::<X, 4>(grads.consume::<X>(&ops.node));
         let ([q, k, v], bias, scale) = ops.state;
         let p = Self::probabilities(&q, &k, scale, &bias);
-        let matmul = crate::model::matmul::<X, 4>;
+        let matmul = crate::tensor::matmul::<X, 4>;
         if let Some(node) = node_v {
             let dv = matmul(p.clone().swap_dims(2, 3), d_out.clone());
             grads.register::<X>(node.id, raw(dv));

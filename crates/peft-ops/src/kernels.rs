@@ -33,7 +33,7 @@ use cudarc::driver::result as driver;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction};
 use cudarc::nvrtc::result as nvrtc;
 
-use crate::blocks::{cast, is, Kernel};
+use crate::dispatch::{cast, is, Kernel};
 use crate::cublas::{self, BlasBackend, Cube, Fused, FusedRuntime, Prim};
 
 /// The kernels' source.

@@ -6,20 +6,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::Value;
 
-use crate::error::{PeftError, Result};
+use crate::error::{CheckpointError, Result};
 
 /// Reads and parses a JSON file.
 ///
 /// # Errors
 /// I/O errors and malformed JSON, naming the file (and line and column).
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read(path).map_err(|e| PeftError::Io {
+    let text = std::fs::read(path).map_err(|e| CheckpointError::Io {
         path: path.into(),
         source: e,
     })?;
-    serde_json::from_slice(&text).map_err(|e| PeftError::Format {
+    serde_json::from_slice(&text).map_err(|e| CheckpointError::Json {
         path: path.into(),
-        message: format!("malformed JSON: {e}"),
+        message: e.to_string(),
     })
 }
 
@@ -43,7 +43,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         // A failed save leaves nothing behind (removing a file never created fails harmlessly).
         let _ = std::fs::remove_file(&temporary);
     }
-    written.map_err(|e| PeftError::Io {
+    written.map_err(|e| CheckpointError::Io {
         path: path.into(),
         source: e,
     })?;

@@ -27,7 +27,7 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use crate::error::{LlamaError, Result};
+use crate::error::{CheckpointError, Result};
 
 /// `module.name` of every global a state dict of tensors may refer to.
 pub const ALLOWED_GLOBALS: &[&str] = &[
@@ -61,14 +61,14 @@ const MAX_NAME: usize = 1024;
 /// Checks the pickle(s) of the `.pth` file at `path` as described in the [module docs](self).
 ///
 /// # Errors
-/// [`LlamaError::WeightFile`] naming the file, the pickle, the byte offset and what is wrong;
-/// [`LlamaError::Io`] when the file cannot be read.
+/// [`CheckpointError::WeightFile`] naming the file, the pickle, the byte offset and what is wrong;
+/// [`CheckpointError::Io`] when the file cannot be read.
 pub fn check_pth(path: &Path) -> Result<()> {
-    let refuse = |message: String| LlamaError::WeightFile {
+    let refuse = |message: String| CheckpointError::WeightFile {
         path: path.into(),
         message,
     };
-    let io = |e: std::io::Error| LlamaError::io(path, e);
+    let io = |e: std::io::Error| CheckpointError::io(path, e);
     let file = File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
     let mut reader = BufReader::new(file);

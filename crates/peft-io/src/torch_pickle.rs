@@ -1,6 +1,6 @@
 //! Writing PyTorch `.pth` state dicts: what `torch.save({name: tensor, ...}, f)` writes for a dict
 //! of contiguous float32 CPU tensors, loadable with `torch.load(f, weights_only=True)` and with
-//! `burn-store`'s `PytorchReader` (so with [`peft_llama::weights::TensorMap::add_pth`]).
+//! `burn-store`'s `PytorchReader` (so with [`crate::TensorMap::add_pth`]).
 //!
 //! # The archive
 //! PyTorch's zip format (torch ≥ 1.6): an uncompressed zip whose entries all live under one
@@ -44,8 +44,8 @@ use std::path::Path;
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipWriter};
 
-use crate::adapter::NamedTensor;
-use crate::error::{PeftError, Result};
+use crate::error::{CheckpointError, Result};
+use crate::NamedTensor;
 
 /// The alignment of every entry's data in the archive, as torch's `storage_alignment`.
 const ALIGNMENT: u16 = 64;
@@ -242,10 +242,10 @@ fn archive_folder(path: &Path) -> String {
 /// order), to be stored at `path` (which names the archive's folder and error messages).
 ///
 /// # Errors
-/// [`PeftError::Format`] naming the tensor when a shape does not match the number of values,
+/// [`CheckpointError::Format`] naming the tensor when a shape does not match the number of values,
 /// when two tensors share a key, or when a key is longer than a pickle string can be.
 pub fn state_dict_bytes(tensors: &[NamedTensor], path: &Path) -> Result<Vec<u8>> {
-    let format = |message: String| PeftError::Format {
+    let format = |message: String| CheckpointError::Format {
         path: path.into(),
         message,
     };

@@ -62,7 +62,7 @@ use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use cudarc::cublas::{result as blas, sys};
 
-use crate::blocks::{cast, downcast};
+use crate::dispatch::{cast, downcast};
 use cudarc::cupti::sys as cupti;
 use cudarc::driver::result as driver;
 

@@ -1,4 +1,4 @@
-//! `peft_llama::model::matmul` (the product every projection and attention uses) and its
+//! `peft_ops::tensor::matmul` (the product every projection and attention uses) and its
 //! gradients against an f64 reference computed on the host, for the layouts the model gives
 //! it: row-major operands, transposed views (`[out, in]` weights, `keys.swap_dims(2, 3)`),
 //! batches of heads, a broadcast (expanded) batch, and a frozen operand.
@@ -6,14 +6,14 @@
 //! On the CPU build this checks Burn's product. Built with `--features cuda` it runs on the GPU
 //! and checks the cuBLAS route (`src/cublas.rs`) on Burn's CUDA backend both with kernel fusion
 //! (`burn::backend::Cuda`, the product a custom fusion operation) and without
-//! (`peft_llama::cublas::CudaBare`): f32 must then be true f32 (rtol 1e-5 of the
+//! (`peft_ops::cublas::CudaBare`): f32 must then be true f32 (rtol 1e-5 of the
 //! largest reference value, which TF32 products would miss by two orders of magnitude), bf16
 //! within 1e-2 (inputs rounded to bf16 first; the result is rounded to bf16 once).
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Distribution, Tensor};
-use peft_llama::model::{cast_to, matmul};
+use peft_ops::tensor::{cast_to, matmul};
 
 /// Runs `$case::<A>()` for every autodiff backend of this build.
 macro_rules! on_backends {
@@ -21,7 +21,7 @@ macro_rules! on_backends {
         #[cfg(feature = "cuda")]
         {
             $case::<Autodiff<burn::backend::Cuda<f32>>>();
-            $case::<Autodiff<peft_llama::cublas::CudaBare>>();
+            $case::<Autodiff<peft_ops::cublas::CudaBare>>();
         }
         #[cfg(not(feature = "cuda"))]
         $case::<Autodiff<burn::backend::NdArray<f32>>>();
