@@ -84,6 +84,48 @@ pub enum LlamaError {
     Input(String),
 }
 
+impl From<peft_io::CheckpointError> for LlamaError {
+    /// Each checkpoint error keeps the variant of the same name.
+    fn from(error: peft_io::CheckpointError) -> Self {
+        use peft_io::CheckpointError as E;
+        match error {
+            E::Io { path, source } => Self::Io { path, source },
+            E::Json { path, message } => Self::Json { path, message },
+            E::WeightFile { path, message } | E::Format { path, message } => {
+                Self::WeightFile { path, message }
+            }
+            E::MissingTensor {
+                origin,
+                key,
+                expected,
+            } => Self::MissingTensor {
+                origin,
+                key,
+                expected,
+            },
+            E::UnexpectedTensors { origin, keys } => Self::UnexpectedTensors { origin, keys },
+            E::ShapeMismatch {
+                origin,
+                key,
+                expected,
+                found,
+            } => Self::ShapeMismatch {
+                origin,
+                key,
+                expected,
+                found,
+            },
+            E::NonFinite { origin, key } => Self::NonFinite { origin, key },
+        }
+    }
+}
+
+impl From<LlamaError> for peft_core::PeftError {
+    fn from(error: LlamaError) -> Self {
+        Self::Model(Box::new(error))
+    }
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = LlamaError> = std::result::Result<T, E>;
 

@@ -4,9 +4,10 @@ use burn::tensor::backend::Backend;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use peft_core::LayerHooks;
+
 use crate::cache::KvCache;
 use crate::error::{LlamaError, Result};
-use crate::hooks::LayerHooks;
 use crate::model::{Llama, TokenBatch};
 
 /// How to pick tokens.

@@ -1,4 +1,4 @@
-//! LLaMA in Burn, with insertion hooks for parameter-efficient adapters.
+//! LLaMA in Burn, adaptable by every method of `peft-core` (see [`adaptable`]).
 //!
 //! ```no_run
 //! use peft_llama::{Llama, LlamaLoader, NoHooks, TokenBatch};
@@ -11,18 +11,12 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod blocks;
+pub mod adaptable;
 pub mod cache;
 pub mod config;
-#[cfg(feature = "cuda")]
-pub mod cublas;
 pub mod error;
 pub mod generate;
-pub mod hooks;
-#[cfg(feature = "cuda")]
-pub mod kernels;
 pub mod model;
-pub mod pickle_check;
 pub mod rope;
 pub mod tokenizer;
 pub mod weights;
@@ -31,7 +25,8 @@ pub use cache::KvCache;
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::{LlamaError, Result};
 pub use generate::{generate, Generation, GenerationConfig};
-pub use hooks::{LayerHooks, NoHooks, Projection};
+pub use adaptable::{PeftLlama, PrefixFromTokens, LAYERS_PATH};
+pub use peft_core::{LayerHooks, NoHooks};
 pub use model::{Attention, DecoderLayer, Llama, Mlp, RmsNorm, TokenBatch};
 pub use rope::RotaryEmbedding;
 pub use tokenizer::LlamaTokenizer;

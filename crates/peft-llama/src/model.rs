@@ -4,10 +4,12 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 
+use peft_core::{LayerHooks, Site};
+use peft_ops::tensor::{cast_to, linear_rows, mask_value, matmul, repeat_kv};
+
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
-use crate::hooks::{LayerHooks, Projection};
 use crate::rope::{apply_rotary, RotaryEmbedding};
 
 /// Root-mean-square layer normalisation, computed in at least f32 whatever the weights' dtype.
@@ -22,7 +24,7 @@ pub struct RmsNorm<B: Backend> {
 impl<B: Backend> RmsNorm<B> {
     /// Normalises `x` `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        crate::blocks::rms_norm(x, self.weight.val(), self.eps)
+        peft_ops::blocks::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
@@ -83,12 +85,17 @@ impl<B: Backend> Attention<B> {
         cache: Option<&mut crate::cache::LayerKv<B>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
-        let project = |linear: &Linear<B>, projection| {
-            hooks.adapt_projection(layer, projection, &x, linear_rows(linear, x.clone()))
+        let project = |linear: &Linear<B>, name| {
+            hooks.adapt_linear(
+                Site::in_layer(layer, name),
+                &x,
+                linear_rows(linear, x.clone()),
+            )
         };
-        let queries = Self::split_heads(project(&self.q_proj, Projection::Query), self.num_heads);
-        let keys = Self::split_heads(project(&self.k_proj, Projection::Key), self.num_kv_heads);
-        let values = Self::split_heads(project(&self.v_proj, Projection::Value), self.num_kv_heads);
+        let queries = Self::split_heads(project(&self.q_proj, "self_attn.q_proj"), self.num_heads);
+        let keys = Self::split_heads(project(&self.k_proj, "self_attn.k_proj"), self.num_kv_heads);
+        let values =
+            Self::split_heads(project(&self.v_proj, "self_attn.v_proj"), self.num_kv_heads);
         let queries = apply_rotary(queries, &context.cos, &context.sin);
         let mut keys = apply_rotary(keys, &context.cos, &context.sin);
         let mut values = values;
@@ -109,16 +116,15 @@ impl<B: Backend> Attention<B> {
         let values = repeat_kv(values, n_rep);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let mut output =
-            crate::blocks::attention(queries.clone(), keys, values, scale, context.bias.clone());
+            peft_ops::blocks::attention(queries.clone(), keys, values, scale, context.bias.clone());
         if let Some(branch) = hooks.attention_branch(layer, &queries) {
             output = output + branch;
         }
         let output = output
             .swap_dims(1, 2)
             .reshape([batch, seq, self.num_heads * self.head_dim]);
-        hooks.adapt_projection(
-            layer,
-            Projection::Output,
+        hooks.adapt_linear(
+            Site::in_layer(layer, "self_attn.o_proj"),
             &output,
             linear_rows(&self.o_proj, output.clone()),
         )
@@ -144,22 +150,19 @@ impl<B: Backend> Mlp<B> {
         x: Tensor<B, 3>,
         hooks: &dyn LayerHooks<B>,
     ) -> Tensor<B, 3> {
-        let gate = hooks.adapt_projection(
-            layer,
-            Projection::Gate,
+        let gate = hooks.adapt_linear(
+            Site::in_layer(layer, "mlp.gate_proj"),
             &x,
             linear_rows(&self.gate_proj, x.clone()),
         );
-        let up = hooks.adapt_projection(
-            layer,
-            Projection::Up,
+        let up = hooks.adapt_linear(
+            Site::in_layer(layer, "mlp.up_proj"),
             &x,
             linear_rows(&self.up_proj, x.clone()),
         );
-        let hidden = crate::blocks::swiglu(gate, up);
-        hooks.adapt_projection(
-            layer,
-            Projection::Down,
+        let hidden = peft_ops::blocks::swiglu(gate, up);
+        hooks.adapt_linear(
+            Site::in_layer(layer, "mlp.down_proj"),
             &hidden,
             linear_rows(&self.down_proj, hidden.clone()),
         )

@@ -86,13 +86,13 @@ impl RotaryEmbedding {
 }
 
 /// Applies rotary embeddings to `x` `[batch, heads, seq, head_dim]` with tables from
-/// [`RotaryEmbedding::tables`] (see [`crate::blocks::rotary`]).
+/// [`RotaryEmbedding::tables`] (see [`peft_ops::blocks::rotary`]).
 pub fn apply_rotary<B: Backend>(
     x: Tensor<B, 4>,
     cos: &Tensor<B, 4>,
     sin: &Tensor<B, 4>,
 ) -> Tensor<B, 4> {
-    crate::blocks::rotary(x, cos, sin)
+    peft_ops::blocks::rotary(x, cos, sin)
 }
 
 #[cfg(test)]

@@ -1,15 +1,12 @@
 //! Loading checkpoints: Hugging Face safetensors (single file or sharded) and Meta's original
 //! `consolidated.00.pth` + `params.json`, in f32, f16 or bf16, through `burn-store`.
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
-use burn_store::pytorch::reader::PickleValue;
-use burn_store::pytorch::{PytorchError, PytorchReader};
-use burn_store::{ModuleStore, SafetensorsStore, TensorSnapshot};
+pub use peft_io::{transpose, TensorMap};
 
 use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
