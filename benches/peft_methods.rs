@@ -207,13 +207,16 @@ fn peft_methods(c: &mut Criterion) {
 
     let base = config.init::<Inner>(&device, DType::F32);
     let prompt = adaption_prompt()
-        .init::<Inner>(&config, &device)
+        .init::<Inner>(&base, &device)
         .expect("adaption prompts fit");
-    let lora_adapter = lora().init::<Inner>(&config, &device).expect("LoRA fits");
+    let lora_adapter = lora().init::<Inner>(&base, &device).expect("LoRA fits");
     let prefix_adapter = prefix()
-        .init::<Inner>(&config, &device)
+        .init::<Inner>(&base, &device)
         .expect("prefix tuning fits");
-    let merged = lora_adapter.merge_into(base.clone());
+    let mut merged = base.clone();
+    lora_adapter
+        .merge_into(&mut merged)
+        .expect("LoRA merges into its base");
 
     let mut group = c.benchmark_group("forward");
     group.throughput(Throughput::Elements((BATCH * SEQ) as u64));
@@ -278,7 +281,7 @@ fn peft_methods(c: &mut Criterion) {
     let mut group = c.benchmark_group("train_step");
     group.throughput(Throughput::Elements((BATCH * SEQ) as u64));
     let train_prompt = adaption_prompt()
-        .init::<Train>(&config, &train_device)
+        .init::<Train>(&train_base, &train_device)
         .expect("adaption prompts fit");
     bench_train_step(
         &mut group,
@@ -288,11 +291,11 @@ fn peft_methods(c: &mut Criterion) {
         &tokens,
     );
     let train_lora = lora()
-        .init::<Train>(&config, &train_device)
+        .init::<Train>(&train_base, &train_device)
         .expect("LoRA fits");
     bench_train_step(&mut group, "lora", &train_base, train_lora, &tokens);
     let train_prefix = prefix()
-        .init::<Train>(&config, &train_device)
+        .init::<Train>(&train_base, &train_device)
         .expect("prefix tuning fits");
     bench_train_step(&mut group, "prefix", &train_base, train_prefix, &tokens);
     group.finish();

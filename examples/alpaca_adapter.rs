@@ -9,6 +9,7 @@
 //! cargo run --release --example alpaca_adapter -- --model DIR --data alpaca_data.json --output runs/alpaca
 //! ```
 
+use peft_core::Adapter;
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -94,7 +95,7 @@ fn main() -> Result<()> {
         AdaptionPromptConfig::new()
             .with_adapter_len(10)
             .with_adapter_layers(layers)
-            .init(&base.config, &device)?,
+            .init(base, &device)?,
     );
     // TrainerConfig's defaults are the paper's recipe; only the length cap is spelled out.
     let trainer = TrainerConfig::new()
@@ -125,7 +126,7 @@ fn main() -> Result<()> {
         &mut curves,
     )?;
     let adapter_dir = args.output.join("adapter");
-    save_adapter(&adapter, &base.config, &adapter_dir, None)?;
+    save_adapter(&adapter, base, &adapter_dir, None)?;
     let (adapted_loss, _) = evaluate(
         base,
         Some(&adapter),

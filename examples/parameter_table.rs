@@ -11,9 +11,12 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use peft_core::{save_adapter, AdaptionPromptConfig, AnyAdapter, LoraConfig, PrefixTuningConfig};
+use peft_core::{
+    save_adapter, Adapter, AdaptionPromptConfig, AnyAdapter, LoraConfig, PrefixTuningConfig,
+    TargetModules,
+};
 use peft_examples::{default_model_dir, machine_description, write_json, Inference, Result};
-use peft_llama::{LlamaConfig, LlamaLoader, Projection};
+use peft_llama::{LlamaConfig, LlamaLoader};
 
 /// The paper's setting: `K = 10` prompts in each of the top `L = 30` layers of LLaMA-7B,
 /// per-head gates, gives this many trainable parameters ("1.2M").
@@ -40,19 +43,24 @@ fn methods() -> Vec<Method> {
             count: Box::new(|model| {
                 AdaptionPromptConfig::new()
                     .with_adapter_layers(30.min(model.num_hidden_layers))
-                    .num_trainable_parameters(model)
+                    .num_trainable_parameters(&model.geometry())
             }),
         },
         Method {
             name: "LoRA r=8, q_proj+v_proj",
-            count: Box::new(|model| LoraConfig::new().num_trainable_parameters(model)),
+            count: Box::new(|model| {
+                LoraConfig::new()
+                    .num_trainable_parameters(&model.linear_sites())
+                    .expect("q_proj and v_proj are LLaMA sites")
+            }),
         },
         Method {
             name: "LoRA r=8, all linear",
             count: Box::new(|model| {
                 LoraConfig::new()
-                    .with_target_modules(Projection::ALL.to_vec())
-                    .num_trainable_parameters(model)
+                    .with_target_modules(TargetModules::AllLinear)
+                    .num_trainable_parameters(&model.linear_sites())
+                    .expect("every LLaMA has linear sites")
             }),
         },
         Method {
@@ -60,7 +68,7 @@ fn methods() -> Vec<Method> {
             count: Box::new(|model| {
                 PrefixTuningConfig::new()
                     .with_num_virtual_tokens(10)
-                    .num_trainable_parameters(model)
+                    .num_trainable_parameters(&model.geometry())
             }),
         },
         Method {
@@ -171,13 +179,13 @@ fn main() -> Result<()> {
     // the small built-in model and compare with the bare weights.
     let device = Default::default();
     let base = LlamaLoader::new(default_model_dir()).load::<Inference>(&device)?;
-    let small = &base.config;
+    let small = &base;
     let adapters: Vec<(&str, AnyAdapter<Inference>)> = vec![
         (
             "adaption prompt (K=10, L=3)",
             AnyAdapter::AdaptionPrompt(
                 AdaptionPromptConfig::new()
-                    .with_adapter_layers(small.num_hidden_layers - 2)
+                    .with_adapter_layers(small.config.num_hidden_layers - 2)
                     .init(small, &device)?,
             ),
         ),
@@ -189,7 +197,7 @@ fn main() -> Result<()> {
             "LoRA r=8, all linear",
             AnyAdapter::Lora(
                 LoraConfig::new()
-                    .with_target_modules(Projection::ALL.to_vec())
+                    .with_target_modules(TargetModules::AllLinear)
                     .init(small, &device)?,
             ),
         ),
@@ -204,7 +212,7 @@ fn main() -> Result<()> {
     ];
     println!(
         "\nSaved adapters for stories260k ({} parameters), file sizes on disk:\n",
-        thousands(small.num_parameters())
+        thousands(small.config.num_parameters())
     );
     println!("| method | trainable | f32 weights | files on disk | format |\n| --- | ---: | ---: | ---: | --- |");
     let mut saved = Vec::new();

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
+use peft_core::Adapter;
 use peft_llama::{Llama, LlamaLoader, LlamaTokenizer};
 use peft_train::{
     load_alpaca, split_validation, tokenize_alpaca_records, AlpacaRecord, Example, StepMetrics,
@@ -160,7 +161,7 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     }
-    peft_core::files::write_atomic(path, bytes)?;
+    peft_io::files::write_atomic(path, bytes)?;
     Ok(())
 }
 
@@ -213,7 +214,7 @@ pub fn train_adaption_prompt(
     let base = &experiment.base;
     let device = base.device();
     Training::seed(&device, trainer.seed);
-    let adapter = peft_core::AnyAdapter::AdaptionPrompt(adapter.init(&base.config, &device)?);
+    let adapter = peft_core::AnyAdapter::AdaptionPrompt(adapter.init(base, &device)?);
     let trainable = adapter.num_trainable_parameters();
     let (initial_loss, _) = peft_train::evaluate(
         base,
@@ -233,7 +234,7 @@ pub fn train_adaption_prompt(
         false,
         &mut curves,
     )?;
-    peft_core::save_adapter(&adapter, &base.config, &output.join("adapter"), None)?;
+    peft_core::save_adapter(&adapter, base, &output.join("adapter"), None)?;
     let final_loss = summary
         .val_loss
         .ok_or("the run has no held-out examples to validate on")?;

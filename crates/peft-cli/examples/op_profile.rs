@@ -17,7 +17,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
 use peft_core::{Adapter, AdaptionPromptConfig};
-use peft_llama::model::{cast_to, upcast};
+use peft_ops::tensor::{cast_to, upcast};
 use peft_llama::rope::apply_rotary;
 use peft_llama::{LlamaConfig, NoHooks, RmsNorm, TokenBatch};
 
@@ -73,14 +73,14 @@ fn main() {
     let w_vocab = random([d, v], dtype);
     let mm = |m: f64, n: f64, k: f64| 2.0 * m * n * k;
 
-    // The product the model uses (`peft_llama::model::matmul`: cuBLAS on the CUDA build unless
+    // The product the model uses (`peft_ops::tensor::matmul`: cuBLAS on the CUDA build unless
     // PEFT_CUBLAS=0), each call including its stream synchronisations.
     let w_sq_t = random([d, d], dtype).transpose();
     time(
         "model::matmul [2048,4096]x[4096,4096]^T",
         mm(rows, d as f64, d as f64),
         || {
-            let _ = peft_llama::model::matmul(x2.clone(), w_sq_t.clone());
+            let _ = peft_ops::tensor::matmul(x2.clone(), w_sq_t.clone());
         },
     );
     let w_up_t0 = random([f, d], dtype).transpose();
@@ -88,7 +88,7 @@ fn main() {
         "model::matmul [2048,4096]x[11008,4096]^T",
         mm(rows, f as f64, d as f64),
         || {
-            let _ = peft_llama::model::matmul(x2.clone(), w_up_t0.clone());
+            let _ = peft_ops::tensor::matmul(x2.clone(), w_up_t0.clone());
         },
     );
     // What a launch and a device synchronisation cost the host: 100 additions of 16 numbers
@@ -259,7 +259,7 @@ fn main() {
         let model = config.init::<Autodiff<Inner>>(&device, dtype);
         let prompt = AdaptionPromptConfig::new()
             .with_adapter_layers(layers)
-            .init::<Autodiff<Inner>>(&config, &device)
+            .init::<Autodiff<Inner>>(&model, &device)
             .expect("adapter");
         let labels: Vec<i64> = tokens.ids.iter().map(|&i| i as i64).collect();
         time(

@@ -276,7 +276,7 @@ fn report(args: &Args, name: &str, trainable: usize, seconds: f64, loss: f32) {
 /// or the library is missing) or the backend's own.
 fn matmul_route() -> &'static str {
     #[cfg(feature = "cuda")]
-    if peft_llama::cublas::enabled() {
+    if peft_ops::cublas::enabled() {
         return "cublas";
     }
     "burn"
@@ -322,17 +322,17 @@ fn main() {
             let base = config.init::<B>(&device, dtype);
             match method {
                 Method::AdaptionPrompt => {
-                    let adapter = prompt_config.init::<B>(&config, &device).unwrap();
+                    let adapter = prompt_config.init::<B>(&base, &device).unwrap();
                     train(&args, "train/adaption-prompt", &base, adapter);
                 }
                 Method::Lora => {
-                    let adapter = LoraConfig::new().init::<B>(&config, &device).unwrap();
+                    let adapter = LoraConfig::new().init::<B>(&base, &device).unwrap();
                     train(&args, "train/lora-q-v-r8", &base, adapter);
                 }
                 Method::Prefix => {
                     let adapter = PrefixTuningConfig::new()
                         .with_num_virtual_tokens(10)
-                        .init::<B>(&config, &device)
+                        .init::<B>(&base, &device)
                         .unwrap();
                     train(&args, "train/prefix-10", &base, adapter);
                 }
@@ -340,7 +340,7 @@ fn main() {
         }
         What::Forward => {
             let base = config.init::<Inner>(&device, dtype);
-            let adapter = prompt_config.init::<Inner>(&config, &device).unwrap();
+            let adapter = prompt_config.init::<Inner>(&base, &device).unwrap();
             let (tokens, _) = token_batch(&config, args.batch, args.seq);
             let seconds = time((), args.warmup, args.steps, |()| {
                 let logits = base
@@ -356,7 +356,7 @@ fn main() {
             new_tokens,
         } => {
             let base = config.init::<Inner>(&device, dtype);
-            let adapter = prompt_config.init::<Inner>(&config, &device).unwrap();
+            let adapter = prompt_config.init::<Inner>(&base, &device).unwrap();
             let (tokens, _) = token_batch(&config, 1, *prompt_tokens);
             let generation = GenerationConfig {
                 max_new_tokens: *new_tokens,

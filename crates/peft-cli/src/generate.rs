@@ -1,5 +1,6 @@
 //! `peft generate`: continue prompts, optionally with an adapter.
 
+use peft_core::Adapter as _;
 use peft_llama::{generate, GenerationConfig, LlamaTokenizer, NoHooks};
 
 use crate::model_args::{AdapterArgs, ModelArgs};

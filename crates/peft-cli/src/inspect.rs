@@ -98,7 +98,7 @@ fn inspect_adapter(path: &Path) -> AnyResult<()> {
     println!("format       {format:?}");
     match &config {
         Some(config_path) => {
-            let config = peft_core::files::read_json(config_path)?;
+            let config = peft_io::files::read_json(config_path)?;
             let method = config
                 .get("peft_type")
                 .and_then(|v| v.as_str())

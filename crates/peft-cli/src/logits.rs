@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{backend::Backend, Tensor};
+use peft_core::Adapter as _;
 use peft_llama::{NoHooks, TokenBatch};
 use safetensors::{Dtype, SafeTensors};
 
@@ -117,6 +118,6 @@ fn write_logits<B: Backend>(path: &Path, logits: Tensor<B, 3>) -> AnyResult<()> 
     let view = safetensors::tensor::TensorView::new(Dtype::F32, shape, &bytes)?;
     let tensors = HashMap::from([("logits".to_string(), view)]);
     let serialized = safetensors::serialize(&tensors, None)?;
-    peft_core::files::write_atomic(path, &serialized)?;
+    peft_io::files::write_atomic(path, &serialized)?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use peft_core::{AnyAdapter, PeftModel};
+use peft_core::{Adapter, AnyAdapter, PeftModel};
 use peft_llama::weights::save_hf_safetensors;
 
 use crate::model_args::{AdapterArgs, ModelArgs};

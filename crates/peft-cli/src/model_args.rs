@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use peft_core::{load_adapter, AnyAdapter};
+use peft_llama::PrefixFromTokens;
 use peft_llama::{Llama, LlamaLoader, LlamaTokenizer, WeightDtype};
 
 use crate::backend::{device, Inference};
@@ -56,8 +57,8 @@ impl AdapterArgs {
         match &self.adapter {
             Some(path) => Ok(Some(load_adapter(
                 path,
-                &model.config,
-                self.adapter_len,
+                model,
+                &peft_core::LoadOptions::default().with_adapter_len(self.adapter_len),
                 &device(),
             )?)),
             None => Ok(None),
@@ -131,7 +132,7 @@ impl AdapterChoice {
     ) -> AnyResult<AnyAdapter<B>> {
         let prefix = matches!(self.method.as_str(), "prefix" | "prefix-tuning");
         match (prefix, self.prefix_init.as_str()) {
-            (_, "random") => self.init(&base.config, &base.device()),
+            (_, "random") => self.init(base, &base.device()),
             (true, "text") => {
                 let ids = tokenizer.encode(&self.prefix_init_text, true)?;
                 let count = self.num_virtual_tokens;
@@ -154,15 +155,17 @@ impl AdapterChoice {
         }
     }
 
-    /// A freshly initialised adapter for a model with configuration `model`.
+    /// A freshly initialised adapter for `model`.
     pub fn init<B: burn::tensor::backend::Backend>(
         &self,
-        model: &peft_llama::LlamaConfig,
+        model: &dyn peft_core::AdaptableModel<B>,
         device: &B::Device,
     ) -> AnyResult<AnyAdapter<B>> {
         use peft_core::{
             AdaptionPromptConfig, GateActivation, GateShape, LoraConfig, PrefixTuningConfig,
+            TargetModules,
         };
+        let num_hidden_layers = model.geometry().num_hidden_layers;
         Ok(match self.method.as_str() {
             "adaption-prompt" | "adaption_prompt" | "llama-adapter" => {
                 let gate_shape = match self.gate_shape.as_str() {
@@ -186,7 +189,7 @@ impl AdapterChoice {
                 };
                 let layers = self
                     .adapter_layers
-                    .unwrap_or_else(|| 30.min(model.num_hidden_layers.saturating_sub(2)).max(1));
+                    .unwrap_or_else(|| 30.min(num_hidden_layers.saturating_sub(2)).max(1));
                 AdaptionPromptConfig::new()
                     .with_adapter_len(self.adapter_len)
                     .with_adapter_layers(layers)
@@ -200,7 +203,7 @@ impl AdapterChoice {
                 LoraConfig::new()
                     .with_r(self.r)
                     .with_lora_alpha(self.lora_alpha)
-                    .with_target_modules(LoraConfig::parse_target_modules(&names)?)
+                    .with_target_modules(TargetModules::parse(&names)?)
                     .with_lora_dropout(self.lora_dropout)
                     .with_use_rslora(self.use_rslora)
                     .init::<B>(model, device)?

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use peft_core::save_adapter;
+use peft_core::Adapter as _;
 use peft_llama::{LlamaLoader, LlamaTokenizer, WeightDtype};
 use peft_train::{
     load_alpaca, load_pretokenized, split_validation, tokenize_alpaca_records, train_data_parallel,
@@ -176,7 +177,7 @@ pub fn load_examples(
                 .map(|r| serde_json::json!({"instruction": r.instruction, "input": r.input, "output": r.output}))
                 .collect();
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            peft_core::files::write_atomic(
+            peft_io::files::write_atomic(
                 &dir.join("validation.json"),
                 serde_json::to_string_pretty(&json)?.as_bytes(),
             )?;
@@ -337,7 +338,7 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         eprintln!();
     }
     let adapter_dir = args.output.join("adapter");
-    let format = save_adapter(&adapter, &base.config, &adapter_dir, None)?;
+    let format = save_adapter(&adapter, &base, &adapter_dir, None)?;
     println!(
         "{} steps in {:.1}s ({:.0} tokens/s, {:.0} with padding); final training loss {:.4}{}; adapter ({format:?} format) in {}",
         summary.steps,

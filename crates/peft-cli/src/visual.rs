@@ -63,7 +63,7 @@ pub fn train(args: VisualTrainArgs) -> AnyResult<()> {
         feature_layers,
     );
     config.check_vision(&vision.config)?;
-    let probe = config.init::<Inference>(&base.config, &device)?;
+    let probe = config.init::<Inference>(&base_eval, &device)?;
     let features = image_features(&records, &vision, &probe, 64)?;
     let examples = visual_examples(
         &records,
@@ -73,7 +73,7 @@ pub fn train(args: VisualTrainArgs) -> AnyResult<()> {
         args.max_seq_len,
     )?;
     <Training as burn::tensor::backend::Backend>::seed(&device, args.seed);
-    let adapter = config.init::<Training>(&base.config, &device)?;
+    let adapter = config.init::<Training>(&base, &device)?;
     let settings = VisualTrainConfig {
         epochs: args.epochs,
         batch_size: args.batch_size,
@@ -100,7 +100,7 @@ pub fn train(args: VisualTrainArgs) -> AnyResult<()> {
         eprintln!("multiple-choice accuracy on the training data: {correct}/{counted}");
     }
     let dir = args.output.join("adapter");
-    save_multimodal(&adapter, &base.config, &dir)?;
+    save_multimodal(&adapter, &base_eval, &dir)?;
     eprintln!("saved the multimodal adapter to {}", dir.display());
     Ok(())
 }
@@ -116,7 +116,7 @@ pub fn generate_with_image(
 ) -> AnyResult<Vec<peft_llama::generate::Generation>> {
     let device = device();
     let vision = ClipVisionLoader::new(vision_dir).load::<Inference>(&device)?;
-    let adapter = load_multimodal::<Inference>(adapter_dir, &model.config, &device)?;
+    let adapter = load_multimodal::<Inference>(adapter_dir, model, &device)?;
     let images = vec![image.to_path_buf(); prompts.len()];
     let pixels = ClipImageProcessor::new(vision.config.image_size)
         .batch::<Inference, _>(&images, &device)?;

@@ -12,7 +12,7 @@ use peft_io::TensorMap;
 use crate::adapter::{host_values, NamedTensor};
 use crate::adaption_prompt::{AdaptionPrompt, AdaptionPromptConfig, GateActivation, GateShape};
 use crate::error::{PeftError, Result};
-use crate::model::AdaptableModel;
+use crate::model::{AdaptableModel, ModelGeometry};
 
 /// The key of the stacked prompts.
 pub const PROMPT_KEY: &str = "adapter_query.weight";
@@ -128,7 +128,7 @@ pub fn load_official<B: Backend>(
 /// An adapter whose gates are not per head with `tanh`: the official format has no other form.
 pub fn official_tensors<B: Backend>(
     adapter: &AdaptionPrompt<B>,
-    model: &dyn AdaptableModel<B>,
+    model: &ModelGeometry,
 ) -> Result<Vec<NamedTensor>> {
     if adapter.config.gate_shape != GateShape::PerHead
         || adapter.config.gate_activation != GateActivation::Tanh
@@ -139,7 +139,6 @@ pub fn official_tensors<B: Backend>(
         )));
     }
     let [layers, len, width] = adapter.prompts.dims();
-    let model = model.geometry();
     let heads = model.num_attention_heads;
     let gates = host_values(adapter.gates.val());
     let mut out = vec![NamedTensor {
@@ -171,7 +170,7 @@ pub fn save_official<B: Backend>(
     model: &dyn AdaptableModel<B>,
     path: &Path,
 ) -> Result<()> {
-    let tensors = official_tensors(adapter, model)?;
+    let tensors = official_tensors(adapter, &model.geometry())?;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| PeftError::Io {
             path: parent.into(),

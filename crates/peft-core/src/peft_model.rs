@@ -29,9 +29,16 @@ pub struct PeftModel<B: Backend, M: AdaptableModel<B>, A: Adapter<B> = AnyAdapte
     backend: PhantomData<B>,
 }
 
-impl<B: Backend, M: AdaptableModel<B>, A: Adapter<B>> PeftModel<B, M, A> {
-    /// Wraps a base model with no adapter.
+impl<B: Backend, M: AdaptableModel<B>> PeftModel<B, M> {
+    /// Wraps a base model with no adapter, for adapters of the built-in methods.
     pub fn new(base: M) -> Self {
+        Self::with_adapter_type(base)
+    }
+}
+
+impl<B: Backend, M: AdaptableModel<B>, A: Adapter<B>> PeftModel<B, M, A> {
+    /// Wraps a base model with no adapter, for adapters of type `A` (a method of one's own).
+    pub fn with_adapter_type(base: M) -> Self {
         Self {
             base,
             adapters: BTreeMap::new(),
@@ -47,8 +54,8 @@ impl<B: Backend, M: AdaptableModel<B>, A: Adapter<B>> PeftModel<B, M, A> {
     ///
     /// # Errors
     /// The adapter does not fit the base model.
-    pub fn with_adapter(base: M, adapter: impl Into<A>) -> Result<Self> {
-        let mut model = Self::new(base);
+    pub fn with_adapter(base: M, adapter: A) -> Result<Self> {
+        let mut model = Self::with_adapter_type(base);
         model.add_adapter("default", adapter)?;
         Ok(model)
     }

@@ -20,6 +20,7 @@
 //! and in each of them `logits.safetensors` (`logits` `[2, 7, vocab]` for the fixture's
 //! `inputs.safetensors`, every position). `OUT_DIR/manifest.json` lists the cases.
 
+use peft_core::Adapter;
 use peft_core::Randomise;
 use std::path::{Path, PathBuf};
 
@@ -32,7 +33,7 @@ use peft_core::{
     host_values, save_adapter, AdapterFormat, AdaptionPromptConfig, AnyAdapter, GateActivation,
     GateShape, LoraConfig, NamedTensor, PrefixTuningConfig,
 };
-use peft_llama::{Llama, LlamaLoader, Projection, TokenBatch};
+use peft_llama::{Llama, LlamaLoader, TokenBatch};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::json;
 
@@ -79,7 +80,7 @@ type Case = (&'static str, AdapterFormat, AnyAdapter<B>);
 
 /// The adapters of every case for `base`, with random non-zero parameters.
 fn adapters(base: &Llama<B>) -> Result<Vec<Case>, peft_core::PeftError> {
-    let config = &base.config;
+    let config = base;
     let device = Default::default();
     let lora = LoraConfig::new()
         .with_r(4)
@@ -89,7 +90,7 @@ fn adapters(base: &Llama<B>) -> Result<Vec<Case>, peft_core::PeftError> {
         .with_r(2)
         .with_lora_alpha(4.0)
         .with_use_rslora(true)
-        .with_target_modules(Projection::ALL.to_vec())
+        .with_target_modules(peft_core::TargetModules::AllLinear)
         .init::<B>(config, &device)?;
     let prefix = PrefixTuningConfig::new()
         .with_num_virtual_tokens(3)
@@ -155,7 +156,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for (case, format, adapter) in adapters(&base)? {
             let dir = out.join(model).join(case);
             std::fs::create_dir_all(&dir)?;
-            save_adapter(&adapter, &base.config, &dir, Some(format))?;
+            save_adapter(&adapter, &base, &dir, Some(format))?;
             let logits = base.forward(&tokens, adapter.hooks(&base).as_ref(), None)?;
             write_logits(&dir.join("logits.safetensors"), logits)?;
             manifest.push(json!({

@@ -8,6 +8,8 @@
 #[path = "../../peft-llama/tests/common/mod.rs"]
 mod common;
 
+use peft_core::LoadOptions;
+use peft_core::Adapter;
 use peft_core::Randomise;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,13 +20,13 @@ use burn::tensor::{Tensor, TensorData};
 use common::{fixtures, inputs, stories260k};
 use peft_core::official_format::{load_official, save_official};
 use peft_core::peft_format::safetensors_bytes;
-use peft_core::torch_pickle::state_dict_bytes;
+use peft_io::torch_pickle::state_dict_bytes;
 use peft_core::{
     load_adapter, save_adapter, AdapterFormat, AdaptionPrompt, AdaptionPromptConfig, AnyAdapter,
     GateActivation, GateShape, LoraConfig, NamedTensor, PrefixTuningConfig,
 };
 use peft_llama::weights::TensorMap;
-use peft_llama::{Llama, LlamaConfig, LlamaLoader, Projection, TokenBatch};
+use peft_llama::{Llama, LlamaConfig, LlamaLoader, TokenBatch};
 use safetensors::SafeTensors;
 
 type B = NdArray<f32>;
@@ -72,13 +74,16 @@ fn tiny(model: &str) -> Llama<B> {
         .unwrap()
 }
 
-fn tiny_config(model: &str) -> LlamaConfig {
-    LlamaConfig::from_hf_file(fixtures().join(model).join("model/config.json")).unwrap()
+/// Random weights of a fixture model's shape (loading and saving adapters need only its sizes).
+fn tiny_config(model: &str) -> Llama<B> {
+    LlamaConfig::from_hf_file(fixtures().join(model).join("model/config.json"))
+        .unwrap()
+        .init::<B>(&Default::default(), burn::tensor::DType::F32)
 }
 
 /// A right-padded batch: the tiny fixtures' inputs, or two stories260k prompts.
-fn tokens(model: &LlamaConfig) -> TokenBatch {
-    if model.vocab_size == 128 {
+fn tokens(model: &Llama<B>) -> TokenBatch {
+    if model.config.vocab_size == 128 {
         inputs("tiny-mha")
     } else {
         TokenBatch::right_padded(&[vec![1, 403, 407, 261, 378, 432], vec![1, 261, 376]], 0).unwrap()
@@ -127,7 +132,7 @@ fn host<const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
 
 fn logits(base: &Llama<B>, adapter: &AnyAdapter<B>) -> Vec<f32> {
     host(
-        base.forward(&tokens(&base.config), adapter.hooks(base).as_ref(), None)
+        base.forward(&tokens(&base), adapter.hooks(base).as_ref(), None)
             .unwrap(),
     )
 }
@@ -164,14 +169,14 @@ fn assert_roundtrip(
 ) -> AnyAdapter<B> {
     let dir = TempDir::new("roundtrip");
     assert_eq!(
-        save_adapter(adapter, &base.config, &dir.0, Some(format)).unwrap(),
+        save_adapter(adapter, base, &dir.0, Some(format)).unwrap(),
         format,
         "{what}"
     );
     let loaded = load_adapter::<B>(
         &dir.0,
-        &base.config,
-        adapter_len(adapter),
+        base,
+        &LoadOptions::default().with_adapter_len(adapter_len(adapter)),
         &Default::default(),
     )
     .unwrap();
@@ -193,7 +198,7 @@ fn adapter_len(adapter: &AnyAdapter<B>) -> usize {
     }
 }
 
-fn per_head_tanh(model: &LlamaConfig) -> AdaptionPrompt<B> {
+fn per_head_tanh(model: &Llama<B>) -> AdaptionPrompt<B> {
     AdaptionPromptConfig::new()
         .with_adapter_len(4)
         .with_adapter_layers(3)
@@ -247,8 +252,8 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 }
 
 /// The error message of a load that must fail.
-fn load_error(dir: &Path, model: &LlamaConfig) -> String {
-    match load_adapter::<B>(dir, model, 4, &Default::default()) {
+fn load_error(dir: &Path, model: &Llama<B>) -> String {
+    match load_adapter::<B>(dir, model, &LoadOptions::default().with_adapter_len(4), &Default::default()) {
         Ok(adapter) => panic!(
             "{} loaded as {} but must be refused",
             dir.display(),
@@ -296,15 +301,15 @@ fn lora_roundtrips_exactly_in_peft_and_native_formats() {
     let q_v = LoraConfig::new()
         .with_r(4)
         .with_lora_alpha(8.0)
-        .init::<B>(&base.config, &device)
+        .init::<B>(&base, &device)
         .unwrap();
     let all = LoraConfig::new()
         .with_r(2)
         .with_lora_alpha(4.0)
         .with_use_rslora(true)
-        .with_target_modules(Projection::ALL.to_vec())
+        .with_target_modules(peft_core::TargetModules::AllLinear)
         .with_layers_to_transform(Some(vec![1, 3]))
-        .init::<B>(&base.config, &device)
+        .init::<B>(&base, &device)
         .unwrap();
     for (name, lora) in [("q_v", q_v), ("all-linear rsLoRA", all)] {
         let adapter = AnyAdapter::Lora(lora.map(&mut Randomise(0.2)));
@@ -324,7 +329,7 @@ fn prefix_tuning_roundtrips_exactly_in_peft_and_native_formats() {
     let base = stories();
     let prefix = PrefixTuningConfig::new()
         .with_num_virtual_tokens(3)
-        .init::<B>(&base.config, &Default::default())
+        .init::<B>(&base, &Default::default())
         .unwrap();
     let adapter = AnyAdapter::PrefixTuning(prefix.map(&mut Randomise(1.0)));
     for format in [AdapterFormat::Peft, AdapterFormat::Native] {
@@ -339,14 +344,14 @@ fn projected_prefix_keeps_its_mlp_natively_and_saves_its_output_as_peft() {
         .with_num_virtual_tokens(3)
         .with_prefix_projection(true)
         .with_encoder_hidden_size(16)
-        .init::<B>(&base.config, &Default::default())
+        .init::<B>(&base, &Default::default())
         .unwrap();
     let adapter = AnyAdapter::PrefixTuning(prefix.map(&mut Randomise(0.5)));
 
     // Without a format, the one that keeps the training state is chosen.
     let dir = TempDir::new("projected-default");
     assert_eq!(
-        save_adapter(&adapter, &base.config, &dir.0, None).unwrap(),
+        save_adapter(&adapter, &base, &dir.0, None).unwrap(),
         AdapterFormat::Native
     );
 
@@ -367,8 +372,8 @@ fn projected_prefix_keeps_its_mlp_natively_and_saves_its_output_as_peft() {
 
     // PEFT stores the MLP's output (as PEFT itself does): same prefixes, same logits, no MLP.
     let dir = TempDir::new("projected-peft");
-    save_adapter(&adapter, &base.config, &dir.0, Some(AdapterFormat::Peft)).unwrap();
-    let peft = load_adapter::<B>(&dir.0, &base.config, 10, &Default::default()).unwrap();
+    save_adapter(&adapter, &base, &dir.0, Some(AdapterFormat::Peft)).unwrap();
+    let peft = load_adapter::<B>(&dir.0, &base, &peft_core::LoadOptions::default().with_adapter_len(10), &Default::default()).unwrap();
     let AnyAdapter::PrefixTuning(prefix) = &peft else {
         panic!("loaded as {}", peft.method())
     };
@@ -389,7 +394,7 @@ fn projected_prefix_keeps_its_mlp_natively_and_saves_its_output_as_peft() {
 fn peft_adaption_prompt_roundtrips_exactly_in_peft_and_native_formats() {
     let base = stories();
     let prompt = AdaptionPromptConfig::peft_compatible(4, 3)
-        .init::<B>(&base.config, &Default::default())
+        .init::<B>(&base, &Default::default())
         .unwrap();
     let adapter = AnyAdapter::AdaptionPrompt(prompt.map(&mut Randomise(0.8)));
     for format in [AdapterFormat::Peft, AdapterFormat::Native] {
@@ -410,11 +415,11 @@ fn peft_adaption_prompt_roundtrips_exactly_in_peft_and_native_formats() {
 #[test]
 fn per_head_tanh_adaption_prompt_roundtrips_in_native_and_official_formats() {
     let base = stories();
-    let adapter = AnyAdapter::AdaptionPrompt(per_head_tanh(&base.config));
+    let adapter = AnyAdapter::AdaptionPrompt(per_head_tanh(&base));
 
     let dir = TempDir::new("per-head-default");
     assert_eq!(
-        save_adapter(&adapter, &base.config, &dir.0, None).unwrap(),
+        save_adapter(&adapter, &base, &dir.0, None).unwrap(),
         AdapterFormat::Native
     );
 
@@ -438,8 +443,8 @@ fn per_head_tanh_adaption_prompt_roundtrips_in_native_and_official_formats() {
     };
     let dir = TempDir::new("per-head-safetensors");
     let file = dir.join("adapter.safetensors");
-    save_official(prompt, &base.config, &file).unwrap();
-    let loaded = load_adapter::<B>(&file, &base.config, 4, &Default::default()).unwrap();
+    save_official(prompt, &base, &file).unwrap();
+    let loaded = load_adapter::<B>(&file, &base, &peft_core::LoadOptions::default().with_adapter_len(4), &Default::default()).unwrap();
     same_named_tensors(
         &adapter.named_tensors(),
         &loaded.named_tensors(),
@@ -488,9 +493,9 @@ fn official_pth_is_what_torch_save_writes_and_reads_back_through_burn_store() {
     let base = tiny("tiny-mha");
     let device = Default::default();
     let from_torch =
-        AnyAdapter::AdaptionPrompt(load_official::<B>(&fixture, 4, &base.config, &device).unwrap());
+        AnyAdapter::AdaptionPrompt(load_official::<B>(&fixture, 4, &base, &device).unwrap());
     let from_ours =
-        AnyAdapter::AdaptionPrompt(load_official::<B>(&path, 4, &base.config, &device).unwrap());
+        AnyAdapter::AdaptionPrompt(load_official::<B>(&path, 4, &base, &device).unwrap());
     assert_same_bits(
         &logits(&base, &from_torch),
         &logits(&base, &from_ours),
@@ -501,10 +506,10 @@ fn official_pth_is_what_torch_save_writes_and_reads_back_through_burn_store() {
 #[test]
 fn per_head_adaption_prompt_with_different_gates_cannot_be_saved_as_peft() {
     let base = stories();
-    let adapter = AnyAdapter::AdaptionPrompt(per_head_tanh(&base.config));
+    let adapter = AnyAdapter::AdaptionPrompt(per_head_tanh(&base));
     let dir = TempDir::new("per-head-peft");
     let target = dir.join("adapter");
-    let message = save_adapter(&adapter, &base.config, &target, Some(AdapterFormat::Peft))
+    let message = save_adapter(&adapter, &base, &target, Some(AdapterFormat::Peft))
         .unwrap_err()
         .to_string();
     assert_mentions(&message, &["different gate per head", "PEFT", "own format"]);
@@ -514,7 +519,7 @@ fn per_head_adaption_prompt_with_different_gates_cannot_be_saved_as_peft() {
 #[test]
 fn per_head_adaption_prompt_sharing_one_gate_per_layer_saves_as_peft_with_the_activated_gate() {
     let base = stories();
-    let prompt = per_head_tanh(&base.config);
+    let prompt = per_head_tanh(&base);
     let heads = base.config.num_attention_heads;
     let raw = [0.9f32, -0.3, 0.45];
     let gates: Vec<f32> = raw
@@ -523,7 +528,7 @@ fn per_head_adaption_prompt_sharing_one_gate_per_layer_saves_as_peft_with_the_ac
         .collect();
     let prompt = AdaptionPrompt::from_tensors(
         prompt.config.clone(),
-        &base.config,
+        &base,
         prompt.prompts.val(),
         Tensor::from_data(TensorData::new(gates, [3, heads]), &Default::default()),
     );
@@ -531,7 +536,7 @@ fn per_head_adaption_prompt_sharing_one_gate_per_layer_saves_as_peft_with_the_ac
     let dir = TempDir::new("shared-gate");
     // PEFT's format holds it exactly, so it is the default.
     assert_eq!(
-        save_adapter(&adapter, &base.config, &dir.0, None).unwrap(),
+        save_adapter(&adapter, &base, &dir.0, None).unwrap(),
         AdapterFormat::Peft
     );
 
@@ -556,7 +561,7 @@ fn per_head_adaption_prompt_sharing_one_gate_per_layer_saves_as_peft_with_the_ac
         );
     }
 
-    let loaded = load_adapter::<B>(&dir.0, &base.config, 4, &Default::default()).unwrap();
+    let loaded = load_adapter::<B>(&dir.0, &base, &peft_core::LoadOptions::default().with_adapter_len(4), &Default::default()).unwrap();
     let AnyAdapter::AdaptionPrompt(loaded_prompt) = &loaded else {
         unreachable!()
     };
@@ -637,12 +642,12 @@ fn adapter_for_another_model_size_is_refused_naming_key_and_shapes() {
     // The native format records the model it was made for.
     let base = tiny("tiny-mha");
     let lora = LoraConfig::new()
-        .init::<B>(&base.config, &Default::default())
+        .init::<B>(&base, &Default::default())
         .unwrap();
     let dir = TempDir::new("native-other-model");
     save_adapter(
         &AnyAdapter::Lora(lora),
-        &base.config,
+        &base,
         &dir.0,
         Some(AdapterFormat::Native),
     )
@@ -661,7 +666,7 @@ fn adapter_for_another_model_size_is_refused_naming_key_and_shapes() {
 #[test]
 fn wrong_number_of_layers_is_refused() {
     // A prefix for the 3-layer tiny-mha on the 5-layer stories260k (same kv width, 32).
-    let stories = stories().config;
+    let stories = stories();
     let dir = copy_fixture("tiny-mha", "prefix");
     let message = load_error(&dir.0, &stories);
     assert_mentions(&message, &["adapter_config.json", "3 layers", "has 5"]);
@@ -704,12 +709,12 @@ fn unknown_peft_type_is_refused() {
 
     let base = tiny("tiny-mha");
     let lora = LoraConfig::new()
-        .init::<B>(&base.config, &Default::default())
+        .init::<B>(&base, &Default::default())
         .unwrap();
     let dir = TempDir::new("native-unknown");
     save_adapter(
         &AnyAdapter::Lora(lora),
-        &base.config,
+        &base,
         &dir.0,
         Some(AdapterFormat::Native),
     )
@@ -717,7 +722,7 @@ fn unknown_peft_type_is_refused() {
     edit_json(&dir.join("peft_rs_config.json"), |c| {
         c["peft_type"] = "IA3".into()
     });
-    let message = load_error(&dir.0, &base.config);
+    let message = load_error(&dir.0, &base);
     assert_mentions(
         &message,
         &["peft_rs_config.json", "unknown peft_type", "IA3"],
@@ -739,12 +744,12 @@ fn truncated_json_is_reported_with_file_and_position() {
     let base = tiny("tiny-mha");
     let prefix = PrefixTuningConfig::new()
         .with_num_virtual_tokens(2)
-        .init::<B>(&base.config, &Default::default())
+        .init::<B>(&base, &Default::default())
         .unwrap();
     let dir = TempDir::new("native-truncated-json");
     save_adapter(
         &AnyAdapter::PrefixTuning(prefix),
-        &base.config,
+        &base,
         &dir.0,
         Some(AdapterFormat::Native),
     )
@@ -752,7 +757,7 @@ fn truncated_json_is_reported_with_file_and_position() {
     let config = dir.join("peft_rs_config.json");
     let text = std::fs::read(&config).unwrap();
     std::fs::write(&config, &text[..text.len() - 3]).unwrap();
-    let message = load_error(&dir.0, &base.config);
+    let message = load_error(&dir.0, &base);
     assert_mentions(&message, &["peft_rs_config.json", "malformed JSON"]);
 }
 
@@ -800,12 +805,12 @@ fn truncated_or_corrupt_safetensors_is_reported_with_file() {
     // The native format's tensor file.
     let base = tiny("tiny-mha");
     let lora = LoraConfig::new()
-        .init::<B>(&base.config, &Default::default())
+        .init::<B>(&base, &Default::default())
         .unwrap();
     let dir = TempDir::new("native-truncated");
     save_adapter(
         &AnyAdapter::Lora(lora),
-        &base.config,
+        &base,
         &dir.0,
         Some(AdapterFormat::Native),
     )
@@ -813,7 +818,7 @@ fn truncated_or_corrupt_safetensors_is_reported_with_file() {
     let weights = dir.join("adapter.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() - 10]).unwrap();
-    let message = load_error(&dir.0, &base.config);
+    let message = load_error(&dir.0, &base);
     assert_mentions(&message, &["adapter.safetensors"]);
 }
 
@@ -937,14 +942,14 @@ const OVERFLOWING: u64 = 1 << 62;
 fn native_config_with_absurd_sizes_is_refused_before_allocating() {
     let base = tiny("tiny-mha");
     let device = Default::default();
-    let lora = AnyAdapter::Lora(LoraConfig::new().init::<B>(&base.config, &device).unwrap());
-    let prompt = AnyAdapter::AdaptionPrompt(per_head_tanh(&base.config));
+    let lora = AnyAdapter::Lora(LoraConfig::new().init::<B>(&base, &device).unwrap());
+    let prompt = AnyAdapter::AdaptionPrompt(per_head_tanh(&base));
     let prefix = AnyAdapter::PrefixTuning(
         PrefixTuningConfig::new()
             .with_num_virtual_tokens(2)
             .with_prefix_projection(true)
             .with_encoder_hidden_size(8)
-            .init::<B>(&base.config, &device)
+            .init::<B>(&base, &device)
             .unwrap(),
     );
     let cases: [(&AnyAdapter<B>, &str, u64); 8] = [
@@ -959,11 +964,11 @@ fn native_config_with_absurd_sizes_is_refused_before_allocating() {
     ];
     for (adapter, key, value) in cases {
         let dir = TempDir::new("native-absurd");
-        save_adapter(adapter, &base.config, &dir.0, Some(AdapterFormat::Native)).unwrap();
+        save_adapter(adapter, &base, &dir.0, Some(AdapterFormat::Native)).unwrap();
         edit_json(&dir.join("peft_rs_config.json"), |c| {
             c["config"][key] = value.into()
         });
-        let message = load_error(&dir.0, &base.config);
+        let message = load_error(&dir.0, &base);
         let setting = format!("\"{key}\":{value}");
         if key == "adapter_layers" {
             // More layers than the model has: refused by the configuration's own check.
@@ -986,11 +991,11 @@ fn native_config_with_absurd_sizes_is_refused_before_allocating() {
 
     // Zero sizes are refused by the configuration's checks, naming the file.
     let dir = TempDir::new("native-zero");
-    save_adapter(&lora, &base.config, &dir.0, Some(AdapterFormat::Native)).unwrap();
+    save_adapter(&lora, &base, &dir.0, Some(AdapterFormat::Native)).unwrap();
     edit_json(&dir.join("peft_rs_config.json"), |c| {
         c["config"]["r"] = 0.into()
     });
-    let message = load_error(&dir.0, &base.config);
+    let message = load_error(&dir.0, &base);
     assert_mentions(&message, &["peft_rs_config.json", "r must be positive"]);
 }
 
@@ -1000,12 +1005,12 @@ fn native_config_whose_sizes_disagree_with_its_tensors_is_refused() {
     let base = tiny("tiny-mha");
     let lora = LoraConfig::new()
         .with_r(4)
-        .init::<B>(&base.config, &Default::default())
+        .init::<B>(&base, &Default::default())
         .unwrap();
     let dir = TempDir::new("native-other-r");
     save_adapter(
         &AnyAdapter::Lora(lora),
-        &base.config,
+        &base,
         &dir.0,
         Some(AdapterFormat::Native),
     )
@@ -1013,7 +1018,7 @@ fn native_config_whose_sizes_disagree_with_its_tensors_is_refused() {
     edit_json(&dir.join("peft_rs_config.json"), |c| {
         c["config"]["r"] = 8.into()
     });
-    let message = load_error(&dir.0, &base.config);
+    let message = load_error(&dir.0, &base);
     // q and v of 3 layers, [32, r] + [r, 32] each.
     assert_mentions(
         &message,
@@ -1069,29 +1074,29 @@ fn saving_over_an_existing_adapter_replaces_it_whole_and_leaves_no_temporary_fil
     let first = AnyAdapter::Lora(
         LoraConfig::new()
             .with_r(4)
-            .init::<B>(&base.config, &device)
+            .init::<B>(&base, &device)
             .unwrap()
             .map(&mut Randomise(0.2)),
     );
     let second = AnyAdapter::Lora(
         LoraConfig::new()
             .with_r(2)
-            .with_target_modules(vec![Projection::Output, Projection::Down])
-            .init::<B>(&base.config, &device)
+            .with_target_modules(peft_core::TargetModules::names(&["o_proj", "down_proj"]))
+            .init::<B>(&base, &device)
             .unwrap()
             .map(&mut Randomise(0.2)),
     );
     for format in [AdapterFormat::Peft, AdapterFormat::Native] {
         let dir = TempDir::new("overwrite");
-        save_adapter(&first, &base.config, &dir.0, Some(format)).unwrap();
+        save_adapter(&first, &base, &dir.0, Some(format)).unwrap();
         let files = files_in(&dir.0);
-        save_adapter(&second, &base.config, &dir.0, Some(format)).unwrap();
+        save_adapter(&second, &base, &dir.0, Some(format)).unwrap();
         assert_eq!(
             files_in(&dir.0),
             files,
             "{format:?}: the same files, no temporary ones left"
         );
-        let loaded = load_adapter::<B>(&dir.0, &base.config, 10, &device).unwrap();
+        let loaded = load_adapter::<B>(&dir.0, &base, &peft_core::LoadOptions::default().with_adapter_len(10), &device).unwrap();
         same_named_tensors(
             &second.named_tensors(),
             &loaded.named_tensors(),
@@ -1099,13 +1104,13 @@ fn saving_over_an_existing_adapter_replaces_it_whole_and_leaves_no_temporary_fil
         );
     }
     // The official file alone.
-    let prompt = AnyAdapter::AdaptionPrompt(per_head_tanh(&base.config));
+    let prompt = AnyAdapter::AdaptionPrompt(per_head_tanh(&base));
     let dir = TempDir::new("overwrite-official");
-    save_adapter(&prompt, &base.config, &dir.0, Some(AdapterFormat::Official)).unwrap();
-    let again = AnyAdapter::AdaptionPrompt(per_head_tanh(&base.config));
-    save_adapter(&again, &base.config, &dir.0, Some(AdapterFormat::Official)).unwrap();
+    save_adapter(&prompt, &base, &dir.0, Some(AdapterFormat::Official)).unwrap();
+    let again = AnyAdapter::AdaptionPrompt(per_head_tanh(&base));
+    save_adapter(&again, &base, &dir.0, Some(AdapterFormat::Official)).unwrap();
     assert_eq!(files_in(&dir.0), ["adapter.pth"]);
-    let loaded = load_adapter::<B>(&dir.0, &base.config, 4, &device).unwrap();
+    let loaded = load_adapter::<B>(&dir.0, &base, &peft_core::LoadOptions::default().with_adapter_len(4), &device).unwrap();
     same_named_tensors(
         &again.named_tensors(),
         &loaded.named_tensors(),
@@ -1119,20 +1124,20 @@ fn saving_in_another_format_over_an_adapter_loads_the_new_one() {
     let device = Default::default();
     let old = AnyAdapter::Lora(
         LoraConfig::new()
-            .init::<B>(&base.config, &device)
+            .init::<B>(&base, &device)
             .unwrap()
             .map(&mut Randomise(0.2)),
     );
     let new = AnyAdapter::Lora(
         LoraConfig::new()
-            .init::<B>(&base.config, &device)
+            .init::<B>(&base, &device)
             .unwrap()
             .map(&mut Randomise(0.2)),
     );
     let dir = TempDir::new("reformat");
-    save_adapter(&old, &base.config, &dir.0, Some(AdapterFormat::Native)).unwrap();
-    save_adapter(&new, &base.config, &dir.0, Some(AdapterFormat::Peft)).unwrap();
-    let loaded = load_adapter::<B>(&dir.0, &base.config, 10, &device).unwrap();
+    save_adapter(&old, &base, &dir.0, Some(AdapterFormat::Native)).unwrap();
+    save_adapter(&new, &base, &dir.0, Some(AdapterFormat::Peft)).unwrap();
+    let loaded = load_adapter::<B>(&dir.0, &base, &peft_core::LoadOptions::default().with_adapter_len(10), &device).unwrap();
     same_named_tensors(
         &new.named_tensors(),
         &loaded.named_tensors(),
@@ -1144,8 +1149,8 @@ fn saving_in_another_format_over_an_adapter_loads_the_new_one() {
 fn saving_in_another_format_leaves_only_the_new_adapter() {
     let base = tiny("tiny-mha");
     let device = Default::default();
-    let lora = AnyAdapter::Lora(LoraConfig::new().init::<B>(&base.config, &device).unwrap());
-    let prompt = AnyAdapter::AdaptionPrompt(per_head_tanh(&base.config));
+    let lora = AnyAdapter::Lora(LoraConfig::new().init::<B>(&base, &device).unwrap());
+    let prompt = AnyAdapter::AdaptionPrompt(per_head_tanh(&base));
     let dir = TempDir::new("one-adapter");
     let steps: [(&AnyAdapter<B>, AdapterFormat, &[&str]); 4] = [
         (
@@ -1166,9 +1171,9 @@ fn saving_in_another_format_leaves_only_the_new_adapter() {
         (&prompt, AdapterFormat::Official, &["adapter.pth"]),
     ];
     for (adapter, format, files) in steps {
-        save_adapter(adapter, &base.config, &dir.0, Some(format)).unwrap();
+        save_adapter(adapter, &base, &dir.0, Some(format)).unwrap();
         assert_eq!(files_in(&dir.0), files, "after saving as {format:?}");
-        let loaded = load_adapter::<B>(&dir.0, &base.config, 4, &device).unwrap();
+        let loaded = load_adapter::<B>(&dir.0, &base, &peft_core::LoadOptions::default().with_adapter_len(4), &device).unwrap();
         same_named_tensors(
             &adapter.named_tensors(),
             &loaded.named_tensors(),
@@ -1179,7 +1184,7 @@ fn saving_in_another_format_leaves_only_the_new_adapter() {
     // A weight file without its configuration is not an adapter of that format: the official
     // checkpoint's `adapter.safetensors` stays when a PEFT adapter is saved beside it.
     let dir = copy_fixture("tiny-mha", "official_adapter");
-    save_adapter(&lora, &base.config, &dir.0, Some(AdapterFormat::Peft)).unwrap();
+    save_adapter(&lora, &base, &dir.0, Some(AdapterFormat::Peft)).unwrap();
     for name in ["adapter.pth", "adapter.safetensors", "adapter_config.json"] {
         assert!(dir.join(name).is_file(), "{name} is kept or written");
     }
@@ -1190,16 +1195,16 @@ fn a_directory_holding_both_formats_is_refused_naming_both_configurations() {
     let base = tiny("tiny-mha");
     let lora = AnyAdapter::Lora(
         LoraConfig::new()
-            .init::<B>(&base.config, &Default::default())
+            .init::<B>(&base, &Default::default())
             .unwrap(),
     );
     let dir = copy_fixture("tiny-mha", "lora");
     let native = TempDir::new("native-beside");
-    save_adapter(&lora, &base.config, &native.0, Some(AdapterFormat::Native)).unwrap();
+    save_adapter(&lora, &base, &native.0, Some(AdapterFormat::Native)).unwrap();
     for name in ["peft_rs_config.json", "adapter.safetensors"] {
         std::fs::copy(native.join(name), dir.join(name)).unwrap();
     }
-    let message = load_error(&dir.0, &base.config);
+    let message = load_error(&dir.0, &base);
     assert_mentions(
         &message,
         &[
@@ -1221,7 +1226,7 @@ fn concurrent_saves_of_one_file_do_not_collide() {
             let path = &path;
             scope.spawn(move || {
                 for _ in 0..20 {
-                    peft_core::files::write_atomic(path, bytes).unwrap();
+                    peft_io::files::write_atomic(path, bytes).unwrap();
                 }
             });
         }
@@ -1244,13 +1249,13 @@ fn saving_where_files_cannot_be_written_fails_and_leaves_existing_files_alone() 
     let device = Default::default();
     let old = AnyAdapter::Lora(
         LoraConfig::new()
-            .init::<B>(&base.config, &device)
+            .init::<B>(&base, &device)
             .unwrap()
             .map(&mut Randomise(0.2)),
     );
     let new = AnyAdapter::Lora(
         LoraConfig::new()
-            .init::<B>(&base.config, &device)
+            .init::<B>(&base, &device)
             .unwrap()
             .map(&mut Randomise(0.2)),
     );
@@ -1264,13 +1269,13 @@ fn saving_where_files_cannot_be_written_fails_and_leaves_existing_files_alone() 
         AdapterFormat::Official,
     ] {
         let adapter = if format == AdapterFormat::Official {
-            AnyAdapter::AdaptionPrompt(per_head_tanh(&base.config))
+            AnyAdapter::AdaptionPrompt(per_head_tanh(&base))
         } else {
             new.clone()
         };
         let message = save_adapter(
             &adapter,
-            &base.config,
+            &base,
             &dir.join("file/adapter"),
             Some(format),
         )
@@ -1286,7 +1291,7 @@ fn saving_where_files_cannot_be_written_fails_and_leaves_existing_files_alone() 
     // i.e. not as root).
     for format in [AdapterFormat::Peft, AdapterFormat::Native] {
         let dir = TempDir::new("read-only");
-        save_adapter(&old, &base.config, &dir.0, Some(format)).unwrap();
+        save_adapter(&old, &base, &dir.0, Some(format)).unwrap();
         let before = contents(&dir.0);
         set_read_only(&dir.0, true);
         let probe = dir.join("probe");
@@ -1296,7 +1301,7 @@ fn saving_where_files_cannot_be_written_fails_and_leaves_existing_files_alone() 
             eprintln!("permissions are not enforced for this user (root?): read-only case skipped");
             break;
         }
-        let error = save_adapter(&new, &base.config, &dir.0, Some(format))
+        let error = save_adapter(&new, &base, &dir.0, Some(format))
             .unwrap_err()
             .to_string();
         set_read_only(&dir.0, false);
@@ -1314,13 +1319,13 @@ fn a_failed_save_leaves_no_temporary_file() {
     let base = tiny("tiny-mha");
     let lora = AnyAdapter::Lora(
         LoraConfig::new()
-            .init::<B>(&base.config, &Default::default())
+            .init::<B>(&base, &Default::default())
             .unwrap(),
     );
     let dir = TempDir::new("failed-rename");
     // A non-empty directory where the tensor file goes: the final rename must fail.
     std::fs::create_dir_all(dir.join("adapter_model.safetensors/occupied")).unwrap();
-    let message = save_adapter(&lora, &base.config, &dir.0, Some(AdapterFormat::Peft))
+    let message = save_adapter(&lora, &base, &dir.0, Some(AdapterFormat::Peft))
         .unwrap_err()
         .to_string();
     assert_mentions(&message, &["adapter_model.safetensors"]);

@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::backend::NdArray;
 use common::fixtures;
+use peft_core::LoadOptions;
 use peft_core::peft_format::safetensors_bytes;
-use peft_core::torch_pickle::state_dict_bytes;
+use peft_io::torch_pickle::state_dict_bytes;
 use peft_core::{load_adapter, NamedTensor, PeftError};
 use peft_llama::weights::TensorMap;
 use peft_llama::{LlamaConfig, LlamaLoader};
@@ -64,6 +65,11 @@ fn tiny_config() -> LlamaConfig {
     LlamaConfig::from_hf_file(fixtures().join("tiny-mha/model/config.json")).unwrap()
 }
 
+/// Random weights of the tiny model's shape: loading an adapter needs only its sizes and sites.
+fn tiny_model() -> peft_llama::Llama<B> {
+    tiny_config().init::<B>(&Default::default(), burn::tensor::DType::F32)
+}
+
 /// Prints the error (for `docs/reliability.md`, with `--nocapture`) and checks its fragments.
 fn refused<T, E: std::fmt::Display>(case: &str, result: Result<T, E>, fragments: &[&str]) {
     let message = match result {
@@ -80,7 +86,7 @@ fn refused<T, E: std::fmt::Display>(case: &str, result: Result<T, E>, fragments:
 }
 
 fn load_official(path: &Path) -> Result<(), PeftError> {
-    load_adapter::<B>(path, &tiny_config(), 4, &Default::default()).map(|_| ())
+    load_adapter::<B>(path, &tiny_model(), &LoadOptions::default().with_adapter_len(4), &Default::default()).map(|_| ())
 }
 
 fn load_model(dir: &Path) -> Result<(), peft_llama::LlamaError> {
@@ -392,7 +398,7 @@ fn nan_in_peft_and_native_adapter_weights_is_refused_naming_the_tensor() {
     std::fs::write(&weights, safetensors_bytes(&tensors, &weights).unwrap()).unwrap();
     refused(
         "adapter_model.safetensors: NaN",
-        load_adapter::<B>(&dir.0, &tiny_config(), 4, &Default::default()),
+        load_adapter::<B>(&dir.0, &tiny_model(), &LoadOptions::default().with_adapter_len(4), &Default::default()),
         &[&format!("tensor '{key}' contains non-finite values")],
     );
 }
@@ -406,7 +412,7 @@ fn empty_non_utf8_and_mistyped_adapter_configs_are_refused_naming_the_file() {
     let dir = TempDir::copy_of(&fixtures().join("tiny-mha/adapters/lora"), "config-bytes");
     let config = dir.join("adapter_config.json");
     let original = std::fs::read(&config).unwrap();
-    let load = || load_adapter::<B>(&dir.0, &tiny_config(), 4, &Default::default());
+    let load = || load_adapter::<B>(&dir.0, &tiny_model(), &LoadOptions::default().with_adapter_len(4), &Default::default());
     std::fs::write(&config, b"").unwrap();
     refused(
         "adapter_config.json empty",

@@ -10,6 +10,7 @@
 #[path = "../../peft-llama/tests/common/mod.rs"]
 mod common;
 
+use peft_core::Adapter;
 use std::path::PathBuf;
 
 use burn::backend::{Autodiff, NdArray};
@@ -44,10 +45,10 @@ fn load_case<B: Backend>(model: &str, case: &str, base: &Llama<B>) -> AnyAdapter
     let device = Default::default();
     if case == "official_adapter" {
         AnyAdapter::AdaptionPrompt(
-            load_official(&dir.join("adapter.pth"), 4, &base.config, &device).unwrap(),
+            load_official(&dir.join("adapter.pth"), 4, base, &device).unwrap(),
         )
     } else {
-        load_peft(&dir, &base.config, &device).unwrap()
+        load_peft(&dir, base, &device).unwrap()
     }
 }
 
@@ -160,7 +161,7 @@ fn gradients_of(model: &str, case: &str) -> Vec<NamedTensor> {
             let grads = loss_and_grads(&AnyAdapter::AdaptionPrompt(a.clone()));
             let gradients = gradients_as_module(&a, &grads);
             if case == "official_adapter" {
-                official_tensors(&gradients, &base.config).unwrap()
+                official_tensors(&gradients, &base.config.geometry()).unwrap()
             } else {
                 AnyAdapter::AdaptionPrompt(gradients).named_tensors()
             }

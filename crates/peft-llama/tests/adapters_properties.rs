@@ -12,10 +12,11 @@ use peft_core::peft_format::load_peft;
 use peft_core::Randomise;
 use peft_core::{
     Adapter, AdaptionPromptConfig, AnyAdapter, GateShape, LoraConfig, PeftError, PeftMethod,
-    PeftModel, PrefixTuningConfig,
+    PeftModel, PrefixTuningConfig, TargetModules,
 };
 use peft_llama::{
-    GenerationConfig, Llama, LlamaConfig, LlamaLoader, NoHooks, Projection, TokenBatch,
+    GenerationConfig, Llama, LlamaConfig, LlamaLoader, NoHooks, PeftLlama, PrefixFromTokens,
+    TokenBatch,
 };
 
 type B = NdArray<f32>;
@@ -35,7 +36,7 @@ fn host<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
 }
 
-fn all_methods<Bk: Backend>(config: &LlamaConfig, randomise: bool) -> Vec<AnyAdapter<Bk>> {
+fn all_methods<Bk: Backend>(config: &Llama<Bk>, randomise: bool) -> Vec<AnyAdapter<Bk>> {
     let device = Default::default();
     let prompt = AdaptionPromptConfig::new()
         .with_adapter_len(4)
@@ -45,7 +46,7 @@ fn all_methods<Bk: Backend>(config: &LlamaConfig, randomise: bool) -> Vec<AnyAda
     let lora = LoraConfig::new()
         .with_r(4)
         .with_lora_alpha(8.0)
-        .with_target_modules(Projection::ALL.to_vec())
+        .with_target_modules(TargetModules::AllLinear)
         .init::<Bk>(config, &device)
         .unwrap();
     let prefix = PrefixTuningConfig::new()
@@ -72,7 +73,7 @@ fn zero_gate_leaves_base_logits_unchanged() {
             .with_adapter_len(10)
             .with_adapter_layers(3)
             .with_gate_shape(gate_shape)
-            .init::<B>(&base.config, &Default::default())
+            .init::<B>(&base, &Default::default())
             .unwrap();
         let adapted = host(
             base.forward(&tokens(), adapter.hooks(&base).as_ref(), None)
@@ -134,7 +135,7 @@ fn zero_initialised_lora_leaves_base_logits_unchanged() {
     let base = model::<B>();
     let reference = host(base.forward(&tokens(), &NoHooks, None).unwrap());
     let lora = LoraConfig::new()
-        .init::<B>(&base.config, &Default::default())
+        .init::<B>(&base, &Default::default())
         .unwrap();
     assert_eq!(
         host(
@@ -162,7 +163,7 @@ impl ModuleVisitor<AD> for GradientCheck<'_> {
 #[test]
 fn only_adapter_params_receive_gradients() {
     let base = model::<AD>();
-    for adapter in all_methods::<AD>(&base.config, true) {
+    for adapter in all_methods::<AD>(&base, true) {
         let logits = base
             .forward(&tokens(), adapter.hooks(&base).as_ref(), None)
             .unwrap();
@@ -203,7 +204,7 @@ fn only_adapter_params_receive_gradients() {
 fn kv_cached_generation_equals_recomputation_for_every_method() {
     let base = model::<B>();
     let prompts = vec![vec![1, 403, 407, 261, 378], vec![1, 261]];
-    for adapter in all_methods::<B>(&base.config, true) {
+    for adapter in all_methods::<B>(&base, true) {
         let hooks = adapter.hooks(&base);
         let config = GenerationConfig {
             max_new_tokens: 8,
@@ -245,8 +246,8 @@ fn merge_then_unmerge_roundtrips() {
     let base = model::<B>();
     let reference = host(base.forward(&tokens(), &NoHooks, None).unwrap());
     let lora = LoraConfig::new()
-        .with_target_modules(Projection::ALL.to_vec())
-        .init::<B>(&base.config, &Default::default())
+        .with_target_modules(TargetModules::AllLinear)
+        .init::<B>(&base, &Default::default())
         .unwrap()
         .map(&mut Randomise(0.1));
     let mut model = PeftModel::new(base);
@@ -289,7 +290,7 @@ fn merge_then_unmerge_roundtrips() {
 fn named_adapters_switch_and_a_merged_lora_refuses_to_switch() {
     let base = model::<B>();
     let reference = host(base.forward(&tokens(), &NoHooks, None).unwrap());
-    let mut adapters = all_methods::<B>(&base.config, true).into_iter();
+    let mut adapters = all_methods::<B>(&base, true).into_iter();
     let (prompt, lora, prefix) = (
         adapters.next().unwrap(),
         adapters.next().unwrap(),
@@ -345,12 +346,14 @@ fn paper_parameter_count_for_llama_7b_from_the_config_alone() {
     let llama_7b = LlamaConfig::preset("llama-7b").unwrap();
     // LLaMA-Adapter: K = 10, L = 30, one gate per head: 1,228,800 prompt values + 960 gates.
     assert_eq!(
-        AdaptionPromptConfig::new().num_trainable_parameters(&llama_7b),
+        AdaptionPromptConfig::new().num_trainable_parameters(&llama_7b.geometry()),
         1_229_760
     );
     // The paper's Alpaca-LoRA comparison: r = 8 on q and v (4.2M).
     assert_eq!(
-        LoraConfig::new().num_trainable_parameters(&llama_7b),
+        LoraConfig::new()
+            .num_trainable_parameters(&llama_7b.linear_sites())
+            .unwrap(),
         4_194_304
     );
 }
@@ -358,11 +361,11 @@ fn paper_parameter_count_for_llama_7b_from_the_config_alone() {
 #[test]
 fn parameter_counts_from_config_equal_allocated_counts() {
     let base = model::<B>();
-    for adapter in all_methods::<B>(&base.config, false) {
+    for adapter in all_methods::<B>(&base, false) {
         let from_config = match &adapter {
-            AnyAdapter::AdaptionPrompt(a) => a.config.num_trainable_parameters(&base.config),
-            AnyAdapter::Lora(a) => a.config.num_trainable_parameters(&base.config),
-            AnyAdapter::PrefixTuning(a) => a.config.num_trainable_parameters(&base.config),
+            AnyAdapter::AdaptionPrompt(a) => a.config.num_trainable_parameters(&base.config.geometry()),
+            AnyAdapter::Lora(a) => a.config.num_trainable_parameters(&base.config.linear_sites()).unwrap(),
+            AnyAdapter::PrefixTuning(a) => a.config.num_trainable_parameters(&base.config.geometry()),
         };
         assert_eq!(
             from_config,
@@ -376,9 +379,9 @@ fn parameter_counts_from_config_equal_allocated_counts() {
         .with_prefix_projection(true)
         .with_encoder_hidden_size(16);
     assert_eq!(
-        projected.num_trainable_parameters(&base.config),
+        projected.num_trainable_parameters(&base.config.geometry()),
         projected
-            .init::<B>(&base.config, &Default::default())
+            .init::<B>(&base, &Default::default())
             .unwrap()
             .num_params()
     );
@@ -386,7 +389,9 @@ fn parameter_counts_from_config_equal_allocated_counts() {
 
 #[test]
 fn adapter_for_another_model_is_refused_naming_the_mismatch() {
-    let gqa = LlamaConfig::from_hf_file(fixtures().join("tiny-gqa/model/config.json")).unwrap();
+    let gqa = LlamaConfig::from_hf_file(fixtures().join("tiny-gqa/model/config.json"))
+        .unwrap()
+        .init::<B>(&Default::default(), burn::tensor::DType::F32);
     for case in ["lora", "prefix", "adaption_prompt"] {
         let err = load_peft::<B>(
             &fixtures().join("tiny-mha/adapters").join(case),
@@ -402,7 +407,7 @@ fn adapter_for_another_model_is_refused_naming_the_mismatch() {
     }
     let prompt = AdaptionPromptConfig::new().with_adapter_layers(6);
     assert!(prompt
-        .init::<B>(&model::<B>().config, &Default::default())
+        .init::<B>(&model::<B>(), &Default::default())
         .unwrap_err()
         .to_string()
         .contains("6"));
@@ -411,7 +416,7 @@ fn adapter_for_another_model_is_refused_naming_the_mismatch() {
 #[test]
 fn methods_report_their_peft_type() {
     let base = model::<B>();
-    let types: Vec<&str> = all_methods::<B>(&base.config, false)
+    let types: Vec<&str> = all_methods::<B>(&base, false)
         .iter()
         .map(|a| a.method().peft_type())
         .collect();

@@ -23,9 +23,8 @@ use std::path::{Path, PathBuf};
 use burn::tensor::backend::Backend;
 use peft_core::native_format::{load_native, save_native};
 use peft_core::peft_format::safetensors_bytes;
-use peft_core::{AnyAdapter, NamedTensor};
-use peft_llama::weights::TensorMap;
-use peft_llama::LlamaConfig;
+use peft_core::{AdaptableModel, AnyAdapter, NamedTensor};
+use peft_io::TensorMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -179,7 +178,7 @@ impl CheckpointDir {
     pub fn save<B: Backend>(
         &self,
         adapter: &AnyAdapter<B>,
-        model: &LlamaConfig,
+        model: &dyn AdaptableModel<B>,
         optimizer: &OptimizerState,
         position: TrainPosition,
         keep: usize,
@@ -212,7 +211,7 @@ impl CheckpointDir {
             });
         }
         let optimizer_path = temporary.join("optimizer.safetensors");
-        peft_core::files::write_atomic(
+        peft_io::files::write_atomic(
             &optimizer_path,
             &safetensors_bytes(&tensors, &optimizer_path)?,
         )?;
@@ -229,7 +228,7 @@ impl CheckpointDir {
         pause();
         let state_path = temporary.join("state.json");
         let text = serde_json::to_string_pretty(&state).expect("state serialises");
-        peft_core::files::write_atomic(&state_path, text.as_bytes())?;
+        peft_io::files::write_atomic(&state_path, text.as_bytes())?;
         let destination = self.root.join(&name);
         pause();
         if destination.exists() {
@@ -240,7 +239,7 @@ impl CheckpointDir {
             let _ = dir.sync_all();
         }
         pause();
-        peft_core::files::write_atomic(&self.root.join("latest"), name.as_bytes())?;
+        peft_io::files::write_atomic(&self.root.join("latest"), name.as_bytes())?;
         pause();
         let all = self.list();
         for (_, path) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
@@ -255,7 +254,7 @@ impl CheckpointDir {
     /// A checkpoint that exists but cannot be read, or does not fit `model`.
     pub fn latest<B: Backend>(
         &self,
-        model: &LlamaConfig,
+        model: &dyn AdaptableModel<B>,
         device: &B::Device,
     ) -> Result<Option<Checkpoint<B>>> {
         let Some((_, dir)) = self.list().pop() else {
@@ -270,7 +269,7 @@ impl CheckpointDir {
     /// Unreadable or inconsistent files.
     pub fn read<B: Backend>(
         dir: &Path,
-        model: &LlamaConfig,
+        model: &dyn AdaptableModel<B>,
         device: &B::Device,
     ) -> Result<Checkpoint<B>> {
         let state_path = dir.join("state.json");

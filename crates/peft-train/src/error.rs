@@ -138,6 +138,12 @@ pub enum TrainError {
     },
 }
 
+impl From<peft_io::CheckpointError> for TrainError {
+    fn from(error: peft_io::CheckpointError) -> Self {
+        Self::Adapter(error.into())
+    }
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
 

@@ -129,7 +129,7 @@ impl MetricsLog {
             ("training loss", "#1f77b4", &train),
             ("validation loss", "#d62728", &validation),
         ]);
-        peft_core::files::write_atomic(&output.join("loss.svg"), svg.as_bytes())?;
+        peft_io::files::write_atomic(&output.join("loss.svg"), svg.as_bytes())?;
         Ok(())
     }
 }

@@ -307,7 +307,7 @@ where
     };
     let mut resumed_from = None;
     if resume {
-        if let Some(checkpoint) = checkpoints.latest::<B>(&base.config, &device)? {
+        if let Some(checkpoint) = checkpoints.latest::<B>(base, &device)? {
             adapter = unwrap(checkpoint.adapter).ok_or_else(|| {
                 TrainError::config(
                     "resume",
@@ -455,7 +455,7 @@ where
                 }
                 checkpoints.save(
                     &wrap(adapter.clone()),
-                    &base.config,
+                    base,
                     &optimizer.state(&adapter)?,
                     saved_position,
                     config.keep_checkpoints,

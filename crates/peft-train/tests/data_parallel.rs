@@ -5,6 +5,7 @@
 //! The replicas share the one ndarray device, so this checks the sharding, the loss weights, the
 //! reduction and the single optimiser step; moving tensors between GPUs is the collective's.
 
+use peft_core::Adapter;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -68,20 +69,20 @@ fn adapter(method: &str, base: &Llama<B>) -> AnyAdapter<B> {
             AdaptionPromptConfig::new()
                 .with_adapter_len(3)
                 .with_adapter_layers(2)
-                .init(&base.config, &device)
+                .init(base, &device)
                 .unwrap(),
         ),
         "lora" => AnyAdapter::Lora(
             LoraConfig::new()
                 .with_r(4)
                 .with_lora_dropout(0.0)
-                .init(&base.config, &device)
+                .init(base, &device)
                 .unwrap(),
         ),
         "prefix" => AnyAdapter::PrefixTuning(
             PrefixTuningConfig::new()
                 .with_num_virtual_tokens(3)
-                .init(&base.config, &device)
+                .init(base, &device)
                 .unwrap(),
         ),
         other => panic!("unknown method {other}"),

@@ -186,7 +186,7 @@ fn main() {
         vec![1, 2, 3],
     );
     // Features once; the tower is frozen.
-    let probe = config.init::<Inner>(&base.config, &device).unwrap();
+    let probe = config.init::<Inner>(&base_eval, &device).unwrap();
     let started = Instant::now();
     let train_features = image_features(&train, &vision, &probe, 64).unwrap();
     let test_features = image_features(&test, &vision, &probe, 64).unwrap();
@@ -198,7 +198,7 @@ fn main() {
         for use_image in [false, true] {
             Inner::seed(&device, seed);
             AD::seed(&device, seed);
-            let adapter = config.init::<AD>(&base.config, &device).unwrap();
+            let adapter = config.init::<AD>(&base, &device).unwrap();
             let settings = VisualTrainConfig {
                 epochs,
                 batch_size: 16,
@@ -229,7 +229,7 @@ fn main() {
         }
     }
     // The untrained adapter (zero gates: the base model) as the floor.
-    let untrained = config.init::<Inner>(&base.config, &device).unwrap();
+    let untrained = config.init::<Inner>(&base_eval, &device).unwrap();
     let floor = accuracy_by_question(
         &base_eval,
         &untrained,

@@ -71,3 +71,9 @@ impl VisionError {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = VisionError> = std::result::Result<T, E>;
+
+impl From<peft_io::CheckpointError> for VisionError {
+    fn from(error: peft_io::CheckpointError) -> Self {
+        Self::Peft(error.into())
+    }
+}

@@ -16,9 +16,9 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::{backend::Backend, Tensor};
 use peft_core::{
-    host_values, Adapter, AdaptionPrompt, AdaptionPromptConfig, NamedTensor, PeftMethod,
+    host_values, AdaptableModel, Adapter, AdaptionPrompt, AdaptionPromptConfig, LayerHooks,
+    ModelGeometry, NamedTensor, PeftMethod,
 };
-use peft_llama::{LayerHooks, Llama, LlamaConfig};
 
 use crate::clip::{check_feature_layers, ClipVisionModel};
 use crate::error::{Result, VisionError};
@@ -54,7 +54,7 @@ impl MultimodalAdaptionPromptConfig {
     ///
     /// # Errors
     /// An invalid adaption-prompt configuration, no feature layers or a zero width.
-    pub fn validate(&self, model: &LlamaConfig) -> Result<()> {
+    pub fn validate(&self, model: &ModelGeometry) -> Result<()> {
         self.adaption_prompt.validate(model)?;
         if self.feature_layers.is_empty() || self.visual_hidden_size == 0 {
             return Err(VisionError::Config {
@@ -84,7 +84,7 @@ impl MultimodalAdaptionPromptConfig {
 
     /// Trainable parameters: the adaption prompts' plus the projection's
     /// (`(M·D_v + 1)·D + (D + 1)·D`).
-    pub fn num_trainable_parameters(&self, model: &LlamaConfig) -> usize {
+    pub fn num_trainable_parameters(&self, model: &ModelGeometry) -> usize {
         let width = model.hidden_size;
         self.adaption_prompt.num_trainable_parameters(model)
             + (self.feature_width() + 1) * width
@@ -98,11 +98,11 @@ impl MultimodalAdaptionPromptConfig {
     /// See [`MultimodalAdaptionPromptConfig::validate`].
     pub fn init<B: Backend>(
         &self,
-        model: &LlamaConfig,
+        model: &(impl AdaptableModel<B> + ?Sized),
         device: &B::Device,
     ) -> Result<MultimodalAdaptionPrompt<B>> {
-        self.validate(model)?;
-        let width = model.hidden_size;
+        self.validate(&model.geometry())?;
+        let width = model.geometry().hidden_size;
         Ok(MultimodalAdaptionPrompt {
             adaption_prompt: self.adaption_prompt.init(model, device)?,
             projection: VisualProjection {
@@ -166,7 +166,7 @@ impl<B: Backend> MultimodalAdaptionPrompt<B> {
     /// [`VisionError::Shape`] if `features` is not `[batch, M·D_v]`.
     pub fn hooks_with_image<'a>(
         &'a self,
-        base: &'a Llama<B>,
+        base: &dyn AdaptableModel<B>,
         features: Tensor<B, 2>,
         batch: usize,
     ) -> Result<Box<dyn LayerHooks<B> + 'a>> {
@@ -180,7 +180,7 @@ impl<B: Backend> MultimodalAdaptionPrompt<B> {
     /// [`VisionError::Shape`] if `features` is not `[present.len(), M·D_v]`.
     pub fn hooks_with_images<'a>(
         &'a self,
-        base: &'a Llama<B>,
+        base: &dyn AdaptableModel<B>,
         features: Tensor<B, 2>,
         present: &[bool],
     ) -> Result<Box<dyn LayerHooks<B> + 'a>> {
@@ -209,8 +209,9 @@ impl<B: Backend> Adapter<B> for MultimodalAdaptionPrompt<B> {
         PeftMethod::AdaptionPrompt
     }
 
-    fn check_compatible(&self, config: &LlamaConfig) -> peft_core::Result<()> {
-        self.adaption_prompt.check_compatible(config)?;
+    fn check_compatible(&self, model: &dyn AdaptableModel<B>) -> peft_core::Result<()> {
+        self.adaption_prompt.check_compatible(model)?;
+        let config = model.geometry();
         let [input, output] = self.projection.first.weight.dims();
         let [_, last] = self.projection.second.weight.dims();
         if input != self.config.feature_width() || output != config.hidden_size || last != output {
@@ -225,8 +226,20 @@ impl<B: Backend> Adapter<B> for MultimodalAdaptionPrompt<B> {
     }
 
     /// Text only: the prompts without an image offset.
-    fn hooks<'a>(&'a self, base: &'a Llama<B>) -> Box<dyn LayerHooks<B> + 'a> {
-        self.adaption_prompt.hooks(base)
+    fn hooks<'a>(&'a self, model: &dyn AdaptableModel<B>) -> Box<dyn LayerHooks<B> + 'a> {
+        self.adaption_prompt.hooks(model)
+    }
+
+    /// `features` are the visual features `[batch, M·D_v]` of one image per row, as
+    /// [`MultimodalAdaptionPrompt::visual_features`] returns them.
+    fn hooks_with_features<'a>(
+        &'a self,
+        model: &dyn AdaptableModel<B>,
+        features: Tensor<B, 2>,
+    ) -> peft_core::Result<Box<dyn LayerHooks<B> + 'a>> {
+        let [batch, _] = features.dims();
+        self.hooks_with_image(model, features, batch)
+            .map_err(|e| peft_core::PeftError::Incompatible(e.to_string()))
     }
 
     /// The adaption prompts under PEFT's names, then the projection under

@@ -11,11 +11,11 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
-use peft_core::files::{read_json, write_atomic};
+use peft_io::files::{read_json, write_atomic};
 use peft_core::native_format::{
     adaption_prompt_parameters, apply, check_parameter_count, read_manifest,
 };
-use peft_llama::LlamaConfig;
+use peft_core::{AdaptableModel, ModelGeometry};
 use serde_json::{json, Value};
 
 use crate::error::{Result, VisionError};
@@ -28,15 +28,8 @@ pub const CONFIG_FILE: &str = peft_core::native_format::CONFIG_FILE;
 /// The tensor file.
 pub const WEIGHTS_FILE: &str = peft_core::native_format::WEIGHTS_FILE;
 
-fn model_sizes(model: &LlamaConfig) -> Value {
-    json!({
-        "num_hidden_layers": model.num_hidden_layers,
-        "hidden_size": model.hidden_size,
-        "num_attention_heads": model.num_attention_heads,
-        "num_key_value_heads": model.num_key_value_heads,
-        "head_dim": model.head_dim,
-        "intermediate_size": model.intermediate_size,
-    })
+fn model_sizes(model: &ModelGeometry) -> Value {
+    serde_json::to_value(model).expect("model sizes serialise")
 }
 
 /// Whether `dir` holds a multimodal adaption prompt.
@@ -57,7 +50,7 @@ pub fn is_multimodal_adapter(dir: &Path) -> bool {
 /// I/O errors.
 pub fn save_multimodal<B: Backend>(
     adapter: &MultimodalAdaptionPrompt<B>,
-    model: &LlamaConfig,
+    model: &dyn AdaptableModel<B>,
     dir: &Path,
 ) -> Result<()> {
     let config = serde_json::to_value(&adapter.config).map_err(|e| VisionError::Config {
@@ -69,7 +62,7 @@ pub fn save_multimodal<B: Backend>(
         "format_version": peft_core::native_format::FORMAT_VERSION,
         "peft_type": PEFT_TYPE,
         "config": config,
-        "model": model_sizes(model),
+        "model": model_sizes(&model.geometry()),
     });
     let weights = dir.join(WEIGHTS_FILE);
     // No metadata, so that the same tensors always give the same bytes.
@@ -98,10 +91,10 @@ pub fn save_multimodal<B: Backend>(
 /// missing, unexpected or mis-shaped tensor.
 pub fn load_multimodal<B: Backend>(
     dir: &Path,
-    model: &LlamaConfig,
+    model: &dyn AdaptableModel<B>,
     device: &B::Device,
 ) -> Result<MultimodalAdaptionPrompt<B>> {
-    let manifest = read_manifest(dir, model)?;
+    let manifest = read_manifest(dir, &model.geometry())?;
     let format = |message: String| VisionError::Format {
         path: manifest.config_path.clone(),
         message,
@@ -114,11 +107,11 @@ pub fn load_multimodal<B: Backend>(
     }
     let config: MultimodalAdaptionPromptConfig = serde_json::from_value(manifest.config.clone())
         .map_err(|e| format(format!("`config`: {e}")))?;
-    config.validate(model)?;
+    config.validate(&model.geometry())?;
     // Every size is checked against the tensor file's header before `init` allocates anything:
     // a corrupt size in the configuration must be an error, not an abort.
     check_parameter_count(
-        parameters(&config, model),
+        parameters(&config, &model.geometry()),
         &manifest.config,
         &manifest.config_path,
         &manifest.weights,
@@ -131,7 +124,7 @@ pub fn load_multimodal<B: Backend>(
 
 /// [`MultimodalAdaptionPromptConfig::num_trainable_parameters`] with checked arithmetic (the
 /// configuration is read from a file); `None` on overflow.
-fn parameters(config: &MultimodalAdaptionPromptConfig, model: &LlamaConfig) -> Option<usize> {
+fn parameters(config: &MultimodalAdaptionPromptConfig, model: &ModelGeometry) -> Option<usize> {
     let width = model.hidden_size;
     let prompt = adaption_prompt_parameters(&config.adaption_prompt, model)?;
     let first = config
@@ -145,7 +138,7 @@ fn parameters(config: &MultimodalAdaptionPromptConfig, model: &LlamaConfig) -> O
 }
 
 impl<B: Backend> MultimodalAdaptionPrompt<B> {
-    fn check_compatible_sizes(&self, model: &LlamaConfig) -> Result<()> {
+    fn check_compatible_sizes(&self, model: &dyn AdaptableModel<B>) -> Result<()> {
         use peft_core::Adapter;
         Ok(self.check_compatible(model)?)
     }

@@ -69,7 +69,7 @@ fn zero_gate_multimodal_model_gives_the_base_logits_exactly() {
     let base = base::<B>();
     let vision = vision::<B>();
     let adapter = config(vec![1, 2, 3])
-        .init::<B>(&base.config, &Default::default())
+        .init::<B>(&base, &Default::default())
         .unwrap();
     let features = adapter.visual_features(&vision, pixels()).unwrap();
     assert_eq!(features.dims(), [2, 96]);
@@ -87,7 +87,7 @@ fn with_open_gates_each_image_changes_its_own_rows_logits() {
     let base = base::<B>();
     let vision = vision::<B>();
     let adapter = config(vec![2, 3])
-        .init::<B>(&base.config, &Default::default())
+        .init::<B>(&base, &Default::default())
         .unwrap()
         .map(&mut Randomise(0.5));
     let features = adapter.visual_features(&vision, pixels()).unwrap();
@@ -130,7 +130,7 @@ fn the_image_shifts_every_prompt_by_its_projected_feature() {
     let base = base::<B>();
     let vision = vision::<B>();
     let adapter = config(vec![1, 3])
-        .init::<B>(&base.config, &Default::default())
+        .init::<B>(&base, &Default::default())
         .unwrap()
         .map(&mut Randomise(0.5));
     let one = adapter
@@ -145,7 +145,7 @@ fn the_image_shifts_every_prompt_by_its_projected_feature() {
     let shifted_prompts = adapter.adaption_prompt.prompts.val() + offset.unsqueeze_dim::<3>(0);
     let shifted = AdaptionPrompt::from_tensors(
         adapter.adaption_prompt.config.clone(),
-        &base.config,
+        &base,
         shifted_prompts,
         adapter.adaption_prompt.gates.val(),
     );
@@ -184,7 +184,7 @@ fn only_prompts_gates_and_projection_receive_gradients() {
     let base = base::<AD>();
     let vision = vision::<AD>();
     let adapter = config(vec![1, 2, 3])
-        .init::<AD>(&base.config, &Default::default())
+        .init::<AD>(&base, &Default::default())
         .unwrap()
         .map(&mut Randomise(0.5));
     let features = adapter.visual_features(&vision, pixels()).unwrap();
@@ -232,13 +232,13 @@ fn save_then_load_round_trips_exactly_with_the_projection() {
     let base = base::<B>();
     let device = Default::default();
     let adapter: MultimodalAdaptionPrompt<B> = config(vec![0, 3])
-        .init::<B>(&base.config, &device)
+        .init::<B>(&base, &device)
         .unwrap()
         .map(&mut Randomise(0.3));
     let dir = std::env::temp_dir().join(format!("peft-vision-roundtrip-{}", std::process::id()));
-    save_multimodal(&adapter, &base.config, &dir).unwrap();
+    save_multimodal(&adapter, &base, &dir).unwrap();
     assert!(peft_vision::is_multimodal_adapter(&dir));
-    let loaded = load_multimodal::<B>(&dir, &base.config, &device).unwrap();
+    let loaded = load_multimodal::<B>(&dir, &base, &device).unwrap();
     assert_eq!(loaded.config, adapter.config);
     let names = |a: &MultimodalAdaptionPrompt<B>| a.named_tensors();
     let (before, after) = (names(&adapter), names(&loaded));
@@ -247,7 +247,7 @@ fn save_then_load_round_trips_exactly_with_the_projection() {
         .any(|t| t.key == "visual_projection.first.weight"));
     assert_eq!(before, after);
     // A text-only loader refuses it by name rather than dropping the projection.
-    let error = peft_core::load_adapter::<B>(&dir, &base.config, 10, &device)
+    let error = peft_core::load_adapter::<B>(&dir, &base, &peft_core::LoadOptions::default().with_adapter_len(10), &device)
         .err()
         .unwrap()
         .to_string();
@@ -259,7 +259,7 @@ fn save_then_load_round_trips_exactly_with_the_projection() {
 fn features_of_the_wrong_batch_are_an_error() {
     let base = base::<B>();
     let adapter = config(vec![1])
-        .init::<B>(&base.config, &Default::default())
+        .init::<B>(&base, &Default::default())
         .unwrap();
     let features = Tensor::<B, 2>::from_data(
         TensorData::new(vec![0.0f32; 32], [1, 32]),
@@ -274,9 +274,9 @@ fn corrupt_multimodal_manifests_are_errors_naming_the_problem() {
     let base = base::<B>();
     let device = Default::default();
     let adapter: MultimodalAdaptionPrompt<B> =
-        config(vec![1]).init::<B>(&base.config, &device).unwrap();
+        config(vec![1]).init::<B>(&base, &device).unwrap();
     let dir = std::env::temp_dir().join(format!("peft-vision-corrupt-{}", std::process::id()));
-    save_multimodal(&adapter, &base.config, &dir).unwrap();
+    save_multimodal(&adapter, &base, &dir).unwrap();
     let manifest_path = dir.join(peft_core::native_format::CONFIG_FILE);
     let original: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
@@ -284,7 +284,7 @@ fn corrupt_multimodal_manifests_are_errors_naming_the_problem() {
         let mut manifest = original.clone();
         edit(&mut manifest);
         std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
-        load_multimodal::<B>(&dir, &base.config, &device)
+        load_multimodal::<B>(&dir, &base, &device)
             .expect_err("refused")
             .to_string()
     };
