@@ -17,9 +17,9 @@ use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
 use peft_core::{Adapter, AdaptionPromptConfig};
-use peft_ops::tensor::{cast_to, upcast};
 use peft_llama::rope::apply_rotary;
 use peft_llama::{LlamaConfig, NoHooks, RmsNorm, TokenBatch};
+use peft_ops::tensor::{cast_to, upcast};
 
 #[cfg(feature = "cuda")]
 type Inner = burn::backend::Cuda<f32>;

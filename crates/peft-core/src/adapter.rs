@@ -2,12 +2,12 @@
 
 use std::fmt;
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Distribution, Tensor};
 use crate::error::Result;
 use crate::hooks::LayerHooks;
 use crate::model::AdaptableModel;
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Distribution, Tensor};
 pub use peft_io::NamedTensor;
 
 /// The PEFT methods, named as Hugging Face PEFT's `peft_type`.

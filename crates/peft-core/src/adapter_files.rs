@@ -6,8 +6,8 @@ use burn::tensor::backend::Backend;
 
 use crate::adapter::Adapter;
 use crate::any_adapter::AnyAdapter;
-use crate::model::AdaptableModel;
 use crate::error::{PeftError, Result};
+use crate::model::AdaptableModel;
 use crate::{native_format, official_format, peft_format};
 
 /// The adapter file formats this crate reads and writes.
@@ -119,7 +119,10 @@ pub fn load_adapter<B: Backend>(
 }
 
 /// Whether PEFT's format can hold `adapter` exactly.
-pub fn peft_representable<B: Backend>(adapter: &AnyAdapter<B>, model: &dyn AdaptableModel<B>) -> bool {
+pub fn peft_representable<B: Backend>(
+    adapter: &AnyAdapter<B>,
+    model: &dyn AdaptableModel<B>,
+) -> bool {
     match adapter {
         AnyAdapter::PrefixTuning(prefix) => prefix.projection.is_none(),
         _ => peft_format::peft_config(adapter, model).is_ok(),

@@ -53,7 +53,7 @@ pub use targets::TargetModules;
 /// What a program adapting a model needs in scope.
 pub mod prelude {
     pub use crate::{
-        load_adapter, save_adapter, AdaptableModel, AdaptionPromptConfig, Adapter, AnyAdapter,
+        load_adapter, save_adapter, AdaptableModel, Adapter, AdaptionPromptConfig, AnyAdapter,
         LayerHooks, LinearSite, LoadOptions, LoraConfig, ModelGeometry, NoHooks, PeftModel,
         PrefixTuningConfig, Site, TargetModules,
     };

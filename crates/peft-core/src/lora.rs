@@ -113,7 +113,10 @@ impl LoraConfig {
     /// See [`LoraConfig::targets`]; a count that overflows `usize`.
     pub fn num_trainable_parameters(&self, sites: &[LinearSite]) -> Result<usize> {
         self.checked_parameters(sites)?.ok_or_else(|| {
-            PeftError::Config(format!("r = {} gives more parameters than can be addressed", self.r))
+            PeftError::Config(format!(
+                "r = {} gives more parameters than can be addressed",
+                self.r
+            ))
         })
     }
 
@@ -248,7 +251,11 @@ impl<B: Backend> LayerHooks<B> for LoraHooks<'_, B> {
         output: Tensor<B, 3>,
     ) -> Tensor<B, 3> {
         let slots = match site.layer {
-            Some(layer) => self.layers.get(layer).map(Vec::as_slice).unwrap_or_default(),
+            Some(layer) => self
+                .layers
+                .get(layer)
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
             None => &self.top_level,
         };
         match slots.iter().find(|(name, _)| *name == site.name) {
@@ -280,7 +287,9 @@ impl<B: Backend> Lora<B> {
         for module in &self.modules {
             let path = &module.site.path;
             let linear = model.linear_mut(path).ok_or_else(|| {
-                PeftError::Incompatible(format!("the model has no linear layer `{path}` to merge into"))
+                PeftError::Incompatible(format!(
+                    "the model has no linear layer `{path}` to merge into"
+                ))
             })?;
             let weight = linear.weight.val();
             let dtype = weight.dtype();

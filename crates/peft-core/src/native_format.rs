@@ -155,7 +155,10 @@ pub fn load_native<B: Backend>(
         Some("LORA") => {
             let lora: LoraConfig = serde_json::from_value(config.clone()).map_err(parse_error)?;
             lora.validate(&geometry).map_err(invalid)?;
-            check(lora.checked_parameters(&model.linear_sites()).map_err(invalid)?)?;
+            check(
+                lora.checked_parameters(&model.linear_sites())
+                    .map_err(invalid)?,
+            )?;
             let mut adapter = lora.init::<B>(model, device)?;
             apply(&mut adapter, &weights)?;
             AnyAdapter::Lora(adapter)

@@ -114,11 +114,7 @@ impl<B: Backend, M: AdaptableModel<B>, A: Adapter<B>> PeftModel<B, M, A> {
     ///
     /// # Errors
     /// The adapter does not fit the base model, or the name is taken.
-    pub fn add_adapter(
-        &mut self,
-        name: impl Into<String>,
-        adapter: impl Into<A>,
-    ) -> Result<()> {
+    pub fn add_adapter(&mut self, name: impl Into<String>, adapter: impl Into<A>) -> Result<()> {
         let name = name.into();
         let adapter = adapter.into();
         adapter.check_compatible(&self.base)?;

@@ -47,7 +47,12 @@ impl<B: Backend> AdaptableModel<B> for SizedModel<B> {
 
     fn linear_sites(&self) -> Vec<LinearSite> {
         let g = self.geometry;
-        let (d, q, kv, f) = (g.hidden_size, g.query_width(), g.kv_width(), g.intermediate_size);
+        let (d, q, kv, f) = (
+            g.hidden_size,
+            g.query_width(),
+            g.kv_width(),
+            g.intermediate_size,
+        );
         let mut sites = Vec::new();
         for layer in 0..g.num_hidden_layers {
             for (name, input, output) in [
@@ -59,7 +64,13 @@ impl<B: Backend> AdaptableModel<B> for SizedModel<B> {
                 ("mlp.up_proj", d, f),
                 ("mlp.down_proj", f, d),
             ] {
-                sites.push(LinearSite::in_layer("model.layers", layer, name, input, output));
+                sites.push(LinearSite::in_layer(
+                    "model.layers",
+                    layer,
+                    name,
+                    input,
+                    output,
+                ));
             }
         }
         sites
@@ -93,8 +104,13 @@ impl<B: Backend> AdaptableModel<B> for SizedModel<B> {
         let (k, v) = self.key_values.get(layer)?;
         let heads = |t: Tensor<B, 3>| {
             let [batch, seq, _] = t.dims();
-            t.reshape([batch, seq, self.geometry.num_key_value_heads, self.geometry.head_dim])
-                .swap_dims(1, 2)
+            t.reshape([
+                batch,
+                seq,
+                self.geometry.num_key_value_heads,
+                self.geometry.head_dim,
+            ])
+            .swap_dims(1, 2)
         };
         Some((heads(k.forward(x.clone())), heads(v.forward(x))))
     }

@@ -180,10 +180,12 @@ impl TensorMap {
                 found,
             });
         }
-        let data = snapshot.to_data().map_err(|e| CheckpointError::WeightFile {
-            path: path.clone(),
-            message: format!("tensor '{key}': {e:?}"),
-        })?;
+        let data = snapshot
+            .to_data()
+            .map_err(|e| CheckpointError::WeightFile {
+                path: path.clone(),
+                message: format!("tensor '{key}': {e:?}"),
+            })?;
         let values = match data.dtype {
             DType::F32 => data.into_vec::<f32>(),
             DType::F64 | DType::F16 | DType::BF16 => data.convert::<f32>().into_vec::<f32>(),
@@ -271,4 +273,3 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     }
     out
 }
-

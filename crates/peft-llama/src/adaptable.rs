@@ -157,7 +157,12 @@ impl<B: Backend, A: Adapter<B>> PeftLlama<B> for PeftModel<B, Llama<B>, A> {
         prompts: &[Vec<u32>],
         config: &GenerationConfig,
     ) -> peft_core::Result<Vec<Generation>> {
-        Ok(generate(self.base(), self.hooks().as_ref(), prompts, config)?)
+        Ok(generate(
+            self.base(),
+            self.hooks().as_ref(),
+            prompts,
+            config,
+        )?)
     }
 }
 

@@ -21,13 +21,13 @@ pub mod rope;
 pub mod tokenizer;
 pub mod weights;
 
+pub use adaptable::{PeftLlama, PrefixFromTokens, LAYERS_PATH};
 pub use cache::KvCache;
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::{LlamaError, Result};
 pub use generate::{generate, Generation, GenerationConfig};
-pub use adaptable::{PeftLlama, PrefixFromTokens, LAYERS_PATH};
-pub use peft_core::{LayerHooks, NoHooks};
 pub use model::{Attention, DecoderLayer, Llama, Mlp, RmsNorm, TokenBatch};
+pub use peft_core::{LayerHooks, NoHooks};
 pub use rope::RotaryEmbedding;
 pub use tokenizer::LlamaTokenizer;
 pub use weights::{LlamaLoader, WeightDtype};

@@ -570,7 +570,10 @@ impl<X: Backend> AttentionNode<X> {
         let [q, k, v] = qkv.map(prim);
         let bias = bias.map(|b| prim(b).primitive);
         let p = Self::probabilities(&q.primitive, &k.primitive, scale, &bias);
-        let out = raw(crate::tensor::matmul(p, tensor::<X, 4>(v.primitive.clone())));
+        let out = raw(crate::tensor::matmul(
+            p,
+            tensor::<X, 4>(v.primitive.clone()),
+        ));
         let state = || {
             let qkv = [&q, &k, &v].map(|t| t.primitive.clone());
             (qkv, bias, scale)

@@ -54,4 +54,3 @@ pub enum Kernel {
     /// `[dy, cos, sin]` → `[dx]`.
     RopeBackward,
 }
-

@@ -33,8 +33,8 @@ use cudarc::driver::result as driver;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction};
 use cudarc::nvrtc::result as nvrtc;
 
-use crate::dispatch::{cast, is, Kernel};
 use crate::cublas::{self, BlasBackend, Cube, Fused, FusedRuntime, Prim};
+use crate::dispatch::{cast, is, Kernel};
 
 /// The kernels' source.
 const SOURCE: &str = include_str!("kernels.cu");

@@ -66,4 +66,3 @@ pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
         .expand([batch, kv_heads, n_rep, seq, dim])
         .reshape([batch, kv_heads * n_rep, seq, dim])
 }
-

@@ -11,11 +11,11 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
-use peft_io::files::{read_json, write_atomic};
 use peft_core::native_format::{
     adaption_prompt_parameters, apply, check_parameter_count, read_manifest,
 };
 use peft_core::{AdaptableModel, ModelGeometry};
+use peft_io::files::{read_json, write_atomic};
 use serde_json::{json, Value};
 
 use crate::error::{Result, VisionError};

@@ -247,10 +247,15 @@ fn save_then_load_round_trips_exactly_with_the_projection() {
         .any(|t| t.key == "visual_projection.first.weight"));
     assert_eq!(before, after);
     // A text-only loader refuses it by name rather than dropping the projection.
-    let error = peft_core::load_adapter::<B>(&dir, &base, &peft_core::LoadOptions::default().with_adapter_len(10), &device)
-        .err()
-        .unwrap()
-        .to_string();
+    let error = peft_core::load_adapter::<B>(
+        &dir,
+        &base,
+        &peft_core::LoadOptions::default().with_adapter_len(10),
+        &device,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(error.contains("MULTIMODAL_ADAPTION_PROMPT"), "{error}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -273,8 +278,7 @@ fn features_of_the_wrong_batch_are_an_error() {
 fn corrupt_multimodal_manifests_are_errors_naming_the_problem() {
     let base = base::<B>();
     let device = Default::default();
-    let adapter: MultimodalAdaptionPrompt<B> =
-        config(vec![1]).init::<B>(&base, &device).unwrap();
+    let adapter: MultimodalAdaptionPrompt<B> = config(vec![1]).init::<B>(&base, &device).unwrap();
     let dir = std::env::temp_dir().join(format!("peft-vision-corrupt-{}", std::process::id()));
     save_multimodal(&adapter, &base, &dir).unwrap();
     let manifest_path = dir.join(peft_core::native_format::CONFIG_FILE);

@@ -7,8 +7,7 @@
 //! computed on the f64 CPU backend (the fixtures are f64-exact; in f32 the same comparison
 //! needs atol 1e-5, see fixtures/README.md).
 
-#[path = "../../peft-llama/tests/common/mod.rs"]
-mod common;
+use crate::common;
 
 use peft_core::Adapter;
 use std::path::PathBuf;

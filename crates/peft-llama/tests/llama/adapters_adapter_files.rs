@@ -5,11 +5,10 @@
 //! the error cases start from the PEFT-written fixtures of `fixtures/tiny-mha` (whose loading is
 //! covered by `tests/parity.rs`) and break one thing each. CPU (NdArray, f32), a few seconds.
 
-#[path = "../../peft-llama/tests/common/mod.rs"]
-mod common;
+use crate::common;
 
-use peft_core::LoadOptions;
 use peft_core::Adapter;
+use peft_core::LoadOptions;
 use peft_core::Randomise;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,11 +19,11 @@ use burn::tensor::{Tensor, TensorData};
 use common::{fixtures, inputs, stories260k};
 use peft_core::official_format::{load_official, save_official};
 use peft_core::peft_format::safetensors_bytes;
-use peft_io::torch_pickle::state_dict_bytes;
 use peft_core::{
     load_adapter, save_adapter, AdapterFormat, AdaptionPrompt, AdaptionPromptConfig, AnyAdapter,
     GateActivation, GateShape, LoraConfig, NamedTensor, PrefixTuningConfig,
 };
+use peft_io::torch_pickle::state_dict_bytes;
 use peft_llama::weights::TensorMap;
 use peft_llama::{Llama, LlamaConfig, LlamaLoader, TokenBatch};
 use safetensors::SafeTensors;
@@ -132,7 +131,7 @@ fn host<const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
 
 fn logits(base: &Llama<B>, adapter: &AnyAdapter<B>) -> Vec<f32> {
     host(
-        base.forward(&tokens(&base), adapter.hooks(base).as_ref(), None)
+        base.forward(&tokens(base), adapter.hooks(base).as_ref(), None)
             .unwrap(),
     )
 }
@@ -253,7 +252,12 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 
 /// The error message of a load that must fail.
 fn load_error(dir: &Path, model: &Llama<B>) -> String {
-    match load_adapter::<B>(dir, model, &LoadOptions::default().with_adapter_len(4), &Default::default()) {
+    match load_adapter::<B>(
+        dir,
+        model,
+        &LoadOptions::default().with_adapter_len(4),
+        &Default::default(),
+    ) {
         Ok(adapter) => panic!(
             "{} loaded as {} but must be refused",
             dir.display(),
@@ -373,7 +377,13 @@ fn projected_prefix_keeps_its_mlp_natively_and_saves_its_output_as_peft() {
     // PEFT stores the MLP's output (as PEFT itself does): same prefixes, same logits, no MLP.
     let dir = TempDir::new("projected-peft");
     save_adapter(&adapter, &base, &dir.0, Some(AdapterFormat::Peft)).unwrap();
-    let peft = load_adapter::<B>(&dir.0, &base, &peft_core::LoadOptions::default().with_adapter_len(10), &Default::default()).unwrap();
+    let peft = load_adapter::<B>(
+        &dir.0,
+        &base,
+        &peft_core::LoadOptions::default().with_adapter_len(10),
+        &Default::default(),
+    )
+    .unwrap();
     let AnyAdapter::PrefixTuning(prefix) = &peft else {
         panic!("loaded as {}", peft.method())
     };
@@ -444,7 +454,13 @@ fn per_head_tanh_adaption_prompt_roundtrips_in_native_and_official_formats() {
     let dir = TempDir::new("per-head-safetensors");
     let file = dir.join("adapter.safetensors");
     save_official(prompt, &base, &file).unwrap();
-    let loaded = load_adapter::<B>(&file, &base, &peft_core::LoadOptions::default().with_adapter_len(4), &Default::default()).unwrap();
+    let loaded = load_adapter::<B>(
+        &file,
+        &base,
+        &peft_core::LoadOptions::default().with_adapter_len(4),
+        &Default::default(),
+    )
+    .unwrap();
     same_named_tensors(
         &adapter.named_tensors(),
         &loaded.named_tensors(),
@@ -561,7 +577,13 @@ fn per_head_adaption_prompt_sharing_one_gate_per_layer_saves_as_peft_with_the_ac
         );
     }
 
-    let loaded = load_adapter::<B>(&dir.0, &base, &peft_core::LoadOptions::default().with_adapter_len(4), &Default::default()).unwrap();
+    let loaded = load_adapter::<B>(
+        &dir.0,
+        &base,
+        &peft_core::LoadOptions::default().with_adapter_len(4),
+        &Default::default(),
+    )
+    .unwrap();
     let AnyAdapter::AdaptionPrompt(loaded_prompt) = &loaded else {
         unreachable!()
     };
@@ -1096,7 +1118,13 @@ fn saving_over_an_existing_adapter_replaces_it_whole_and_leaves_no_temporary_fil
             files,
             "{format:?}: the same files, no temporary ones left"
         );
-        let loaded = load_adapter::<B>(&dir.0, &base, &peft_core::LoadOptions::default().with_adapter_len(10), &device).unwrap();
+        let loaded = load_adapter::<B>(
+            &dir.0,
+            &base,
+            &peft_core::LoadOptions::default().with_adapter_len(10),
+            &device,
+        )
+        .unwrap();
         same_named_tensors(
             &second.named_tensors(),
             &loaded.named_tensors(),
@@ -1110,7 +1138,13 @@ fn saving_over_an_existing_adapter_replaces_it_whole_and_leaves_no_temporary_fil
     let again = AnyAdapter::AdaptionPrompt(per_head_tanh(&base));
     save_adapter(&again, &base, &dir.0, Some(AdapterFormat::Official)).unwrap();
     assert_eq!(files_in(&dir.0), ["adapter.pth"]);
-    let loaded = load_adapter::<B>(&dir.0, &base, &peft_core::LoadOptions::default().with_adapter_len(4), &device).unwrap();
+    let loaded = load_adapter::<B>(
+        &dir.0,
+        &base,
+        &peft_core::LoadOptions::default().with_adapter_len(4),
+        &device,
+    )
+    .unwrap();
     same_named_tensors(
         &again.named_tensors(),
         &loaded.named_tensors(),
@@ -1137,7 +1171,13 @@ fn saving_in_another_format_over_an_adapter_loads_the_new_one() {
     let dir = TempDir::new("reformat");
     save_adapter(&old, &base, &dir.0, Some(AdapterFormat::Native)).unwrap();
     save_adapter(&new, &base, &dir.0, Some(AdapterFormat::Peft)).unwrap();
-    let loaded = load_adapter::<B>(&dir.0, &base, &peft_core::LoadOptions::default().with_adapter_len(10), &device).unwrap();
+    let loaded = load_adapter::<B>(
+        &dir.0,
+        &base,
+        &peft_core::LoadOptions::default().with_adapter_len(10),
+        &device,
+    )
+    .unwrap();
     same_named_tensors(
         &new.named_tensors(),
         &loaded.named_tensors(),
@@ -1173,7 +1213,13 @@ fn saving_in_another_format_leaves_only_the_new_adapter() {
     for (adapter, format, files) in steps {
         save_adapter(adapter, &base, &dir.0, Some(format)).unwrap();
         assert_eq!(files_in(&dir.0), files, "after saving as {format:?}");
-        let loaded = load_adapter::<B>(&dir.0, &base, &peft_core::LoadOptions::default().with_adapter_len(4), &device).unwrap();
+        let loaded = load_adapter::<B>(
+            &dir.0,
+            &base,
+            &peft_core::LoadOptions::default().with_adapter_len(4),
+            &device,
+        )
+        .unwrap();
         same_named_tensors(
             &adapter.named_tensors(),
             &loaded.named_tensors(),
@@ -1273,13 +1319,8 @@ fn saving_where_files_cannot_be_written_fails_and_leaves_existing_files_alone() 
         } else {
             new.clone()
         };
-        let message = save_adapter(
-            &adapter,
-            &base,
-            &dir.join("file/adapter"),
-            Some(format),
-        )
-        .unwrap_err();
+        let message =
+            save_adapter(&adapter, &base, &dir.join("file/adapter"), Some(format)).unwrap_err();
         assert_mentions(&message.to_string(), &["file"]);
     }
     assert_eq!(

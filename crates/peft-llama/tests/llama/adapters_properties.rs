@@ -1,7 +1,6 @@
 //! Properties every adapter must have, on the real stories260k model (GQA) and the tiny fixtures.
 
-#[path = "../../peft-llama/tests/common/mod.rs"]
-mod common;
+use crate::common;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{Module, ModuleVisitor, Param};
@@ -363,9 +362,16 @@ fn parameter_counts_from_config_equal_allocated_counts() {
     let base = model::<B>();
     for adapter in all_methods::<B>(&base, false) {
         let from_config = match &adapter {
-            AnyAdapter::AdaptionPrompt(a) => a.config.num_trainable_parameters(&base.config.geometry()),
-            AnyAdapter::Lora(a) => a.config.num_trainable_parameters(&base.config.linear_sites()).unwrap(),
-            AnyAdapter::PrefixTuning(a) => a.config.num_trainable_parameters(&base.config.geometry()),
+            AnyAdapter::AdaptionPrompt(a) => {
+                a.config.num_trainable_parameters(&base.config.geometry())
+            }
+            AnyAdapter::Lora(a) => a
+                .config
+                .num_trainable_parameters(&base.config.linear_sites())
+                .unwrap(),
+            AnyAdapter::PrefixTuning(a) => {
+                a.config.num_trainable_parameters(&base.config.geometry())
+            }
         };
         assert_eq!(
             from_config,

@@ -1,7 +1,7 @@
 //! The LLaMA implementation against Hugging Face `transformers` (fixtures from
 //! `scripts/make_fixtures.py`). Tolerance on logits: rtol 1e-4, atol 1e-5 on real positions.
 
-mod common;
+use crate::common;
 
 use burn::backend::NdArray;
 use common::{assert_close, fixtures, inputs, real_positions, stories260k, Fixture};

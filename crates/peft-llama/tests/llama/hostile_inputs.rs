@@ -5,7 +5,7 @@
 //! them with the messages. Meta `.pth` cases live in `peft-core/tests/hostile_inputs.rs`, where
 //! the `.pth` writer is.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -5,8 +5,7 @@
 //! absurd sizes, mismatched shapes); `docs/reliability.md` lists both. CPU, well under a second
 //! of work per test on `fixtures/tiny-mha`.
 
-#[path = "../../peft-llama/tests/common/mod.rs"]
-mod common;
+use crate::common;
 
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
@@ -14,10 +13,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::backend::NdArray;
 use common::fixtures;
-use peft_core::LoadOptions;
 use peft_core::peft_format::safetensors_bytes;
-use peft_io::torch_pickle::state_dict_bytes;
+use peft_core::LoadOptions;
 use peft_core::{load_adapter, NamedTensor, PeftError};
+use peft_io::torch_pickle::state_dict_bytes;
 use peft_llama::weights::TensorMap;
 use peft_llama::{LlamaConfig, LlamaLoader};
 use safetensors::SafeTensors;
@@ -86,7 +85,13 @@ fn refused<T, E: std::fmt::Display>(case: &str, result: Result<T, E>, fragments:
 }
 
 fn load_official(path: &Path) -> Result<(), PeftError> {
-    load_adapter::<B>(path, &tiny_model(), &LoadOptions::default().with_adapter_len(4), &Default::default()).map(|_| ())
+    load_adapter::<B>(
+        path,
+        &tiny_model(),
+        &LoadOptions::default().with_adapter_len(4),
+        &Default::default(),
+    )
+    .map(|_| ())
 }
 
 fn load_model(dir: &Path) -> Result<(), peft_llama::LlamaError> {
@@ -398,7 +403,12 @@ fn nan_in_peft_and_native_adapter_weights_is_refused_naming_the_tensor() {
     std::fs::write(&weights, safetensors_bytes(&tensors, &weights).unwrap()).unwrap();
     refused(
         "adapter_model.safetensors: NaN",
-        load_adapter::<B>(&dir.0, &tiny_model(), &LoadOptions::default().with_adapter_len(4), &Default::default()),
+        load_adapter::<B>(
+            &dir.0,
+            &tiny_model(),
+            &LoadOptions::default().with_adapter_len(4),
+            &Default::default(),
+        ),
         &[&format!("tensor '{key}' contains non-finite values")],
     );
 }
@@ -412,7 +422,14 @@ fn empty_non_utf8_and_mistyped_adapter_configs_are_refused_naming_the_file() {
     let dir = TempDir::copy_of(&fixtures().join("tiny-mha/adapters/lora"), "config-bytes");
     let config = dir.join("adapter_config.json");
     let original = std::fs::read(&config).unwrap();
-    let load = || load_adapter::<B>(&dir.0, &tiny_model(), &LoadOptions::default().with_adapter_len(4), &Default::default());
+    let load = || {
+        load_adapter::<B>(
+            &dir.0,
+            &tiny_model(),
+            &LoadOptions::default().with_adapter_len(4),
+            &Default::default(),
+        )
+    };
     std::fs::write(&config, b"").unwrap();
     refused(
         "adapter_config.json empty",
