@@ -7,8 +7,8 @@
 #   .gpu/peft         stripped `peft` binary built with --features cuda
 #   .gpu/train_bench  stripped `train_bench` example built with --features cuda
 #   .gpu/peft-*.whl   the PEFT wheel (`pip download --no-deps peft`)
-#   .gpu/matmul_test  (for `matmul-test`) peft-llama's tests/matmul.rs built with --features cuda
-#   .gpu/blocks_test  (for `blocks-test`) peft-llama's tests/blocks.rs built likewise
+#   .gpu/ops_test     (for `matmul-test` and `blocks-test`) peft-ops' test binary (tests/ops/)
+#                     built with --features cuda; each item runs its module (`matmul::`, `blocks::`)
 #   .gpu/train_bench_prev (for `ours-prev`) an earlier train_bench, for an A/B in one call
 # Writes to $OUT (default ./gpu-out) results.jsonl, check-f32.jsonl, check-bf16.jsonl,
 # nvidia-smi.txt and logs.tgz (every process's stdout, stderr and memory samples); the device
@@ -30,7 +30,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # NVLink multicast stays off (the device tool's KINDS.md says why).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-# cuBLAS and CUPTI are loaded at run time (crates/peft-llama/src/cublas.rs): the CUDA toolkit's
+# cuBLAS and CUPTI are loaded at run time (crates/peft-ops/src/cublas.rs): the CUDA toolkit's
 # folders.
 for lib in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
     /usr/local/cuda/extras/CUPTI/lib64; do
@@ -96,7 +96,7 @@ for what in $WHAT; do
     matmul-test | blocks-test)
         # matmul: the cuBLAS products and their gradients against an f64 host reference;
         # blocks: the RMSNorm, SwiGLU, softmax and rotary nodes (kernels.cu) against the chains.
-        timeout 120 ".gpu/${what%-test}_test" --nocapture --test-threads 1 > "$OUT/$what.txt" 2>&1
+        timeout 120 .gpu/ops_test "${what%-test}::" --nocapture --test-threads 1 > "$OUT/$what.txt" 2>&1
         echo "$what: rc=$? $(grep -c 'max |error|' "$OUT/$what.txt") comparisons"
         ;;
     ours-prev)

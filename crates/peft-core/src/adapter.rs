@@ -160,12 +160,14 @@ pub fn gradients_as_module<B: AutodiffBackend, M: AutodiffModule<B>>(
 ///
 /// ```
 /// use burn::module::Module;
-/// use burn::tensor::Tensor;
+/// use burn::nn::{Initializer, LinearConfig};
 /// # type B = burn::backend::NdArray<f32>;
 /// let device = Default::default();
-/// let zeros = burn::module::Param::from_tensor(Tensor::<B, 2>::zeros([4, 8], &device));
+/// let zeros = LinearConfig::new(4, 8)
+///     .with_initializer(Initializer::Zeros)
+///     .init::<B>(&device);
 /// let noisy = zeros.map(&mut peft_core::Randomise(0.1));
-/// let values = peft_core::host_values(noisy.val());
+/// let values = peft_core::host_values(noisy.weight.val());
 /// assert!(values.iter().any(|&v| v != 0.0));
 /// ```
 #[derive(Debug, Clone, Copy)]

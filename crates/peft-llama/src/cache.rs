@@ -2,7 +2,7 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::model::TokenBatch;
+use crate::tokens::TokenBatch;
 
 /// One layer's cached rotated keys and values `[batch, kv_heads, tokens, head_dim]` (`None`
 /// before the first token).

@@ -19,6 +19,7 @@ pub mod generate;
 pub mod model;
 pub mod rope;
 pub mod tokenizer;
+pub mod tokens;
 pub mod weights;
 
 pub use adaptable::{PeftLlama, PrefixFromTokens, LAYERS_PATH};

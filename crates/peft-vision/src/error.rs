@@ -73,7 +73,8 @@ impl VisionError {
 pub type Result<T, E = VisionError> = std::result::Result<T, E>;
 
 impl From<peft_io::CheckpointError> for VisionError {
+    /// A checkpoint error is a weight error, as it was when the readers lived in `peft-llama`.
     fn from(error: peft_io::CheckpointError) -> Self {
-        Self::Peft(error.into())
+        Self::Weights(error.into())
     }
 }

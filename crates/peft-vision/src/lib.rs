@@ -21,7 +21,7 @@
 //!     &vision.config,
 //!     vec![1, 2, 3],
 //! )
-//! .init::<B>(&base.config, &device)?;
+//! .init::<B>(&base, &device)?;
 //! let features = adapter.visual_features(&vision, pixels)?;
 //! let tokens = TokenBatch::from_rows(&[vec![1, 403, 407]])?;
 //! let hooks = adapter.hooks_with_image(&base, features, 1)?;
