@@ -20,8 +20,7 @@ use peft_ops::tensor::{cast_to, matmul, repeat_kv};
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
 use crate::hooks::LayerHooks;
-use crate::lora::require_point;
-use crate::model::{AdaptableModel, InsertionPoint, ModelGeometry};
+use crate::model::{require_point, AdaptableModel, InsertionPoint, ModelGeometry};
 
 /// How many gates an adapted layer has.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use peft_ops::tensor::{cast_to, matmul, upcast};
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
 use crate::hooks::{LayerHooks, Site};
-use crate::model::{AdaptableModel, InsertionPoint, LinearSite, ModelGeometry};
+use crate::model::{require_point, AdaptableModel, InsertionPoint, LinearSite, ModelGeometry};
 use crate::targets::TargetModules;
 
 /// Configuration of [`Lora`].
@@ -164,25 +164,7 @@ impl LoraConfig {
         Ok(Lora {
             modules,
             config: self.clone(),
-            geometry: model.geometry(),
         })
-    }
-}
-
-/// Fails unless `model` calls its hooks at `point`.
-pub(crate) fn require_point<B: Backend>(
-    model: &(impl AdaptableModel<B> + ?Sized),
-    point: InsertionPoint,
-    method: &str,
-) -> Result<()> {
-    if model.insertion_points().contains(&point) {
-        Ok(())
-    } else {
-        Err(PeftError::Incompatible(format!(
-            "{method} needs the model to call its hooks at {point:?}, and this model does not \
-             (it supports {:?})",
-            model.insertion_points()
-        )))
     }
 }
 
@@ -229,9 +211,6 @@ pub struct Lora<B: Backend> {
     /// Settings.
     #[module(skip)]
     pub config: LoraConfig,
-    /// Sizes of the model the adapter was made for.
-    #[module(skip)]
-    pub geometry: ModelGeometry,
 }
 
 struct LoraHooks<'a, B: Backend> {
@@ -271,26 +250,24 @@ impl<B: Backend> LayerHooks<B> for LoraHooks<'_, B> {
 
 impl<B: Backend> Lora<B> {
     fn apply_dense(&self, model: &mut dyn AdaptableModel<B>, sign: f64) -> Result<()> {
+        let missing = |path: &str| {
+            PeftError::Incompatible(format!(
+                "the model has no linear layer `{path}` to merge into"
+            ))
+        };
         // Every site is looked up before any weight changes, so a failure leaves the model as
         // it was.
-        if let Some(missing) = self
+        if let Some(module) = self
             .modules
             .iter()
             .find(|m| model.linear_mut(&m.site.path).is_none())
         {
-            return Err(PeftError::Incompatible(format!(
-                "the model has no linear layer `{}` to merge into",
-                missing.site.path
-            )));
+            return Err(missing(&module.site.path));
         }
         let scaling = self.config.scaling();
         for module in &self.modules {
             let path = &module.site.path;
-            let linear = model.linear_mut(path).ok_or_else(|| {
-                PeftError::Incompatible(format!(
-                    "the model has no linear layer `{path}` to merge into"
-                ))
-            })?;
+            let linear = model.linear_mut(path).ok_or_else(|| missing(path))?;
             let weight = linear.weight.val();
             let dtype = weight.dtype();
             let delta = module.dense_delta(scaling);

@@ -178,3 +178,20 @@ pub trait AdaptableModel<B: Backend> {
         None
     }
 }
+
+/// Fails unless `model` calls its hooks at `point`.
+pub(crate) fn require_point<B: Backend>(
+    model: &(impl AdaptableModel<B> + ?Sized),
+    point: InsertionPoint,
+    method: &str,
+) -> crate::Result<()> {
+    if model.insertion_points().contains(&point) {
+        Ok(())
+    } else {
+        Err(crate::PeftError::Incompatible(format!(
+            "{method} needs the model to call its hooks at {point:?}, and this model does not \
+             (it supports {:?})",
+            model.insertion_points()
+        )))
+    }
+}

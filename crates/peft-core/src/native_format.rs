@@ -28,7 +28,8 @@ pub const WEIGHTS_FILE: &str = "adapter.safetensors";
 /// The format's version; bumped on incompatible changes.
 pub const FORMAT_VERSION: u64 = 1;
 
-fn model_sizes(model: &ModelGeometry) -> Value {
+/// The `model` entry of a manifest: the sizes an adapter was made for.
+pub fn model_sizes(model: &ModelGeometry) -> Value {
     serde_json::to_value(model).expect("model sizes serialise")
 }
 
@@ -135,13 +136,13 @@ pub fn load_native<B: Backend>(
     model: &dyn AdaptableModel<B>,
     device: &B::Device,
 ) -> Result<AnyAdapter<B>> {
+    let geometry = model.geometry();
     let Manifest {
         peft_type,
         config,
         config_path,
         weights,
-    } = read_manifest(dir, &model.geometry())?;
-    let geometry = model.geometry();
+    } = read_manifest(dir, &geometry)?;
     let format = |message: String| PeftError::Format {
         path: config_path.clone(),
         message,

@@ -34,8 +34,7 @@ pub fn load_official<B: Backend>(
     model: &dyn AdaptableModel<B>,
     device: &B::Device,
 ) -> Result<AdaptionPrompt<B>> {
-    let model_ref = model;
-    let model = model.geometry();
+    let geometry = model.geometry();
     let format = |message: String| PeftError::Format {
         path: path.into(),
         message,
@@ -50,11 +49,11 @@ pub fn load_official<B: Backend>(
             "no `{PROMPT_KEY}`: not an official LLaMA-Adapter checkpoint"
         ))
     })?;
-    if shape.len() != 2 || shape[1] != model.hidden_size {
+    if shape.len() != 2 || shape[1] != geometry.hidden_size {
         return Err(PeftError::Incompatible(format!(
             "{}: `{PROMPT_KEY}` has shape {shape:?}, the model needs [L·K, {}]",
             path.display(),
-            model.hidden_size
+            geometry.hidden_size
         )));
     }
     if adapter_len == 0 || shape[0] % adapter_len != 0 {
@@ -69,12 +68,12 @@ pub fn load_official<B: Backend>(
             "`{PROMPT_KEY}` has no rows: the checkpoint holds no adaption prompts"
         )));
     }
-    if layers > model.num_hidden_layers {
+    if layers > geometry.num_hidden_layers {
         // The file does not store adapter_len, so a wrong --adapter-len is the likely cause.
         return Err(format(format!(
             "`{PROMPT_KEY}` has {} rows, which with adapter_len {adapter_len} makes {layers} adapted \
              layers, but the model has {} layers (pass the right --adapter-len)",
-            shape[0], model.num_hidden_layers
+            shape[0], geometry.num_hidden_layers
         )));
     }
     let config = AdaptionPromptConfig::new()
@@ -82,17 +81,17 @@ pub fn load_official<B: Backend>(
         .with_adapter_layers(layers)
         .with_gate_shape(GateShape::PerHead)
         .with_gate_activation(GateActivation::Tanh);
-    config.validate(&model).map_err(|e| {
+    config.validate(&geometry).map_err(|e| {
         format(format!(
             "{e} (`{PROMPT_KEY}` has {} rows, adapter_len {adapter_len}: check --adapter-len)",
             shape[0]
         ))
     })?;
     let prompts = tensors.take_f32(PROMPT_KEY, &shape)?;
-    let heads = model.num_attention_heads;
-    let first = model.num_hidden_layers - layers;
+    let heads = geometry.num_attention_heads;
+    let first = geometry.num_hidden_layers - layers;
     let mut gates = Vec::with_capacity(layers * heads);
-    for layer in 0..model.num_hidden_layers {
+    for layer in 0..geometry.num_hidden_layers {
         let key = gate_key(layer);
         if layer < first {
             if tensors.contains(&key) {
@@ -109,10 +108,10 @@ pub fn load_official<B: Backend>(
         }
     }
     tensors.finish()?;
-    let width = model.hidden_size;
+    let width = geometry.hidden_size;
     Ok(AdaptionPrompt::from_tensors(
         config,
-        model_ref,
+        model,
         Tensor::from_data(
             TensorData::new(prompts, [layers, adapter_len, width]),
             device,

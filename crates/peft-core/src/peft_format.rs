@@ -98,9 +98,6 @@ fn lora_config(config: &Value, path: &Path) -> Result<LoraConfig> {
                 "`target_modules` must be a list of module names or a regular expression",
             )
         })?;
-    target_modules
-        .matcher()
-        .map_err(|e| format_error(path, e.to_string()))?;
     let layers_to_transform = match config.get("layers_to_transform") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => Some(vec![n.as_u64().unwrap_or(0) as usize]),
@@ -201,7 +198,7 @@ pub fn load_peft<B: Backend>(
                     site,
                 });
             }
-            AnyAdapter::Lora(Lora { modules, config: lora, geometry })
+            AnyAdapter::Lora(Lora { modules, config: lora })
         }
         "PREFIX_TUNING" => {
             let tokens = usize_field(&config, "num_virtual_tokens", &config_path)?;

@@ -11,8 +11,7 @@ use peft_ops::tensor::{cast_to, upcast};
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
 use crate::hooks::LayerHooks;
-use crate::lora::require_point;
-use crate::model::{AdaptableModel, InsertionPoint, ModelGeometry};
+use crate::model::{require_point, AdaptableModel, InsertionPoint, ModelGeometry};
 
 /// Configuration of [`PrefixTuning`].
 #[derive(Config, Debug, PartialEq)]
@@ -102,7 +101,7 @@ impl PrefixTuningConfig {
     /// Creates the adapter with each layer's prefix set to given keys and values, each
     /// `[1, kv_heads, P, head_dim]`, bottom layer first: Li & Liang's initialisation from the
     /// activations of real words, when `key_values` are what the model computes for `P` real
-    /// tokens (`peft_llama::prefix_from_tokens` does that for LLaMA). The files it produces are
+    /// tokens (`peft_llama::PrefixFromTokens` does that for LLaMA). The files it produces are
     /// ordinary PEFT prefix-tuning files.
     ///
     /// # Errors

@@ -12,7 +12,7 @@ use peft_core::{
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::generate::{generate, Generation, GenerationConfig};
-use crate::model::{Llama, TokenBatch};
+use crate::model::{sites, Llama, TokenBatch};
 
 /// The module path of the decoder layers, as Hugging Face's `LlamaForCausalLM` names them.
 pub const LAYERS_PATH: &str = "model.layers";
@@ -27,13 +27,13 @@ fn layer_sites(config: &LlamaConfig) -> [(&'static str, usize, usize); 7] {
         config.intermediate_size,
     );
     [
-        ("self_attn.q_proj", d, q),
-        ("self_attn.k_proj", d, kv),
-        ("self_attn.v_proj", d, kv),
-        ("self_attn.o_proj", q, d),
-        ("mlp.gate_proj", d, f),
-        ("mlp.up_proj", d, f),
-        ("mlp.down_proj", f, d),
+        (sites::Q_PROJ, d, q),
+        (sites::K_PROJ, d, kv),
+        (sites::V_PROJ, d, kv),
+        (sites::O_PROJ, q, d),
+        (sites::GATE_PROJ, d, f),
+        (sites::UP_PROJ, d, f),
+        (sites::DOWN_PROJ, f, d),
     ]
 }
 
@@ -79,13 +79,13 @@ impl<B: Backend> AdaptableModel<B> for Llama<B> {
         let (index, name) = rest.split_once('.')?;
         let layer = self.layers.get_mut(index.parse::<usize>().ok()?)?;
         Some(match name {
-            "self_attn.q_proj" => &mut layer.self_attn.q_proj,
-            "self_attn.k_proj" => &mut layer.self_attn.k_proj,
-            "self_attn.v_proj" => &mut layer.self_attn.v_proj,
-            "self_attn.o_proj" => &mut layer.self_attn.o_proj,
-            "mlp.gate_proj" => &mut layer.mlp.gate_proj,
-            "mlp.up_proj" => &mut layer.mlp.up_proj,
-            "mlp.down_proj" => &mut layer.mlp.down_proj,
+            sites::Q_PROJ => &mut layer.self_attn.q_proj,
+            sites::K_PROJ => &mut layer.self_attn.k_proj,
+            sites::V_PROJ => &mut layer.self_attn.v_proj,
+            sites::O_PROJ => &mut layer.self_attn.o_proj,
+            sites::GATE_PROJ => &mut layer.mlp.gate_proj,
+            sites::UP_PROJ => &mut layer.mlp.up_proj,
+            sites::DOWN_PROJ => &mut layer.mlp.down_proj,
             _ => return None,
         })
     }

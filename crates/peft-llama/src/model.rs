@@ -13,6 +13,26 @@ use crate::error::{LlamaError, Result};
 use crate::rope::{apply_rotary, RotaryEmbedding};
 pub use crate::tokens::TokenBatch;
 
+/// The names of a decoder layer's linear sites, as Hugging Face names the modules inside a
+/// layer: what the forward pass passes to [`LayerHooks::adapt_linear`] and what
+/// [`crate::adaptable`] lists and looks up.
+pub mod sites {
+    /// `self_attn.q_proj`
+    pub const Q_PROJ: &str = "self_attn.q_proj";
+    /// `self_attn.k_proj`
+    pub const K_PROJ: &str = "self_attn.k_proj";
+    /// `self_attn.v_proj`
+    pub const V_PROJ: &str = "self_attn.v_proj";
+    /// `self_attn.o_proj`
+    pub const O_PROJ: &str = "self_attn.o_proj";
+    /// `mlp.gate_proj`
+    pub const GATE_PROJ: &str = "mlp.gate_proj";
+    /// `mlp.up_proj`
+    pub const UP_PROJ: &str = "mlp.up_proj";
+    /// `mlp.down_proj`
+    pub const DOWN_PROJ: &str = "mlp.down_proj";
+}
+
 /// Root-mean-square layer normalisation, computed in at least f32 whatever the weights' dtype.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
@@ -93,10 +113,9 @@ impl<B: Backend> Attention<B> {
                 linear_rows(linear, x.clone()),
             )
         };
-        let queries = Self::split_heads(project(&self.q_proj, "self_attn.q_proj"), self.num_heads);
-        let keys = Self::split_heads(project(&self.k_proj, "self_attn.k_proj"), self.num_kv_heads);
-        let values =
-            Self::split_heads(project(&self.v_proj, "self_attn.v_proj"), self.num_kv_heads);
+        let queries = Self::split_heads(project(&self.q_proj, sites::Q_PROJ), self.num_heads);
+        let keys = Self::split_heads(project(&self.k_proj, sites::K_PROJ), self.num_kv_heads);
+        let values = Self::split_heads(project(&self.v_proj, sites::V_PROJ), self.num_kv_heads);
         let queries = apply_rotary(queries, &context.cos, &context.sin);
         let mut keys = apply_rotary(keys, &context.cos, &context.sin);
         let mut values = values;
@@ -125,7 +144,7 @@ impl<B: Backend> Attention<B> {
             .swap_dims(1, 2)
             .reshape([batch, seq, self.num_heads * self.head_dim]);
         hooks.adapt_linear(
-            Site::in_layer(layer, "self_attn.o_proj"),
+            Site::in_layer(layer, sites::O_PROJ),
             &output,
             linear_rows(&self.o_proj, output.clone()),
         )
@@ -152,18 +171,18 @@ impl<B: Backend> Mlp<B> {
         hooks: &dyn LayerHooks<B>,
     ) -> Tensor<B, 3> {
         let gate = hooks.adapt_linear(
-            Site::in_layer(layer, "mlp.gate_proj"),
+            Site::in_layer(layer, sites::GATE_PROJ),
             &x,
             linear_rows(&self.gate_proj, x.clone()),
         );
         let up = hooks.adapt_linear(
-            Site::in_layer(layer, "mlp.up_proj"),
+            Site::in_layer(layer, sites::UP_PROJ),
             &x,
             linear_rows(&self.up_proj, x.clone()),
         );
         let hidden = peft_ops::blocks::swiglu(gate, up);
         hooks.adapt_linear(
-            Site::in_layer(layer, "mlp.down_proj"),
+            Site::in_layer(layer, sites::DOWN_PROJ),
             &hidden,
             linear_rows(&self.down_proj, hidden.clone()),
         )

@@ -28,10 +28,6 @@ pub const CONFIG_FILE: &str = peft_core::native_format::CONFIG_FILE;
 /// The tensor file.
 pub const WEIGHTS_FILE: &str = peft_core::native_format::WEIGHTS_FILE;
 
-fn model_sizes(model: &ModelGeometry) -> Value {
-    serde_json::to_value(model).expect("model sizes serialise")
-}
-
 /// Whether `dir` holds a multimodal adaption prompt.
 pub fn is_multimodal_adapter(dir: &Path) -> bool {
     read_json(&dir.join(CONFIG_FILE))
@@ -62,7 +58,7 @@ pub fn save_multimodal<B: Backend>(
         "format_version": peft_core::native_format::FORMAT_VERSION,
         "peft_type": PEFT_TYPE,
         "config": config,
-        "model": model_sizes(&model.geometry()),
+        "model": peft_core::native_format::model_sizes(&model.geometry()),
     });
     let weights = dir.join(WEIGHTS_FILE);
     // No metadata, so that the same tensors always give the same bytes.
@@ -94,7 +90,8 @@ pub fn load_multimodal<B: Backend>(
     model: &dyn AdaptableModel<B>,
     device: &B::Device,
 ) -> Result<MultimodalAdaptionPrompt<B>> {
-    let manifest = read_manifest(dir, &model.geometry())?;
+    let geometry = model.geometry();
+    let manifest = read_manifest(dir, &geometry)?;
     let format = |message: String| VisionError::Format {
         path: manifest.config_path.clone(),
         message,
@@ -107,11 +104,11 @@ pub fn load_multimodal<B: Backend>(
     }
     let config: MultimodalAdaptionPromptConfig = serde_json::from_value(manifest.config.clone())
         .map_err(|e| format(format!("`config`: {e}")))?;
-    config.validate(&model.geometry())?;
+    config.validate(&geometry)?;
     // Every size is checked against the tensor file's header before `init` allocates anything:
     // a corrupt size in the configuration must be an error, not an abort.
     check_parameter_count(
-        parameters(&config, &model.geometry()),
+        parameters(&config, &geometry),
         &manifest.config,
         &manifest.config_path,
         &manifest.weights,
