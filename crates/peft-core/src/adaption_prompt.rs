@@ -231,7 +231,7 @@ impl<B: Backend> AdaptionPrompt<B> {
         let dtype = model.dtype();
         let [layers, _, _] = prompts.dims();
         let prepared = (0..layers)
-            .filter_map(|index| {
+            .map(|index| {
                 let prompt = prompts.clone().narrow(0, index, 1);
                 // [1, K, hidden] + [batch, 1, hidden] → [batch, K, hidden]
                 let prompt = match &offset {
@@ -239,7 +239,6 @@ impl<B: Backend> AdaptionPrompt<B> {
                     None => prompt,
                 };
                 let prompt = cast_to(prompt, dtype);
-                // `check_compatible` makes sure every adapted layer has its projections.
                 let (keys, values) = model.project_key_values(self.first_layer + index, prompt)?;
                 let gate = gates.clone().narrow(0, index, 1);
                 let count = gate.dims()[1];
@@ -261,14 +260,20 @@ impl<B: Backend> AdaptionPrompt<B> {
 /// Prompt keys/values of every adapted layer, computed once per forward pass.
 struct PreparedPrompts<B: Backend> {
     first_layer: usize,
-    /// Per adapted layer: keys and values `[1 or batch, heads, K, head_dim]`, activated gate `[1, G, 1, 1]`.
-    layers: Vec<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)>,
+    /// Per adapted layer, bottom first: keys and values `[1 or batch, heads, K, head_dim]`,
+    /// activated gate `[1, G, 1, 1]`; `None` for a layer whose projections the model does not
+    /// give, so that every other layer keeps its own index.
+    #[allow(clippy::type_complexity)]
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)>>,
     scale: f64,
 }
 
 impl<B: Backend> LayerHooks<B> for PreparedPrompts<B> {
     fn attention_branch(&self, layer: usize, queries: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
-        let (keys, values, gate) = self.layers.get(layer.checked_sub(self.first_layer)?)?;
+        let (keys, values, gate) = self
+            .layers
+            .get(layer.checked_sub(self.first_layer)?)?
+            .as_ref()?;
         let [batch, heads, _, head_dim] = queries.dims();
         let prompt_len = keys.dims()[2];
         let keys = keys.clone().expand([batch, heads, prompt_len, head_dim]);
@@ -422,6 +427,28 @@ mod tests {
         assert!(
             mean.abs() < 4.0 * 0.5 / (gates.len() as f32).sqrt(),
             "mean {mean}"
+        );
+    }
+
+    #[test]
+    fn a_layer_without_projections_leaves_the_other_layers_their_own_prompts() {
+        let device = Default::default();
+        let mut model = SizedModel::<B>::new(16, 24, 3, 4, 2, 4, &device);
+        let adapter = AdaptionPromptConfig::new()
+            .with_adapter_len(2)
+            .with_adapter_layers(2)
+            .with_gate_init(Some(GateInit::Random { std: 1.0 }))
+            .init::<B>(&model, &device)
+            .unwrap();
+        let queries = Tensor::<B, 4>::random([1, 4, 3, 4], Distribution::Default, &device);
+        let complete = host_values(adapter.hooks(&model).attention_branch(2, &queries).unwrap());
+        // Layer 1, the lower adapted layer, gives no keys/values.
+        model.key_values[1] = None;
+        let hooks = adapter.hooks(&model);
+        assert!(hooks.attention_branch(1, &queries).is_none());
+        assert_eq!(
+            host_values(hooks.attention_branch(2, &queries).unwrap()),
+            complete
         );
     }
 

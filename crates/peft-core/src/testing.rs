@@ -9,7 +9,8 @@ use crate::model::{AdaptableModel, InsertionPoint, LinearSite, ModelGeometry};
 /// Sizes and linear sites of a decoder, with one key and one value projection per layer.
 pub(crate) struct SizedModel<B: Backend> {
     pub geometry: ModelGeometry,
-    pub key_values: Vec<(Linear<B>, Linear<B>)>,
+    /// Each layer's key and value projections; `None` for a layer that gives none.
+    pub key_values: Vec<Option<(Linear<B>, Linear<B>)>>,
 }
 
 impl<B: Backend> SizedModel<B> {
@@ -35,7 +36,7 @@ impl<B: Backend> SizedModel<B> {
         let linear = || LinearConfig::new(hidden, kv_heads * head_dim).init(device);
         Self {
             geometry,
-            key_values: (0..layers).map(|_| (linear(), linear())).collect(),
+            key_values: (0..layers).map(|_| Some((linear(), linear()))).collect(),
         }
     }
 }
@@ -101,7 +102,7 @@ impl<B: Backend> AdaptableModel<B> for SizedModel<B> {
         layer: usize,
         x: Tensor<B, 3>,
     ) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
-        let (k, v) = self.key_values.get(layer)?;
+        let (k, v) = self.key_values.get(layer)?.as_ref()?;
         let heads = |t: Tensor<B, 3>| {
             let [batch, seq, _] = t.dims();
             t.reshape([
