@@ -10,9 +10,37 @@ use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::activation::{gelu, sigmoid, softmax};
 use burn::tensor::{backend::Backend, Tensor};
+use peft_core::{LayerHooks, NoHooks, Site};
 
 use crate::config::{ClipVisionConfig, HiddenAct};
 use crate::error::{Result, VisionError};
+
+/// The names of an encoder layer's linear sites, as Hugging Face's `CLIPEncoderLayer` names its
+/// modules: what the forward pass passes to [`LayerHooks::adapt_linear`] and what
+/// [`peft_core::AdaptableModel::linear_sites`] lists.
+pub mod sites {
+    /// The query projection.
+    pub const Q_PROJ: &str = "self_attn.q_proj";
+    /// The key projection.
+    pub const K_PROJ: &str = "self_attn.k_proj";
+    /// The value projection.
+    pub const V_PROJ: &str = "self_attn.v_proj";
+    /// The attention's output projection.
+    pub const OUT_PROJ: &str = "self_attn.out_proj";
+    /// The MLP's first layer.
+    pub const FC1: &str = "mlp.fc1";
+    /// The MLP's second layer.
+    pub const FC2: &str = "mlp.fc2";
+}
+
+/// What [`ClipVisionModel::forward`] returns, as `transformers`' `CLIPVisionModel` names it.
+#[derive(Debug, Clone)]
+pub struct ClipVisionOutput<B: Backend> {
+    /// The last encoder layer's output, `[batch, 1 + patches, hidden]`.
+    pub last_hidden_state: Tensor<B, 3>,
+    /// `post_layernorm` of its class token, `[batch, hidden]`.
+    pub pooler_output: Tensor<B, 2>,
+}
 
 /// Multi-head self-attention of an encoder layer (no mask: every token sees every token).
 #[derive(Module, Debug)]
@@ -38,15 +66,48 @@ impl<B: Backend> ClipAttention<B> {
 
     /// `x` `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [batch, seq, width] = x.dims();
-        let head_dim = width / self.num_heads;
-        let queries = Self::split_heads(self.q_proj.forward(x.clone()), self.num_heads);
-        let keys = Self::split_heads(self.k_proj.forward(x.clone()), self.num_heads);
-        let values = Self::split_heads(self.v_proj.forward(x), self.num_heads);
-        let scores = queries.matmul(keys.swap_dims(2, 3)) / (head_dim as f64).sqrt();
-        let context = softmax(scores, 3).matmul(values);
+        self.forward_with(0, x, &NoHooks)
+    }
+
+    /// The keys and values of `x` `[batch, tokens, hidden]` by the frozen projections (biases
+    /// included), `[batch, heads, tokens, head_dim]` each.
+    pub fn project_key_values(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        (
+            Self::split_heads(self.k_proj.forward(x.clone()), self.num_heads),
+            Self::split_heads(self.v_proj.forward(x), self.num_heads),
+        )
+    }
+
+    /// The attention of layer `layer`, calling `hooks` after each projection, for prefix keys
+    /// and values joined in front of the tokens' own, and for a gated attention branch added
+    /// before the output projection.
+    pub fn forward_with(
+        &self,
+        layer: usize,
+        x: Tensor<B, 3>,
+        hooks: &dyn LayerHooks<B>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let project = |linear: &Linear<B>, name: &str| {
+            hooks.adapt_linear(Site::in_layer(layer, name), &x, linear.forward(x.clone()))
+        };
+        let queries = Self::split_heads(project(&self.q_proj, sites::Q_PROJ), self.num_heads);
+        let mut keys = Self::split_heads(project(&self.k_proj, sites::K_PROJ), self.num_heads);
+        let mut values = Self::split_heads(project(&self.v_proj, sites::V_PROJ), self.num_heads);
+        if let Some((prefix_keys, prefix_values)) = hooks.prefix_key_values(layer, batch) {
+            keys = Tensor::cat(vec![prefix_keys, keys], 2);
+            values = Tensor::cat(vec![prefix_values, values], 2);
+        }
+        let head_dim = queries.dims()[3];
+        let scores = queries.clone().matmul(keys.swap_dims(2, 3)) / (head_dim as f64).sqrt();
+        let mut context = softmax(scores, 3).matmul(values);
+        if let Some(branch) = hooks.attention_branch(layer, &queries) {
+            context = context + branch;
+        }
+        let width = self.num_heads * head_dim;
         let merged = context.swap_dims(1, 2).reshape([batch, seq, width]);
-        self.out_proj.forward(merged)
+        let output = self.out_proj.forward(merged.clone());
+        hooks.adapt_linear(Site::in_layer(layer, sites::OUT_PROJ), &merged, output)
     }
 }
 
@@ -65,12 +126,24 @@ pub struct ClipMlp<B: Backend> {
 impl<B: Backend> ClipMlp<B> {
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.fc1.forward(x);
-        let x = match self.act {
-            HiddenAct::QuickGelu => x.clone() * sigmoid(x * 1.702),
-            HiddenAct::Gelu => gelu(x),
+        self.forward_with(0, x, &NoHooks)
+    }
+
+    /// The MLP of layer `layer`, calling `hooks` after `fc1` and `fc2`.
+    pub fn forward_with(
+        &self,
+        layer: usize,
+        x: Tensor<B, 3>,
+        hooks: &dyn LayerHooks<B>,
+    ) -> Tensor<B, 3> {
+        let hidden = self.fc1.forward(x.clone());
+        let hidden = hooks.adapt_linear(Site::in_layer(layer, sites::FC1), &x, hidden);
+        let hidden = match self.act {
+            HiddenAct::QuickGelu => hidden.clone() * sigmoid(hidden * 1.702),
+            HiddenAct::Gelu => gelu(hidden),
         };
-        self.fc2.forward(x)
+        let output = self.fc2.forward(hidden.clone());
+        hooks.adapt_linear(Site::in_layer(layer, sites::FC2), &hidden, output)
     }
 }
 
@@ -90,8 +163,24 @@ pub struct ClipEncoderLayer<B: Backend> {
 impl<B: Backend> ClipEncoderLayer<B> {
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
-        x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
+        self.forward_with(0, x, &NoHooks)
+    }
+
+    /// Layer `layer`, calling `hooks` in its attention and MLP.
+    pub fn forward_with(
+        &self,
+        layer: usize,
+        x: Tensor<B, 3>,
+        hooks: &dyn LayerHooks<B>,
+    ) -> Tensor<B, 3> {
+        let attended =
+            self.self_attn
+                .forward_with(layer, self.layer_norm1.forward(x.clone()), hooks);
+        let x = x + attended;
+        let fed = self
+            .mlp
+            .forward_with(layer, self.layer_norm2.forward(x.clone()), hooks);
+        x + fed
     }
 }
 
@@ -114,6 +203,9 @@ pub struct ClipVisionModel<B: Backend> {
     /// The configuration.
     #[module(skip)]
     pub config: ClipVisionConfig,
+    /// The checkpoint it was loaded from, for `base_model_name_or_path` in adapter files.
+    #[module(skip)]
+    pub name_or_path: Option<String>,
 }
 
 impl<B: Backend> ClipVisionModel<B> {
@@ -164,16 +256,61 @@ impl<B: Backend> ClipVisionModel<B> {
     /// # Errors
     /// [`VisionError::Shape`] if `pixels` does not have the configured size.
     pub fn hidden_states(&self, pixels: Tensor<B, 4>) -> Result<Vec<Tensor<B, 3>>> {
-        self.hidden_states_up_to(pixels, self.config.num_hidden_layers)
+        self.hidden_states_with(pixels, &NoHooks)
     }
 
-    fn hidden_states_up_to(&self, pixels: Tensor<B, 4>, last: usize) -> Result<Vec<Tensor<B, 3>>> {
+    /// [`ClipVisionModel::hidden_states`] with an adapter's hooks. The layers below the first
+    /// one the hooks change run as the base model's, and keep no gradient graph.
+    ///
+    /// # Errors
+    /// [`VisionError::Shape`] if `pixels` does not have the configured size.
+    pub fn hidden_states_with(
+        &self,
+        pixels: Tensor<B, 4>,
+        hooks: &dyn LayerHooks<B>,
+    ) -> Result<Vec<Tensor<B, 3>>> {
+        self.hidden_states_up_to(pixels, self.config.num_hidden_layers, hooks)
+    }
+
+    fn hidden_states_up_to(
+        &self,
+        pixels: Tensor<B, 4>,
+        last: usize,
+        hooks: &dyn LayerHooks<B>,
+    ) -> Result<Vec<Tensor<B, 3>>> {
+        let first_adapted = hooks.first_adapted_layer().unwrap_or(0);
         let mut states = vec![self.embed(pixels)?];
-        for layer in &self.layers[..last] {
-            let next = layer.forward(states[states.len() - 1].clone());
-            states.push(next);
+        for (index, layer) in self.layers[..last].iter().enumerate() {
+            let mut input = states[states.len() - 1].clone();
+            if index == first_adapted && index > 0 {
+                input = input.detach();
+            }
+            states.push(layer.forward_with(index, input, hooks));
         }
         Ok(states)
+    }
+
+    /// `last_hidden_state` and `pooler_output` with an adapter's hooks, as `transformers`'
+    /// `CLIPVisionModel` returns them (with [`NoHooks`]: the base model).
+    ///
+    /// # Errors
+    /// [`VisionError::Shape`] if `pixels` does not have the configured size.
+    pub fn forward(
+        &self,
+        pixels: Tensor<B, 4>,
+        hooks: &dyn LayerHooks<B>,
+    ) -> Result<ClipVisionOutput<B>> {
+        let mut states = self.hidden_states_with(pixels, hooks)?;
+        let last_hidden_state = states.pop().expect("embeddings are always a hidden state");
+        let [batch, _, hidden] = last_hidden_state.dims();
+        let class = last_hidden_state
+            .clone()
+            .narrow(1, 0, 1)
+            .reshape([batch, hidden]);
+        Ok(ClipVisionOutput {
+            pooler_output: self.post_layernorm.forward(class),
+            last_hidden_state,
+        })
     }
 
     /// The class token of chosen hidden states, concatenated: the multi-scale global feature
@@ -190,7 +327,7 @@ impl<B: Backend> ClipVisionModel<B> {
         layers: &[usize],
     ) -> Result<Tensor<B, 2>> {
         let last = check_feature_layers(layers, self.config.num_hidden_layers)?;
-        let states = self.hidden_states_up_to(pixels, last)?;
+        let states = self.hidden_states_up_to(pixels, last, &NoHooks)?;
         let [batch, _, hidden] = states[0].dims();
         let tokens = layers
             .iter()
@@ -204,11 +341,7 @@ impl<B: Backend> ClipVisionModel<B> {
     /// # Errors
     /// [`VisionError::Shape`] if `pixels` does not have the configured size.
     pub fn pooled_output(&self, pixels: Tensor<B, 4>) -> Result<Tensor<B, 2>> {
-        let states = self.hidden_states(pixels)?;
-        let last = states[states.len() - 1].clone();
-        let [batch, _, hidden] = last.dims();
-        let class = last.narrow(1, 0, 1).reshape([batch, hidden]);
-        Ok(self.post_layernorm.forward(class))
+        Ok(self.forward(pixels, &NoHooks)?.pooler_output)
     }
 }
 

@@ -31,6 +31,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod adaptable;
 pub mod clip;
 pub mod config;
 pub mod error;
@@ -41,7 +42,8 @@ pub mod visual_qa;
 pub mod visual_train;
 pub mod weights;
 
-pub use clip::ClipVisionModel;
+pub use adaptable::PeftClip;
+pub use clip::{ClipVisionModel, ClipVisionOutput};
 pub use config::{ClipVisionConfig, HfClipVisionConfig, HiddenAct};
 pub use error::{Result, VisionError};
 pub use multimodal::{MultimodalAdaptionPrompt, MultimodalAdaptionPromptConfig, VisualProjection};

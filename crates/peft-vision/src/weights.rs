@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use peft_llama::weights::{transpose, TensorMap};
+use peft_io::{transpose, TensorMap};
 
 use crate::clip::{ClipAttention, ClipEncoderLayer, ClipMlp, ClipVisionModel};
 use crate::config::ClipVisionConfig;
@@ -94,7 +94,10 @@ impl ClipVisionLoader {
         }
         .build()?;
         tensors.finish()?;
-        Ok(model)
+        Ok(ClipVisionModel {
+            name_or_path: Some(self.dir.display().to_string()),
+            ..model
+        })
     }
 }
 
@@ -183,6 +186,7 @@ impl<B: Backend> Builder<'_, B> {
             layers,
             post_layernorm,
             config: c,
+            name_or_path: None,
         })
     }
 }

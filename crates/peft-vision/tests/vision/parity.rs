@@ -12,13 +12,13 @@ use burn::tensor::{Tensor, TensorData};
 use peft_vision::{ClipImageProcessor, ClipVisionLoader, ClipVisionModel, VisionError};
 use safetensors::SafeTensors;
 
-type B = NdArray<f32>;
+pub(crate) type B = NdArray<f32>;
 
-fn clip_fixtures() -> PathBuf {
+pub(crate) fn clip_fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/clip")
 }
 
-fn read_f32(file: &str, key: &str) -> (Vec<f32>, Vec<usize>) {
+pub(crate) fn read_f32(file: &str, key: &str) -> (Vec<f32>, Vec<usize>) {
     let bytes = std::fs::read(clip_fixtures().join(file)).unwrap();
     let tensors = SafeTensors::deserialize(&bytes).unwrap();
     let view = tensors.tensor(key).unwrap();
@@ -30,13 +30,13 @@ fn read_f32(file: &str, key: &str) -> (Vec<f32>, Vec<usize>) {
     (values, view.shape().to_vec())
 }
 
-fn host<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+pub(crate) fn host<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
 }
 
 /// Asserts `|got - want| <= atol + rtol·|want|` elementwise and returns the worst ratio of
 /// error to allowance.
-fn assert_close(got: &[f32], want: &[f32], rtol: f32, atol: f32, what: &str) -> f32 {
+pub(crate) fn assert_close(got: &[f32], want: &[f32], rtol: f32, atol: f32, what: &str) -> f32 {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     let mut worst = (0.0f32, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -57,13 +57,13 @@ fn assert_close(got: &[f32], want: &[f32], rtol: f32, atol: f32, what: &str) -> 
     worst.0
 }
 
-fn model() -> ClipVisionModel<B> {
+pub(crate) fn model() -> ClipVisionModel<B> {
     ClipVisionLoader::new(clip_fixtures().join("model"))
         .load::<B>(&Default::default())
         .unwrap()
 }
 
-fn fixture_pixels() -> Tensor<B, 4> {
+pub(crate) fn fixture_pixels() -> Tensor<B, 4> {
     let (values, shape) = read_f32("features.safetensors", "pixel_values");
     let shape: [usize; 4] = shape.try_into().unwrap();
     Tensor::from_data(TensorData::new(values, shape), &Default::default())
