@@ -99,6 +99,31 @@ pub trait Adapter<B: Backend>: Module<B> {
     /// The trainable parameters under Hugging Face PEFT's state-dict names and shapes.
     fn named_tensors(&self) -> Vec<NamedTensor>;
 
+    /// The method's own fields of PEFT's `adapter_config.json` for this adapter on `model`
+    /// (`r`, `target_modules`, ...), as a JSON object; [`crate::peft_format::save_peft`] adds
+    /// the fields every method shares (`peft_type` from [`Adapter::method`], `task_type`,
+    /// `base_model_name_or_path`). Reading them back is [`crate::peft_format::FromPeft`].
+    ///
+    /// # Errors
+    /// [`crate::PeftError::Unsupported`] (the default) for a method or a form of it that PEFT's
+    /// files cannot hold.
+    fn peft_config(&self, model: &dyn AdaptableModel<B>) -> Result<serde_json::Value> {
+        let _ = model;
+        Err(crate::PeftError::Unsupported(format!(
+            "{} adapters have no Hugging Face PEFT configuration",
+            self.method()
+        )))
+    }
+
+    /// The tensors of PEFT's `adapter_model.safetensors`: [`Adapter::named_tensors`] unless the
+    /// method stores something else there.
+    ///
+    /// # Errors
+    /// A form of the adapter PEFT's files cannot hold.
+    fn peft_tensors(&self) -> Result<Vec<NamedTensor>> {
+        Ok(self.named_tensors())
+    }
+
     /// Number of trainable parameters.
     fn num_trainable_parameters(&self) -> usize {
         self.num_params()

@@ -17,10 +17,14 @@ use burn::tensor::{backend::Backend, Distribution, Tensor};
 use peft_ops::blocks::attention_softmax;
 use peft_ops::tensor::{cast_to, matmul, repeat_kv};
 
+use peft_io::TensorMap;
+use serde_json::json;
+
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
 use crate::hooks::LayerHooks;
 use crate::model::{require_point, AdaptableModel, InsertionPoint, ModelGeometry};
+use crate::peft_format::{tensor, FromPeft, PeftConfigFile};
 
 /// How many gates an adapted layer has.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -199,6 +203,25 @@ impl<B: Backend> AdaptionPrompt<B> {
         }
     }
 
+    /// The activated gate of each layer when every head shares it (PEFT's form), else an error.
+    fn scalar_gates(&self) -> Result<Vec<f32>> {
+        let activated = host_values(self.activated_gates());
+        let per_layer = activated.len() / self.config.adapter_layers.max(1);
+        let mut gates = Vec::with_capacity(self.config.adapter_layers);
+        for (layer, chunk) in activated.chunks(per_layer.max(1)).enumerate() {
+            if chunk.iter().any(|&g| g != chunk[0]) {
+                return Err(PeftError::Unsupported(format!(
+                    "this adaption prompt has a different gate per head (adapted layer {layer}: \
+                     {chunk:?}); Hugging Face PEFT stores one gate per layer, so it cannot be saved \
+                     in PEFT's format without changing its output: save it in this crate's own \
+                     format instead"
+                )));
+            }
+            gates.push(chunk[0]);
+        }
+        Ok(gates)
+    }
+
     /// The gates after the activation, `[L, H or 1]`.
     pub fn activated_gates(&self) -> Tensor<B, 2> {
         match self.config.gate_activation {
@@ -296,6 +319,30 @@ impl<B: Backend> LayerHooks<B> for PreparedPrompts<B> {
 impl<B: Backend> Adapter<B> for AdaptionPrompt<B> {
     fn method(&self) -> PeftMethod {
         PeftMethod::AdaptionPrompt
+    }
+
+    fn peft_config(&self, _model: &dyn AdaptableModel<B>) -> Result<serde_json::Value> {
+        self.scalar_gates()?;
+        Ok(json!({
+            "adapter_len": self.config.adapter_len,
+            "adapter_layers": self.config.adapter_layers,
+            "target_modules": "self_attn",
+        }))
+    }
+
+    /// PEFT stores one activated gate per layer, `[1]`.
+    fn peft_tensors(&self) -> Result<Vec<NamedTensor>> {
+        let gates = self.scalar_gates()?;
+        let mut tensors = self.named_tensors();
+        for (tensor, gate) in tensors
+            .iter_mut()
+            .filter(|t| t.key.ends_with(".adaption_gate"))
+            .zip(gates)
+        {
+            tensor.shape = vec![1];
+            tensor.values = vec![gate];
+        }
+        Ok(tensors)
     }
 
     fn check_compatible(&self, model: &dyn AdaptableModel<B>) -> Result<()> {
@@ -478,5 +525,44 @@ mod tests {
             serde_json::from_str::<AdaptionPromptConfig>(&text).unwrap(),
             random
         );
+    }
+}
+
+impl<B: Backend> FromPeft<B> for AdaptionPrompt<B> {
+    const PEFT_TYPE: &'static str = "ADAPTION_PROMPT";
+
+    fn from_peft(
+        file: &PeftConfigFile<'_>,
+        tensors: &mut TensorMap,
+        model: &dyn AdaptableModel<B>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let geometry = model.geometry();
+        let len = file.usize("adapter_len")?;
+        let layers = file.usize("adapter_layers")?;
+        file.refuse("target_modules", |v| v.as_str() == Some("self_attn"))?;
+        let config = AdaptionPromptConfig::peft_compatible(len, layers);
+        config
+            .validate(&geometry)
+            .map_err(|e| file.error(e.to_string()))?;
+        let first = geometry.num_hidden_layers - layers;
+        let width = geometry.hidden_size;
+        // Nothing is reserved from the configuration's sizes (`"adapter_len": 3000000000` would
+        // abort, and the product can overflow): `take_f32` checks each tensor's shape against
+        // the file before reading it, so memory follows what the file holds.
+        let mut prompts = Vec::new();
+        let mut gates = Vec::new();
+        for layer in first..geometry.num_hidden_layers {
+            let prefix = format!("base_model.model.{}", model.attention_path(layer));
+            prompts
+                .extend(tensors.take_f32(&format!("{prefix}.adaption_prompt"), &[1, len, width])?);
+            gates.extend(tensors.take_f32(&format!("{prefix}.adaption_gate"), &[1])?);
+        }
+        Ok(AdaptionPrompt::from_tensors(
+            config,
+            model,
+            tensor(prompts, [layers, len, width], device),
+            tensor(gates, [layers, 1], device),
+        ))
     }
 }

@@ -66,6 +66,14 @@ impl<B: Backend> Adapter<B> for AnyAdapter<B> {
         delegate!(self, a => a.num_trainable_parameters())
     }
 
+    fn peft_config(&self, model: &dyn AdaptableModel<B>) -> Result<serde_json::Value> {
+        delegate!(self, a => a.peft_config(model))
+    }
+
+    fn peft_tensors(&self) -> Result<Vec<NamedTensor>> {
+        delegate!(self, a => a.peft_tensors())
+    }
+
     fn merge_into(&self, model: &mut dyn AdaptableModel<B>) -> Result<()> {
         delegate!(self, a => a.merge_into(model))
     }

@@ -46,6 +46,8 @@ pub use error::{PeftError, Result};
 pub use hooks::{LayerHooks, NoHooks, Site};
 pub use lora::{Lora, LoraConfig, LoraLinear};
 pub use model::{AdaptableModel, InsertionPoint, LinearSite, ModelGeometry};
+pub use peft_format::{load_peft_as, save_peft, FromPeft, PeftConfigFile};
+pub use peft_io::TensorMap;
 pub use peft_model::PeftModel;
 pub use prefix::{PrefixProjection, PrefixTuning, PrefixTuningConfig};
 pub use targets::TargetModules;
@@ -53,8 +55,9 @@ pub use targets::TargetModules;
 /// What a program adapting a model needs in scope.
 pub mod prelude {
     pub use crate::{
-        load_adapter, save_adapter, AdaptableModel, Adapter, AdaptionPromptConfig, AnyAdapter,
-        LayerHooks, LinearSite, LoadOptions, LoraConfig, ModelGeometry, NoHooks, PeftModel,
-        PrefixTuningConfig, Site, TargetModules,
+        load_adapter, load_peft_as, save_adapter, save_peft, AdaptableModel, Adapter,
+        AdaptionPromptConfig, AnyAdapter, FromPeft, InsertionPoint, LayerHooks, LinearSite,
+        LoadOptions, LoraConfig, ModelGeometry, NoHooks, PeftModel, PrefixTuningConfig, Site,
+        TargetModules,
     };
 }

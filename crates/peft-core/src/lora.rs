@@ -11,10 +11,14 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use peft_ops::tensor::{cast_to, matmul, upcast};
 
+use peft_io::{transpose, TensorMap};
+use serde_json::{json, Value};
+
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
 use crate::hooks::{LayerHooks, Site};
 use crate::model::{require_point, AdaptableModel, InsertionPoint, LinearSite, ModelGeometry};
+use crate::peft_format::{tensor, FromPeft, PeftConfigFile};
 use crate::targets::TargetModules;
 
 /// Configuration of [`Lora`].
@@ -285,6 +289,37 @@ impl<B: Backend> Adapter<B> for Lora<B> {
         PeftMethod::Lora
     }
 
+    fn peft_config(&self, _model: &dyn AdaptableModel<B>) -> Result<serde_json::Value> {
+        let c = &self.config;
+        let targets = match &c.target_modules {
+            TargetModules::Names(names) => {
+                let mut names = names.clone();
+                names.sort();
+                names.dedup();
+                json!(names)
+            }
+            other => json!(other),
+        };
+        Ok(json!({
+            "r": c.r,
+            "lora_alpha": c.lora_alpha,
+            "target_modules": targets,
+            "lora_dropout": c.lora_dropout,
+            "use_rslora": c.use_rslora,
+            "layers_to_transform": c.layers_to_transform,
+            "layers_pattern": null,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "use_dora": false,
+            "lora_bias": false,
+            "layer_replication": null,
+        }))
+    }
+
     fn check_compatible(&self, model: &dyn AdaptableModel<B>) -> Result<()> {
         let geometry = model.geometry();
         self.config.validate(&geometry)?;
@@ -365,5 +400,91 @@ impl<B: Backend> Adapter<B> for Lora<B> {
     /// Subtracts what [`Adapter::merge_into`] added.
     fn unmerge_from(&self, model: &mut dyn AdaptableModel<B>) -> Result<()> {
         self.apply_dense(model, -1.0)
+    }
+}
+
+impl LoraConfig {
+    /// Reads PEFT's LoRA fields, refusing the settings this crate does not implement (DoRA,
+    /// rank or alpha patterns, bias training, `fan_in_fan_out`, `modules_to_save`, layer
+    /// replication) rather than ignoring them.
+    ///
+    /// # Errors
+    /// A missing or malformed field, an unsupported setting.
+    pub fn from_peft(file: &PeftConfigFile<'_>) -> Result<Self> {
+        let empty = |v: &Value| v.is_null() || v.as_object().is_some_and(|o| o.is_empty());
+        file.refuse("rank_pattern", empty)?;
+        file.refuse("alpha_pattern", empty)?;
+        file.refuse("use_dora", |v| v.as_bool() != Some(true))?;
+        file.refuse("bias", |v| v.is_null() || v.as_str() == Some("none"))?;
+        file.refuse("fan_in_fan_out", |v| v.as_bool() != Some(true))?;
+        file.refuse("modules_to_save", |v| {
+            v.is_null() || v.as_array().is_some_and(Vec::is_empty)
+        })?;
+        file.refuse("layer_replication", Value::is_null)?;
+        file.refuse("lora_bias", |v| v.as_bool() != Some(true))?;
+        let target_modules: TargetModules =
+            serde_json::from_value(file.field("target_modules")?.clone()).map_err(|_| {
+                file.error(
+                    "`target_modules` must be a list of module names or a regular expression",
+                )
+            })?;
+        let layers_to_transform = match file.get("layers_to_transform") {
+            None => None,
+            Some(Value::Number(n)) => Some(vec![n.as_u64().unwrap_or(0) as usize]),
+            Some(Value::Array(items)) => Some(
+                items
+                    .iter()
+                    .map(|v| v.as_u64().map(|n| n as usize))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| file.error("`layers_to_transform` must be layer indices"))?,
+            ),
+            Some(_) => return Err(file.error("`layers_to_transform` must be layer indices")),
+        };
+        Ok(LoraConfig::new()
+            .with_r(file.usize("r")?)
+            .with_lora_alpha(file.f64("lora_alpha")?)
+            .with_target_modules(target_modules)
+            .with_lora_dropout(
+                file.get("lora_dropout")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0),
+            )
+            .with_use_rslora(file.bool_or("use_rslora", false)?)
+            .with_layers_to_transform(layers_to_transform))
+    }
+}
+
+impl<B: Backend> FromPeft<B> for Lora<B> {
+    const PEFT_TYPE: &'static str = "LORA";
+
+    fn from_peft(
+        file: &PeftConfigFile<'_>,
+        tensors: &mut TensorMap,
+        model: &dyn AdaptableModel<B>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let config = LoraConfig::from_peft(file)?;
+        config
+            .validate(&model.geometry())
+            .map_err(|e| file.error(e.to_string()))?;
+        let targets = config
+            .targets(&model.linear_sites())
+            .map_err(|e| file.error(e.to_string()))?;
+        let r = config.r;
+        let mut modules = Vec::with_capacity(targets.len());
+        for site in targets {
+            let (input, output) = (site.in_features, site.out_features);
+            let prefix = format!("base_model.model.{}", site.path);
+            // PEFT stores torch's `[out, in]`; Burn's linear weights are `[in, out]`.
+            let a = tensors.take_f32(&format!("{prefix}.lora_A.weight"), &[r, input])?;
+            let b = tensors.take_f32(&format!("{prefix}.lora_B.weight"), &[output, r])?;
+            modules.push(LoraLinear {
+                lora_a: Param::from_tensor(tensor(transpose(&a, r, input), [input, r], device)),
+                lora_b: Param::from_tensor(tensor(transpose(&b, output, r), [r, output], device)),
+                dropout: DropoutConfig::new(config.lora_dropout).init(),
+                site,
+            });
+        }
+        Ok(Lora { modules, config })
     }
 }

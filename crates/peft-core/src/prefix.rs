@@ -8,10 +8,14 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use peft_ops::tensor::{cast_to, upcast};
 
+use peft_io::TensorMap;
+use serde_json::{json, Value};
+
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
 use crate::hooks::LayerHooks;
 use crate::model::{require_point, AdaptableModel, InsertionPoint, ModelGeometry};
+use crate::peft_format::{tensor, FromPeft, PeftConfigFile};
 
 /// Configuration of [`PrefixTuning`].
 #[derive(Config, Debug, PartialEq)]
@@ -253,6 +257,27 @@ impl<B: Backend> Adapter<B> for PrefixTuning<B> {
         PeftMethod::PrefixTuning
     }
 
+    fn peft_config(&self, model: &dyn AdaptableModel<B>) -> Result<serde_json::Value> {
+        if self.projection.is_some() {
+            return Err(PeftError::Unsupported(
+                "a prefix reparameterised through an MLP (prefix_projection) is saved by PEFT as \
+                 its projected prefixes only after training; save it in this crate's own format"
+                    .into(),
+            ));
+        }
+        let geometry = model.geometry();
+        Ok(json!({
+            "num_virtual_tokens": self.config.num_virtual_tokens,
+            "token_dim": geometry.kv_width(),
+            "num_transformer_submodules": 1,
+            "num_attention_heads": geometry.num_key_value_heads,
+            "num_layers": geometry.num_hidden_layers,
+            "encoder_hidden_size": self.config.encoder_hidden_size,
+            "prefix_projection": false,
+            "modules_to_save": null,
+        }))
+    }
+
     fn check_compatible(&self, model: &dyn AdaptableModel<B>) -> Result<()> {
         require_point(model, InsertionPoint::PrefixKeyValues, "prefix tuning")?;
         let config = model.geometry();
@@ -301,5 +326,45 @@ impl<B: Backend> Adapter<B> for PrefixTuning<B> {
             shape,
             values: host_values(prompts),
         }]
+    }
+}
+
+impl<B: Backend> FromPeft<B> for PrefixTuning<B> {
+    const PEFT_TYPE: &'static str = "PREFIX_TUNING";
+
+    fn from_peft(
+        file: &PeftConfigFile<'_>,
+        tensors: &mut TensorMap,
+        model: &dyn AdaptableModel<B>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let geometry = model.geometry();
+        let tokens = file.usize("num_virtual_tokens")?;
+        if let Some(layers) = file.get("num_layers").and_then(Value::as_u64) {
+            if layers as usize != geometry.num_hidden_layers {
+                return Err(PeftError::Incompatible(format!(
+                    "{}: prefix made for {layers} layers, the model has {}",
+                    file.path.display(),
+                    geometry.num_hidden_layers
+                )));
+            }
+        }
+        let width = PrefixTuningConfig::prompt_width(&geometry);
+        let values = tensors.take_f32("prompt_embeddings", &[tokens, width])?;
+        let config = PrefixTuningConfig::new()
+            .with_num_virtual_tokens(tokens)
+            .with_encoder_hidden_size(
+                file.get("encoder_hidden_size")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(512) as usize,
+            );
+        Ok(PrefixTuning {
+            embedding: Param::from_tensor(tensor(values, [tokens, width], device)),
+            projection: None,
+            config,
+            num_layers: geometry.num_hidden_layers,
+            kv_heads: geometry.num_key_value_heads,
+            head_dim: geometry.head_dim,
+        })
     }
 }

@@ -114,6 +114,14 @@ pub enum TrainError {
         /// The newest checkpoint on disk.
         checkpoint: Option<String>,
     },
+    /// The loss function given to [`crate::fit`] failed.
+    #[error("step {step}: the loss function failed: {source}")]
+    Loss {
+        /// Optimiser steps completed before the failure.
+        step: usize,
+        /// What the loss function returned.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Data-parallel training failed: a replica's error, a stopped replica, the collective.
     #[error("data-parallel training: {message}")]
     DataParallel {

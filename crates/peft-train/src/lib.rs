@@ -35,6 +35,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod fit;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
@@ -49,6 +50,7 @@ pub use data::{
     TokenizedDataset, DEFAULT_MAX_SEQ_LEN, IGNORE_INDEX, PROMPT_WITHOUT_INPUT, PROMPT_WITH_INPUT,
 };
 pub use error::{RecordLocation, Result, TrainError};
+pub use fit::{fit, FitConfig, FitSummary};
 pub use loss::{causal_lm_loss, CausalLmLoss};
 pub use metrics::{MetricsLog, StepMetrics};
 pub use optim::{
