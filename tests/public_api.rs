@@ -391,7 +391,10 @@ fn prefix_tuning_and_adaption_prompts_attach_to_the_users_attention_and_train() 
         logits(&inference, &NoHooks)
     );
     let (prompts, first, last) = train(&base, prompts, &task, 80, 2e-2);
-    assert!(last < 0.8 * first, "adaption prompt: loss {first} -> {last}");
+    assert!(
+        last < 0.8 * first,
+        "adaption prompt: loss {first} -> {last}"
+    );
 
     let prefix: PrefixTuning<AD> = PrefixTuningConfig::new()
         .with_num_virtual_tokens(2)
@@ -427,16 +430,14 @@ fn an_adapter_saved_for_another_model_is_refused_naming_what_is_missing() {
     save_adapter(&adapter, &base, &dir.0, None).unwrap();
     let deeper = Encoder::<B>::new(3, &device);
     let error = load_adapter::<B>(&dir.0, &deeper, &LoadOptions::default(), &device)
-        .err()
-        .expect("a 2-layer adapter on a 3-layer model")
+        .expect_err("a 2-layer adapter on a 3-layer model")
         .to_string();
     assert!(error.contains("layers.2.up.lora_A.weight"), "{error}");
     // And a target the model does not have is an error, not an adapter that adapts nothing.
     let error = LoraConfig::new()
         .with_target_modules(TargetModules::names(&["q_proj"]))
         .init::<B>(&base, &device)
-        .err()
-        .expect("q_proj does not exist here")
+        .expect_err("q_proj does not exist here")
         .to_string();
     assert!(error.contains("q_proj"), "{error}");
 }

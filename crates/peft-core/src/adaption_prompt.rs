@@ -426,6 +426,45 @@ impl<B: Backend> Adapter<B> for AdaptionPrompt<B> {
     }
 }
 
+impl<B: Backend> FromPeft<B> for AdaptionPrompt<B> {
+    const PEFT_TYPE: &'static str = "ADAPTION_PROMPT";
+
+    fn from_peft(
+        file: &PeftConfigFile<'_>,
+        tensors: &mut TensorMap,
+        model: &dyn AdaptableModel<B>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let geometry = model.geometry();
+        let len = file.usize("adapter_len")?;
+        let layers = file.usize("adapter_layers")?;
+        file.refuse("target_modules", |v| v.as_str() == Some("self_attn"))?;
+        let config = AdaptionPromptConfig::peft_compatible(len, layers);
+        config
+            .validate(&geometry)
+            .map_err(|e| file.error(e.to_string()))?;
+        let first = geometry.num_hidden_layers - layers;
+        let width = geometry.hidden_size;
+        // Nothing is reserved from the configuration's sizes (`"adapter_len": 3000000000` would
+        // abort, and the product can overflow): `take_f32` checks each tensor's shape against
+        // the file before reading it, so memory follows what the file holds.
+        let mut prompts = Vec::new();
+        let mut gates = Vec::new();
+        for layer in first..geometry.num_hidden_layers {
+            let prefix = format!("base_model.model.{}", model.attention_path(layer));
+            prompts
+                .extend(tensors.take_f32(&format!("{prefix}.adaption_prompt"), &[1, len, width])?);
+            gates.extend(tensors.take_f32(&format!("{prefix}.adaption_gate"), &[1])?);
+        }
+        Ok(AdaptionPrompt::from_tensors(
+            config,
+            model,
+            tensor(prompts, [layers, len, width], device),
+            tensor(gates, [layers, 1], device),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,44 +564,5 @@ mod tests {
             serde_json::from_str::<AdaptionPromptConfig>(&text).unwrap(),
             random
         );
-    }
-}
-
-impl<B: Backend> FromPeft<B> for AdaptionPrompt<B> {
-    const PEFT_TYPE: &'static str = "ADAPTION_PROMPT";
-
-    fn from_peft(
-        file: &PeftConfigFile<'_>,
-        tensors: &mut TensorMap,
-        model: &dyn AdaptableModel<B>,
-        device: &B::Device,
-    ) -> Result<Self> {
-        let geometry = model.geometry();
-        let len = file.usize("adapter_len")?;
-        let layers = file.usize("adapter_layers")?;
-        file.refuse("target_modules", |v| v.as_str() == Some("self_attn"))?;
-        let config = AdaptionPromptConfig::peft_compatible(len, layers);
-        config
-            .validate(&geometry)
-            .map_err(|e| file.error(e.to_string()))?;
-        let first = geometry.num_hidden_layers - layers;
-        let width = geometry.hidden_size;
-        // Nothing is reserved from the configuration's sizes (`"adapter_len": 3000000000` would
-        // abort, and the product can overflow): `take_f32` checks each tensor's shape against
-        // the file before reading it, so memory follows what the file holds.
-        let mut prompts = Vec::new();
-        let mut gates = Vec::new();
-        for layer in first..geometry.num_hidden_layers {
-            let prefix = format!("base_model.model.{}", model.attention_path(layer));
-            prompts
-                .extend(tensors.take_f32(&format!("{prefix}.adaption_prompt"), &[1, len, width])?);
-            gates.extend(tensors.take_f32(&format!("{prefix}.adaption_gate"), &[1])?);
-        }
-        Ok(AdaptionPrompt::from_tensors(
-            config,
-            model,
-            tensor(prompts, [layers, len, width], device),
-            tensor(gates, [layers, 1], device),
-        ))
     }
 }

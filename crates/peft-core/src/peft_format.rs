@@ -243,7 +243,7 @@ pub fn load_peft_as<B: Backend, A: FromPeft<B>>(
 /// # Errors
 /// What the method's [`Adapter::peft_config`] refuses (a per-head gated adaption prompt, a method
 /// with no PEFT form).
-pub fn peft_config<B: Backend, A: Adapter<B> + ?Sized>(
+pub fn peft_config<B: Backend, A: Adapter<B>>(
     adapter: &A,
     model: &dyn AdaptableModel<B>,
 ) -> Result<Value> {
@@ -292,7 +292,7 @@ pub fn safetensors_bytes(tensors: &[NamedTensor], path: &Path) -> Result<Vec<u8>
 ///
 /// # Errors
 /// See [`peft_config`]; I/O errors.
-pub fn save_peft<B: Backend, A: Adapter<B> + ?Sized>(
+pub fn save_peft<B: Backend, A: Adapter<B>>(
     adapter: &A,
     model: &dyn AdaptableModel<B>,
     dir: &Path,
