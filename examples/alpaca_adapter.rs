@@ -19,7 +19,7 @@ use peft_examples::{
     Result, Training,
 };
 use peft_llama::{generate, GenerationConfig, Llama, LlamaTokenizer, NoHooks};
-use peft_train::{alpaca_prompt, evaluate, train, BatchingConfig, TrainerConfig};
+use peft_train::{alpaca_prompt, evaluate, evaluate_base, train, BatchingConfig, TrainerConfig};
 
 #[derive(Parser)]
 #[command(about = "Fine-tune LLaMA-Adapter with the paper's Alpaca recipe")]
@@ -112,7 +112,7 @@ fn main() -> Result<()> {
         trainer.effective_batch()
     );
     let before = answers(base, None, &experiment.tokenizer, args.max_new_tokens)?;
-    let (base_loss, targets) = evaluate(base, None, &experiment.validation, &trainer.batching)?;
+    let (base_loss, targets) = evaluate_base(base, &experiment.validation, &trainer.batching)?;
 
     let mut curves = LossCurves::new("alpaca", 5);
     let (adapter, summary) = train(

@@ -78,12 +78,8 @@ fn main() -> Result<()> {
         .with_optimizer(AdamWConfig::llama_adapter())
         .with_batching(BatchingConfig::new(4).with_max_seq_len(512))
         .with_seed(args.seed);
-    let (base_loss, _) = peft_train::evaluate(
-        &experiment.base,
-        None,
-        &experiment.validation,
-        &trainer.batching,
-    )?;
+    let (base_loss, _) =
+        peft_train::evaluate_base(&experiment.base, &experiment.validation, &trainer.batching)?;
     let mut rows = Vec::new();
     let mut points = Vec::new();
     for &count in &layers {

@@ -216,6 +216,7 @@ where
         target_tokens: args.batch * (args.seq - 1),
         tokens,
         labels,
+        features: None,
     };
     let mut optimizer = AdamWConfig::llama_adapter()
         .init::<B>()

@@ -84,12 +84,11 @@ pub fn run(args: GenerateArgs) -> AnyResult<()> {
         (Some(image), Some(vision)) => {
             let adapter_dir = args
                 .adapter
-                .adapter
-                .as_ref()
+                .path()
                 .ok_or("--image needs --adapter (a multimodal adapter directory)")?;
             crate::visual::generate_with_image(
                 &model,
-                adapter_dir,
+                &adapter_dir,
                 vision,
                 image,
                 &prompts,

@@ -43,7 +43,8 @@ impl ModelArgs {
 /// `--adapter` and `--adapter-len`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AdapterArgs {
-    /// Adapter: a PEFT directory, a peft-rs directory, or an official LLaMA-Adapter `.pth`.
+    /// Adapter: a PEFT directory, a peft-rs directory, an official LLaMA-Adapter `.pth`, or a
+    /// `peft train` output directory (its `adapter/` is used).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Prompts per layer of an official LLaMA-Adapter checkpoint (it stores no config).
@@ -51,12 +52,36 @@ pub struct AdapterArgs {
     pub adapter_len: usize,
 }
 
+/// The adapter a `--adapter` path names: the path itself, or for a training run's output
+/// directory (no adapter files of its own, an `adapter/` that has them) that `adapter/`.
+pub fn resolve_adapter_path(path: &std::path::Path) -> PathBuf {
+    let holds_adapter = |dir: &std::path::Path| {
+        [
+            peft_core::peft_format::CONFIG_FILE,
+            peft_core::native_format::CONFIG_FILE,
+        ]
+        .iter()
+        .any(|file| dir.join(file).is_file())
+    };
+    let inner = path.join("adapter");
+    if path.is_dir() && !holds_adapter(path) && holds_adapter(&inner) {
+        inner
+    } else {
+        path.to_path_buf()
+    }
+}
+
 impl AdapterArgs {
+    /// The adapter path, a training run's output directory resolved to its `adapter/`.
+    pub fn path(&self) -> Option<PathBuf> {
+        self.adapter.as_deref().map(resolve_adapter_path)
+    }
+
     /// Loads the adapter, if one was given, for `model`.
     pub fn load(&self, model: &Llama<Inference>) -> AnyResult<Option<AnyAdapter<Inference>>> {
-        match &self.adapter {
+        match self.path() {
             Some(path) => Ok(Some(load_adapter(
-                path,
+                &path,
                 model,
                 &peft_core::LoadOptions::default().with_adapter_len(self.adapter_len),
                 &device(),
@@ -87,7 +112,8 @@ pub struct AdapterChoice {
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     pub r: usize,
-    /// LoRA scaling numerator.
+    /// LoRA scaling numerator. The default, 16 (2·r, the common recipe), differs on purpose from
+    /// the library's `LoraConfig` default, 8, which is Hugging Face PEFT's.
     #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f64,
     /// LoRA target modules, comma-separated (q_proj, ..., down_proj, or all-linear).
@@ -155,49 +181,52 @@ impl AdapterChoice {
         }
     }
 
+    /// The adaption prompt the flags describe for a model of `num_hidden_layers` layers: the
+    /// one rule for the text and the multimodal adapter.
+    pub fn adaption_prompt_config(
+        &self,
+        num_hidden_layers: usize,
+    ) -> AnyResult<peft_core::AdaptionPromptConfig> {
+        use peft_core::{AdaptionPromptConfig, GateActivation, GateShape};
+        let gate_shape = match self.gate_shape.as_str() {
+            "per-head" => GateShape::PerHead,
+            "scalar" => GateShape::Scalar,
+            other => {
+                return Err(format!("--gate-shape `{other}`: expected per-head or scalar").into())
+            }
+        };
+        let gate_activation = match self.gate_activation.as_str() {
+            "tanh" => GateActivation::Tanh,
+            "identity" => GateActivation::Identity,
+            other => {
+                return Err(
+                    format!("--gate-activation `{other}`: expected tanh or identity").into(),
+                )
+            }
+        };
+        let layers = self
+            .adapter_layers
+            .unwrap_or_else(|| 30.min(num_hidden_layers.saturating_sub(2)).max(1));
+        Ok(AdaptionPromptConfig::new()
+            .with_adapter_len(self.adapter_len)
+            .with_adapter_layers(layers)
+            .with_gate_shape(gate_shape)
+            .with_gate_activation(gate_activation))
+    }
+
     /// A freshly initialised adapter for `model`.
     pub fn init<B: burn::tensor::backend::Backend>(
         &self,
         model: &dyn peft_core::AdaptableModel<B>,
         device: &B::Device,
     ) -> AnyResult<AnyAdapter<B>> {
-        use peft_core::{
-            AdaptionPromptConfig, GateActivation, GateShape, LoraConfig, PrefixTuningConfig,
-            TargetModules,
-        };
+        use peft_core::{LoraConfig, PrefixTuningConfig, TargetModules};
         let num_hidden_layers = model.geometry().num_hidden_layers;
         Ok(match self.method.as_str() {
-            "adaption-prompt" | "adaption_prompt" | "llama-adapter" => {
-                let gate_shape = match self.gate_shape.as_str() {
-                    "per-head" => GateShape::PerHead,
-                    "scalar" => GateShape::Scalar,
-                    other => {
-                        return Err(
-                            format!("--gate-shape `{other}`: expected per-head or scalar").into(),
-                        )
-                    }
-                };
-                let gate_activation = match self.gate_activation.as_str() {
-                    "tanh" => GateActivation::Tanh,
-                    "identity" => GateActivation::Identity,
-                    other => {
-                        return Err(format!(
-                            "--gate-activation `{other}`: expected tanh or identity"
-                        )
-                        .into())
-                    }
-                };
-                let layers = self
-                    .adapter_layers
-                    .unwrap_or_else(|| 30.min(num_hidden_layers.saturating_sub(2)).max(1));
-                AdaptionPromptConfig::new()
-                    .with_adapter_len(self.adapter_len)
-                    .with_adapter_layers(layers)
-                    .with_gate_shape(gate_shape)
-                    .with_gate_activation(gate_activation)
-                    .init::<B>(model, device)?
-                    .into()
-            }
+            "adaption-prompt" | "adaption_prompt" | "llama-adapter" => self
+                .adaption_prompt_config(num_hidden_layers)?
+                .init::<B>(model, device)?
+                .into(),
             "lora" => {
                 let names: Vec<&str> = self.target_modules.split(',').map(str::trim).collect();
                 LoraConfig::new()

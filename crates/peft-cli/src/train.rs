@@ -4,12 +4,13 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use burn::module::AutodiffModule;
 use peft_core::save_adapter;
-use peft_core::Adapter as _;
 use peft_llama::{LlamaLoader, LlamaTokenizer, WeightDtype};
 use peft_train::{
     load_alpaca, load_pretokenized, split_validation, tokenize_alpaca_records, train_data_parallel,
-    AdamWConfig, BatchStrategy, BatchingConfig, Example, StepMetrics, TrainObserver, TrainerConfig,
+    AdamWConfig, BatchStrategy, BatchingConfig, Example, StepMetrics, TrainObserver, TrainSummary,
+    TrainableAdapter, TrainerConfig,
 };
 
 use crate::backend::{device, parse_devices, Training};
@@ -222,7 +223,8 @@ fn warn_skipped(
     );
 }
 
-/// Runs `peft train`.
+/// Runs `peft train`: a text adapter, or with `--vision-model` the multimodal one; both through
+/// the same trainer, flags, schedule, checkpoints and resume.
 pub fn run(args: TrainArgs) -> AnyResult<()> {
     let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
     let devices = match &args.devices {
@@ -230,33 +232,11 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         Some(names) => parse_devices(names)?,
         None => vec![device()],
     };
-    if let Some(vision_dir) = &args.vision_model {
-        if devices.len() > 1 {
-            return Err(
-                "--devices: multimodal training (--vision-model) runs on one device".into(),
-            );
-        }
-        let data = args
-            .data
-            .clone()
-            .ok_or("--vision-model needs --data (visual questions)")?;
-        return crate::visual::train(crate::visual::VisualTrainArgs {
-            model_dir,
-            vision_dir: vision_dir.clone(),
-            data,
-            output: args.output.clone(),
-            method: args.adapter.method.clone(),
-            adapter_len: args.adapter.adapter_len,
-            adapter_layers: args.adapter.adapter_layers,
-            feature_layers: args.feature_layers.clone(),
-            epochs: args.epochs,
-            batch_size: args.batch_size,
-            lr: args.lr.unwrap_or(args.blr * args.batch_size as f64 / 256.0),
-            seed: args.seed,
-            max_seq_len: args.max_seq_len,
-        });
-    }
-    let data = args.data.clone().unwrap_or_else(default_data);
+    let data = match (&args.data, &args.vision_model) {
+        (Some(data), _) => data.clone(),
+        (None, None) => default_data(),
+        (None, Some(_)) => return Err("--vision-model needs --data (visual questions)".into()),
+    };
     // Not Copy on every backend (CUDA devices are not).
     let device = devices.first().cloned().ok_or("no device")?;
     let loader = LlamaLoader::new(&model_dir).with_dtype(args.dtype);
@@ -267,6 +247,37 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         .map(|d| loader.load::<Training>(d))
         .collect::<Result<Vec<_>, _>>()?;
     let tokenizer = LlamaTokenizer::from_dir(&model_dir)?;
+    if let Some(vision_dir) = &args.vision_model {
+        let (adapter, prepared) = crate::visual::prepare(crate::visual::VisualData {
+            model_dir: &model_dir,
+            vision_dir,
+            data: &data,
+            choice: &args.adapter,
+            feature_layers: args.feature_layers.clone(),
+            max_seq_len: args.max_seq_len,
+            val_size: args.val_size,
+            seed: args.seed,
+            tokenizer: &tokenizer,
+            base: &base,
+        })?;
+        let (adapter, summary) = fit(
+            &args,
+            &data,
+            &devices,
+            &base,
+            replicas,
+            adapter,
+            &prepared.train,
+            &prepared.validation,
+        )?;
+        let adapter = adapter.valid();
+        let base_eval = loader.load::<crate::backend::Inference>(&device)?;
+        prepared.report_accuracy(&base_eval, &adapter, &tokenizer)?;
+        let adapter_dir = args.output.join("adapter");
+        peft_vision::save_multimodal(&adapter, &base_eval, &adapter_dir)?;
+        report(&summary, &adapter_dir, "multimodal");
+        return Ok(());
+    }
     let (train_examples, validation) = load_examples(
         &data,
         &tokenizer,
@@ -278,6 +289,34 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
     )?;
     <Training as burn::tensor::backend::Backend>::seed(&device, args.seed);
     let adapter = args.adapter.init_for(&base, &tokenizer)?;
+    let (adapter, summary) = fit(
+        &args,
+        &data,
+        &devices,
+        &base,
+        replicas,
+        adapter,
+        &train_examples,
+        &validation,
+    )?;
+    let adapter_dir = args.output.join("adapter");
+    let format = save_adapter(&adapter, &base, &adapter_dir, None)?;
+    report(&summary, &adapter_dir, &format!("{format:?}"));
+    Ok(())
+}
+
+/// The trainer's configuration from the flags, and the run (one path for every adapter type).
+#[allow(clippy::too_many_arguments)]
+fn fit<A: TrainableAdapter<Training>>(
+    args: &TrainArgs,
+    data: &std::path::Path,
+    devices: &[burn::tensor::Device<Training>],
+    base: &peft_llama::Llama<Training>,
+    replicas: Vec<peft_llama::Llama<Training>>,
+    adapter: A,
+    train_examples: &[Example],
+    validation: &[Example],
+) -> AnyResult<(A, TrainSummary)> {
     let config = TrainerConfig::new()
         .with_epochs(args.epochs)
         .with_max_steps(args.max_steps)
@@ -323,12 +362,12 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         quiet: args.quiet,
         started: Instant::now(),
     };
-    let (adapter, summary) = train_data_parallel(
-        &base,
+    let result = train_data_parallel(
+        base,
         replicas,
         adapter,
-        &train_examples,
-        &validation,
+        train_examples,
+        validation,
         &config,
         &args.output,
         args.resume,
@@ -337,10 +376,12 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
     if !args.quiet {
         eprintln!();
     }
-    let adapter_dir = args.output.join("adapter");
-    let format = save_adapter(&adapter, &base, &adapter_dir, None)?;
+    Ok(result)
+}
+
+fn report(summary: &TrainSummary, adapter_dir: &std::path::Path, format: &str) {
     println!(
-        "{} steps in {:.1}s ({:.0} tokens/s, {:.0} with padding); final training loss {:.4}{}; adapter ({format:?} format) in {}",
+        "{} steps in {:.1}s ({:.0} tokens/s, {:.0} with padding); final training loss {:.4}{}; adapter ({format} format) in {}",
         summary.steps,
         summary.seconds,
         summary.tokens as f64 / summary.seconds.max(1e-9),
@@ -349,5 +390,4 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         summary.val_loss.map(|l| format!(", validation loss {l:.4}")).unwrap_or_default(),
         adapter_dir.display()
     );
-    Ok(())
 }

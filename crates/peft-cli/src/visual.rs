@@ -1,108 +1,117 @@
-//! The multimodal LLaMA-Adapter from the command line: `peft train --vision-model DIR` and
-//! `peft generate --image FILE --vision-model DIR --adapter DIR`.
+//! The multimodal LLaMA-Adapter from the command line: what `peft train --vision-model DIR`
+//! adds before the shared trainer, and `peft generate --image FILE --vision-model DIR --adapter
+//! DIR`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use peft_core::AdaptionPromptConfig;
 use peft_llama::{generate, GenerationConfig, Llama, LlamaLoader, LlamaTokenizer};
-use peft_vision::visual_train::without_autodiff;
+use peft_train::{split_validation, Example};
 use peft_vision::{
-    choice_accuracy, image_features, load_multimodal, load_visual_qa, save_multimodal,
-    train_multimodal, visual_examples, ClipImageProcessor, ClipVisionLoader,
-    MultimodalAdaptionPromptConfig, PromptTemplate, VisualTrainConfig,
+    choice_accuracy, image_features, load_multimodal, load_visual_qa, visual_examples,
+    ClipImageProcessor, ClipVisionLoader, MultimodalAdaptionPrompt, MultimodalAdaptionPromptConfig,
+    PromptTemplate, VisualQaRecord,
 };
 
 use crate::backend::{device, Inference, Training};
+use crate::model_args::AdapterChoice;
 use crate::AnyResult;
 
-/// What `peft train --vision-model` needs from the command line.
-pub struct VisualTrainArgs {
-    pub model_dir: PathBuf,
-    pub vision_dir: PathBuf,
-    pub data: PathBuf,
-    pub output: PathBuf,
-    pub method: String,
-    pub adapter_len: usize,
-    pub adapter_layers: Option<usize>,
+/// What `peft train --vision-model` needs besides the trainer's flags.
+pub struct VisualData<'a> {
+    pub model_dir: &'a Path,
+    pub vision_dir: &'a Path,
+    pub data: &'a Path,
+    pub choice: &'a AdapterChoice,
     pub feature_layers: Option<Vec<usize>>,
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub seed: u64,
     pub max_seq_len: usize,
+    pub val_size: usize,
+    pub seed: u64,
+    pub tokenizer: &'a LlamaTokenizer,
+    pub base: &'a Llama<Training>,
 }
 
-/// Trains a multimodal adaption prompt on a visual QA file and saves it to `output/adapter`.
-pub fn train(args: VisualTrainArgs) -> AnyResult<()> {
-    if args.method != "adaption-prompt" {
+/// The examples of a multimodal run, with their image features (computed once: the tower is
+/// frozen).
+pub struct Prepared {
+    pub train: Vec<Example>,
+    pub validation: Vec<Example>,
+    records: Vec<VisualQaRecord>,
+    features: Vec<Option<Vec<f32>>>,
+}
+
+/// Loads the tower and the visual questions, builds the adapter the flags describe (the same
+/// adaption-prompt rule as a text run) and splits the examples like a text run.
+pub fn prepare(args: VisualData<'_>) -> AnyResult<(MultimodalAdaptionPrompt<Training>, Prepared)> {
+    if !matches!(
+        args.choice.method.as_str(),
+        "adaption-prompt" | "adaption_prompt" | "llama-adapter"
+    ) {
         return Err(format!(
             "--vision-model works with --method adaption-prompt, not `{}`",
-            args.method
+            args.choice.method
         )
         .into());
     }
-    let device = device();
-    let base = LlamaLoader::new(&args.model_dir).load::<Training>(&device)?;
-    let base_eval = LlamaLoader::new(&args.model_dir).load::<Inference>(&device)?;
-    let tokenizer = LlamaTokenizer::from_dir(&args.model_dir)?;
-    let vision = ClipVisionLoader::new(&args.vision_dir).load::<Inference>(&device)?;
-    let records = load_visual_qa(&args.data)?;
-    let layers = args
-        .adapter_layers
-        .unwrap_or(base.config.num_hidden_layers)
-        .min(base.config.num_hidden_layers);
+    let device = args.base.device();
+    let vision = ClipVisionLoader::new(args.vision_dir).load::<Inference>(&device)?;
+    let records = load_visual_qa(args.data)?;
     let feature_layers = args
         .feature_layers
         .clone()
         .unwrap_or_else(|| (1..=vision.config.num_hidden_layers).collect());
     let config = MultimodalAdaptionPromptConfig::for_vision(
-        AdaptionPromptConfig::new()
-            .with_adapter_len(args.adapter_len)
-            .with_adapter_layers(layers),
+        args.choice
+            .adaption_prompt_config(args.base.config.num_hidden_layers)?,
         &vision.config,
         feature_layers,
     );
     config.check_vision(&vision.config)?;
+    let base_eval = LlamaLoader::new(args.model_dir).load::<Inference>(&device)?;
     let probe = config.init::<Inference>(&base_eval, &device)?;
     let features = image_features(&records, &vision, &probe, 64)?;
     let examples = visual_examples(
         &records,
         &features,
         PromptTemplate::Alpaca,
-        &tokenizer,
+        args.tokenizer,
         args.max_seq_len,
     )?;
+    let (train, validation) = split_validation(examples, args.val_size, args.seed)?;
     <Training as burn::tensor::backend::Backend>::seed(&device, args.seed);
-    let adapter = config.init::<Training>(&base, &device)?;
-    let settings = VisualTrainConfig {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        lr: args.lr,
-        warmup_steps: examples.len().div_ceil(args.batch_size.max(1)),
-        seed: args.seed,
-        use_image: true,
-    };
-    let (adapter, losses) = train_multimodal(&base, adapter, &examples, &settings)?;
-    for (epoch, loss) in losses.iter().enumerate() {
-        eprintln!("epoch {}: mean loss {loss:.4}", epoch + 1);
+    let adapter = config.init::<Training>(args.base, &device)?;
+    Ok((
+        adapter,
+        Prepared {
+            train,
+            validation,
+            records,
+            features,
+        },
+    ))
+}
+
+impl Prepared {
+    /// Prints the multiple-choice accuracy of `adapter` on the questions that have choices.
+    pub fn report_accuracy(
+        &self,
+        base: &Llama<Inference>,
+        adapter: &MultimodalAdaptionPrompt<Inference>,
+        tokenizer: &LlamaTokenizer,
+    ) -> AnyResult<()> {
+        let (correct, counted) = choice_accuracy(
+            base,
+            adapter,
+            &self.records,
+            &self.features,
+            PromptTemplate::Alpaca,
+            tokenizer,
+            true,
+        )?;
+        if counted > 0 {
+            eprintln!("multiple-choice accuracy on the questions (training and validation): {correct}/{counted}");
+        }
+        Ok(())
     }
-    let adapter = without_autodiff(&adapter);
-    let (correct, counted) = choice_accuracy(
-        &base_eval,
-        &adapter,
-        &records,
-        &features,
-        PromptTemplate::Alpaca,
-        &tokenizer,
-        true,
-    )?;
-    if counted > 0 {
-        eprintln!("multiple-choice accuracy on the training data: {correct}/{counted}");
-    }
-    let dir = args.output.join("adapter");
-    save_multimodal(&adapter, &base_eval, &dir)?;
-    eprintln!("saved the multimodal adapter to {}", dir.display());
-    Ok(())
 }
 
 /// Greedy or sampled continuation of `prompts`, every one seeing `image`.

@@ -206,7 +206,12 @@ fn prefixes_initialised_from_text_start_at_the_base_model() {
     let mut args = train_args(&data, &random_output, "prefix");
     args.extend(["--max-steps", "1"].map(String::from));
     assert!(peft().args(&args).status().unwrap().success());
-    let random = eval_loss(&validation, Some(&random_output.join("adapter")));
+    // `--adapter` takes the run's output directory as well as the adapter inside it.
+    let random = eval_loss(&validation, Some(&random_output));
+    assert_eq!(
+        random,
+        eval_loss(&validation, Some(&random_output.join("adapter")))
+    );
     assert!(
         (random - base).abs() > 0.1,
         "base {base}, random prefixes {random}"
@@ -248,7 +253,17 @@ fn multimodal_training_and_generation_with_an_image_run_from_the_cli() {
             "--epochs",
             "1",
         ])
-        .args(["--batch-size", "2", "--lr", "0.01", "--seed", "3"])
+        .args([
+            "--batch-size",
+            "2",
+            "--lr",
+            "0.01",
+            "--seed",
+            "3",
+            "--val-size",
+            "1",
+        ])
+        .args(["--grad-accum", "1", "--eval-every", "1"])
         .arg("--vision-model")
         .arg(&vision)
         .arg("--data")
@@ -260,6 +275,10 @@ fn multimodal_training_and_generation_with_an_image_run_from_the_cli() {
     assert_success(&result);
     let adapter = output.join("adapter");
     assert!(adapter.is_dir(), "adapter written");
+    // Through the shared trainer: per-step metrics with validation (--eval-every), checkpoints.
+    let metrics = std::fs::read_to_string(output.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"val_loss\""), "{metrics}");
+    assert!(output.join("checkpoints/latest").is_file());
     let result = peft()
         .args([
             "generate",
@@ -269,7 +288,7 @@ fn multimodal_training_and_generation_with_an_image_run_from_the_cli() {
             "3",
         ])
         .arg("--adapter")
-        .arg(&adapter)
+        .arg(&output) // the run directory: its adapter/ is used
         .arg("--vision-model")
         .arg(&vision)
         .arg("--image")

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::error::Result;
-use crate::hooks::LayerHooks;
+use crate::hooks::{Features, LayerHooks};
 use crate::model::AdaptableModel;
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -78,8 +78,8 @@ pub trait Adapter<B: Backend>: Module<B> {
     /// Binds the adapter to `model` for one or more forward passes.
     fn hooks<'a>(&'a self, model: &dyn AdaptableModel<B>) -> Box<dyn LayerHooks<B> + 'a>;
 
-    /// Binds the adapter to `model` with per-example conditioning `features` `[batch, width]`
-    /// (the multimodal adaption prompt's image features). Methods without conditioning refuse.
+    /// Binds the adapter to `model` with per-example conditioning (the multimodal adaption
+    /// prompt's image features, one row per example). Methods without conditioning refuse.
     ///
     /// # Errors
     /// [`crate::PeftError::Unsupported`] for a method that takes no features; a feature width
@@ -87,7 +87,7 @@ pub trait Adapter<B: Backend>: Module<B> {
     fn hooks_with_features<'a>(
         &'a self,
         model: &dyn AdaptableModel<B>,
-        features: Tensor<B, 2>,
+        features: Features<B>,
     ) -> Result<Box<dyn LayerHooks<B> + 'a>> {
         let _ = (model, features);
         Err(crate::PeftError::Unsupported(format!(

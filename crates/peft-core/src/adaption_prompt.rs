@@ -22,8 +22,9 @@ use serde_json::json;
 
 use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
-use crate::hooks::LayerHooks;
+use crate::hooks::{Features, LayerHooks};
 use crate::model::{require_point, AdaptableModel, InsertionPoint, ModelGeometry};
+use crate::native_format::{adaption_prompt_parameters, NativeAdapter, NativeConfig};
 use crate::peft_format::{tensor, FromPeft, PeftConfigFile};
 
 /// How many gates an adapted layer has.
@@ -384,20 +385,20 @@ impl<B: Backend> Adapter<B> for AdaptionPrompt<B> {
     }
 
     /// The features are the prompt offset of [`AdaptionPrompt::hooks_with_prompt_offset`],
-    /// `[batch, hidden]`.
+    /// `[batch, hidden]` (rows without features: no offset).
     fn hooks_with_features<'a>(
         &'a self,
         model: &dyn AdaptableModel<B>,
-        features: Tensor<B, 2>,
+        features: Features<B>,
     ) -> Result<Box<dyn LayerHooks<B> + 'a>> {
-        let [_, width] = features.dims();
+        let [_, width] = features.values.dims();
         let hidden = model.geometry().hidden_size;
         if width != hidden {
             return Err(PeftError::Incompatible(format!(
                 "prompt offsets have width {width}, the model's hidden size is {hidden}"
             )));
         }
-        Ok(self.prepare(model, Some(features)))
+        Ok(self.prepare(model, Some(features.masked(features.values.clone()))))
     }
 
     /// PEFT's names: `...layers.{i}.self_attn.adaption_prompt` `[1, K, hidden]` and
@@ -462,6 +463,27 @@ impl<B: Backend> FromPeft<B> for AdaptionPrompt<B> {
             tensor(prompts, [layers, len, width], device),
             tensor(gates, [layers, 1], device),
         ))
+    }
+}
+
+impl<B: Backend> NativeAdapter<B> for AdaptionPrompt<B> {
+    fn native_config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).expect("adaption prompt configurations serialise")
+    }
+
+    fn init_native(
+        manifest: &NativeConfig<'_>,
+        model: &dyn AdaptableModel<B>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        manifest.expect_type("ADAPTION_PROMPT")?;
+        let config: AdaptionPromptConfig = manifest.parse()?;
+        let geometry = model.geometry();
+        config
+            .validate(&geometry)
+            .map_err(|e| manifest.invalid(e))?;
+        manifest.check_parameters(adaption_prompt_parameters(&config, &geometry))?;
+        config.init(model, device)
     }
 }
 

@@ -3,15 +3,18 @@
 //! hold it like any single method.
 
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::backend::Backend;
 
 use crate::adapter::{Adapter, NamedTensor, PeftMethod};
 use crate::adaption_prompt::AdaptionPrompt;
 use crate::error::Result;
-use crate::hooks::LayerHooks;
+use crate::hooks::{Features, LayerHooks};
 use crate::lora::Lora;
 use crate::model::AdaptableModel;
+use crate::native_format::{NativeAdapter, NativeConfig};
 use crate::prefix::PrefixTuning;
+use burn_store::SafetensorsStore;
+use std::path::Path;
 
 /// One adapter of any of the built-in methods.
 // The variants hold a few tensor handles each and an adapter lives for a whole run: boxing would
@@ -53,7 +56,7 @@ impl<B: Backend> Adapter<B> for AnyAdapter<B> {
     fn hooks_with_features<'a>(
         &'a self,
         model: &dyn AdaptableModel<B>,
-        features: Tensor<B, 2>,
+        features: Features<B>,
     ) -> Result<Box<dyn LayerHooks<B> + 'a>> {
         delegate!(self, a => a.hooks_with_features(model, features))
     }
@@ -80,6 +83,37 @@ impl<B: Backend> Adapter<B> for AnyAdapter<B> {
 
     fn unmerge_from(&self, model: &mut dyn AdaptableModel<B>) -> Result<()> {
         delegate!(self, a => a.unmerge_from(model))
+    }
+}
+
+impl<B: Backend> NativeAdapter<B> for AnyAdapter<B> {
+    fn native_type(&self) -> &'static str {
+        delegate!(self, a => a.native_type())
+    }
+
+    fn native_config(&self) -> serde_json::Value {
+        delegate!(self, a => a.native_config())
+    }
+
+    fn init_native(
+        manifest: &NativeConfig<'_>,
+        model: &dyn AdaptableModel<B>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Ok(match manifest.peft_type {
+            Some("LORA") => Lora::init_native(manifest, model, device)?.into(),
+            Some("PREFIX_TUNING") => PrefixTuning::init_native(manifest, model, device)?.into(),
+            Some("ADAPTION_PROMPT") => AdaptionPrompt::init_native(manifest, model, device)?.into(),
+            other => return Err(manifest.error(format!("unknown peft_type {other:?}"))),
+        })
+    }
+
+    fn save_tensors(&self, store: &mut SafetensorsStore, path: &Path) -> Result<()> {
+        delegate!(self, a => a.save_tensors(store, path))
+    }
+
+    fn load_tensors(&mut self, path: &Path) -> Result<()> {
+        delegate!(self, a => a.load_tensors(path))
     }
 }
 

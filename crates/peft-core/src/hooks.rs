@@ -86,6 +86,46 @@ pub trait LayerHooks<B: Backend> {
     }
 }
 
+/// Per-example conditioning for [`crate::Adapter::hooks_with_features`]: one row of `values`
+/// per example of the batch (a multimodal adapter's image features), and which rows have any
+/// (`present[row]` false: that row's values are ignored and the example runs unconditioned).
+#[derive(Debug, Clone)]
+pub struct Features<B: Backend> {
+    /// `[batch, width]`.
+    pub values: Tensor<B, 2>,
+    /// One flag per row.
+    pub present: Vec<bool>,
+}
+
+impl<B: Backend> Features<B> {
+    /// Every row conditioned.
+    pub fn all(values: Tensor<B, 2>) -> Self {
+        let rows = values.dims()[0];
+        Self {
+            values,
+            present: vec![true; rows],
+        }
+    }
+
+    /// The rows without conditioning set to zero in `values` (`[batch, width]`) via a mask, or
+    /// `values` unchanged when every row is conditioned.
+    pub fn masked(&self, values: Tensor<B, 2>) -> Tensor<B, 2> {
+        if self.present.iter().all(|&p| p) {
+            return values;
+        }
+        let mask: Vec<f32> = self
+            .present
+            .iter()
+            .map(|&p| if p { 1.0 } else { 0.0 })
+            .collect();
+        let device = values.device();
+        let mask = Tensor::<B, 1>::from_floats(mask.as_slice(), &device)
+            .reshape([self.present.len(), 1])
+            .cast(values.dtype());
+        values * mask
+    }
+}
+
 /// Hooks that change nothing: the base model.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoHooks;

@@ -43,9 +43,10 @@ pub use adaption_prompt::{
 };
 pub use any_adapter::AnyAdapter;
 pub use error::{PeftError, Result};
-pub use hooks::{LayerHooks, NoHooks, Site};
+pub use hooks::{Features, LayerHooks, NoHooks, Site};
 pub use lora::{Lora, LoraConfig, LoraLinear};
 pub use model::{AdaptableModel, InsertionPoint, LinearSite, ModelGeometry};
+pub use native_format::{load_native_as, save_native, NativeAdapter, NativeConfig};
 pub use peft_format::{load_peft_as, save_peft, FromPeft, PeftConfigFile};
 pub use peft_io::TensorMap;
 pub use peft_model::PeftModel;

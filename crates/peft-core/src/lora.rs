@@ -18,6 +18,7 @@ use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
 use crate::hooks::{LayerHooks, Site};
 use crate::model::{require_point, AdaptableModel, InsertionPoint, LinearSite, ModelGeometry};
+use crate::native_format::{NativeAdapter, NativeConfig};
 use crate::peft_format::{tensor, FromPeft, PeftConfigFile};
 use crate::targets::TargetModules;
 
@@ -486,5 +487,29 @@ impl<B: Backend> FromPeft<B> for Lora<B> {
             });
         }
         Ok(Lora { modules, config })
+    }
+}
+impl<B: Backend> NativeAdapter<B> for Lora<B> {
+    fn native_config(&self) -> Value {
+        serde_json::to_value(&self.config).expect("LoRA configurations serialise")
+    }
+
+    fn init_native(
+        manifest: &NativeConfig<'_>,
+        model: &dyn AdaptableModel<B>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        manifest.expect_type("LORA")?;
+        let config: LoraConfig = manifest.parse()?;
+        config
+            .validate(&model.geometry())
+            .map_err(|e| manifest.invalid(e))?;
+        // Every size is checked against the tensor file before `init` allocates anything: a
+        // corrupt or hostile `"r": 2000000000` must be an error, not an abort.
+        let expected = config
+            .checked_parameters(&model.linear_sites())
+            .map_err(|e| manifest.invalid(e))?;
+        manifest.check_parameters(expected)?;
+        config.init(model, device)
     }
 }

@@ -17,7 +17,6 @@ use crate::adapter::Adapter;
 use crate::adaption_prompt::{AdaptionPromptConfig, GateShape};
 use crate::any_adapter::AnyAdapter;
 use crate::error::{PeftError, Result};
-use crate::lora::LoraConfig;
 use crate::model::{AdaptableModel, ModelGeometry};
 use crate::prefix::PrefixTuningConfig;
 
@@ -33,43 +32,137 @@ pub fn model_sizes(model: &ModelGeometry) -> Value {
     serde_json::to_value(model).expect("model sizes serialise")
 }
 
+/// A method whose adapters this crate's own format saves and loads exactly. Each method
+/// implements it in its own file; this module keeps the directory layout (the manifest, the
+/// tensor file, the checks before allocation).
+pub trait NativeAdapter<B: Backend>: Adapter<B> + Sized {
+    /// The manifest's `peft_type` (by default the method's PEFT name).
+    fn native_type(&self) -> &'static str {
+        self.method().peft_type()
+    }
+
+    /// The manifest's `config` entry: every setting needed to rebuild the adapter.
+    fn native_config(&self) -> Value;
+
+    /// Creates an adapter for `model` from a manifest whose parameters are then read from its
+    /// tensor file. Call [`NativeConfig::check_parameters`] with the number of values the
+    /// configuration implies before allocating anything.
+    ///
+    /// # Errors
+    /// Another `peft_type`, a configuration that is invalid, does not fit `model` or does not
+    /// match the tensor file's sizes.
+    fn init_native(
+        manifest: &NativeConfig<'_>,
+        model: &dyn AdaptableModel<B>,
+        device: &B::Device,
+    ) -> Result<Self>;
+
+    /// Writes the parameters into `store` (by default under the module's own Burn paths).
+    ///
+    /// # Errors
+    /// What the store reports.
+    fn save_tensors(&self, store: &mut SafetensorsStore, path: &Path) -> Result<()> {
+        self.save_into(store).map_err(|e| PeftError::Format {
+            path: path.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads the parameters from the tensor file `path` (by default [`apply`]).
+    ///
+    /// # Errors
+    /// A missing, unexpected or mis-shaped tensor.
+    fn load_tensors(&mut self, path: &Path) -> Result<()> {
+        apply(self, path)
+    }
+}
+
+/// A checked manifest as [`NativeAdapter::init_native`] reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct NativeConfig<'a> {
+    /// `peft_type`, if the manifest has one.
+    pub peft_type: Option<&'a str>,
+    /// The method's configuration.
+    pub config: &'a Value,
+    /// The manifest file.
+    pub config_path: &'a Path,
+    /// The tensor file beside it.
+    pub weights: &'a Path,
+}
+
+impl NativeConfig<'_> {
+    /// An error about the manifest.
+    pub fn error(&self, message: impl Into<String>) -> PeftError {
+        PeftError::Format {
+            path: self.config_path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The configuration as `T`.
+    ///
+    /// # Errors
+    /// A configuration `T` does not parse.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.config.clone())
+            .map_err(|e| self.error(format!("`config`: {e}")))
+    }
+
+    /// Wraps a validation error of the configuration.
+    pub fn invalid(&self, e: PeftError) -> PeftError {
+        self.error(format!("`config`: {e}"))
+    }
+
+    /// Fails unless `peft_type` is `expected`.
+    ///
+    /// # Errors
+    /// Another or no `peft_type`.
+    pub fn expect_type(&self, expected: &str) -> Result<()> {
+        if self.peft_type == Some(expected) {
+            Ok(())
+        } else {
+            Err(self.error(format!(
+                "peft_type {:?}, expected {expected}",
+                self.peft_type
+            )))
+        }
+    }
+
+    /// Fails unless the tensor file holds `expected` values in all (`None`: the configuration's
+    /// count overflows), reading only its header.
+    ///
+    /// # Errors
+    /// See [`check_parameter_count`].
+    pub fn check_parameters(&self, expected: Option<usize>) -> Result<()> {
+        check_parameter_count(expected, self.config, self.config_path, self.weights)
+    }
+}
+
 /// Saves `adapter` (made for `model`) in this crate's format; each file replaced atomically.
 ///
 /// # Errors
 /// I/O errors.
-pub fn save_native<B: Backend>(
-    adapter: &AnyAdapter<B>,
+pub fn save_native<B: Backend, A: NativeAdapter<B>>(
+    adapter: &A,
     model: &dyn AdaptableModel<B>,
     dir: &Path,
 ) -> Result<()> {
-    let to_json = |c: &dyn erased::Serialize| c.to_value();
-    let (method, config) = match adapter {
-        AnyAdapter::Lora(a) => ("LORA", to_json(&a.config)),
-        AnyAdapter::PrefixTuning(a) => ("PREFIX_TUNING", to_json(&a.config)),
-        AnyAdapter::AdaptionPrompt(a) => ("ADAPTION_PROMPT", to_json(&a.config)),
-    };
     let manifest = json!({
         "format": "peft-rs",
         "format_version": FORMAT_VERSION,
-        "peft_type": method,
-        "config": config,
+        "peft_type": adapter.native_type(),
+        "config": adapter.native_config(),
         "model": model_sizes(&model.geometry()),
     });
     let weights = dir.join(WEIGHTS_FILE);
     // No metadata: burn-store keeps it in a hash map, which would make the header (and so the
     // file) differ from run to run for the same tensors.
     let mut store = SafetensorsStore::from_bytes(None).clear_metadata();
-    let saved = match adapter {
-        AnyAdapter::Lora(a) => a.save_into(&mut store),
-        AnyAdapter::PrefixTuning(a) => a.save_into(&mut store),
-        AnyAdapter::AdaptionPrompt(a) => a.save_into(&mut store),
-    };
-    let bytes = saved
-        .and_then(|()| store.get_bytes())
-        .map_err(|e| PeftError::Format {
-            path: weights.clone(),
-            message: e.to_string(),
-        })?;
+    adapter.save_tensors(&mut store, &weights)?;
+    let bytes = store.get_bytes().map_err(|e| PeftError::Format {
+        path: weights.clone(),
+        message: e.to_string(),
+    })?;
     std::fs::create_dir_all(dir).map_err(|e| PeftError::Io {
         path: dir.into(),
         source: e,
@@ -77,18 +170,6 @@ pub fn save_native<B: Backend>(
     write_atomic(&weights, &bytes)?;
     let text = serde_json::to_string_pretty(&manifest).expect("JSON values serialise");
     Ok(write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?)
-}
-
-mod erased {
-    /// Serialises any adapter configuration to a JSON value.
-    pub trait Serialize {
-        fn to_value(&self) -> serde_json::Value;
-    }
-    impl<T: serde::Serialize> Serialize for T {
-        fn to_value(&self) -> serde_json::Value {
-            serde_json::to_value(self).expect("adapter configurations serialise")
-        }
-    }
 }
 
 /// Loads the tensors of the safetensors file `path` into `module`: every parameter must be
@@ -125,74 +206,38 @@ pub fn apply<B: Backend, M: ModuleSnapshot<B>>(module: &mut M, path: &Path) -> R
     Ok(())
 }
 
-/// Loads an adapter saved by [`save_native`] for a model with configuration `model`.
+/// Loads an adapter of a built-in method saved by [`save_native`] for `model`.
 ///
 /// # Errors
-/// Malformed files, an adapter made for a model of other sizes, an invalid configuration or one
-/// whose sizes do not match the tensor file's (checked before anything is allocated), and every
-/// missing, unexpected or mis-shaped tensor.
+/// See [`load_native_as`].
 pub fn load_native<B: Backend>(
     dir: &Path,
     model: &dyn AdaptableModel<B>,
     device: &B::Device,
 ) -> Result<AnyAdapter<B>> {
-    let geometry = model.geometry();
-    let Manifest {
-        peft_type,
-        config,
-        config_path,
-        weights,
-    } = read_manifest(dir, &geometry)?;
-    let format = |message: String| PeftError::Format {
-        path: config_path.clone(),
-        message,
+    load_native_as(dir, model, device)
+}
+
+/// Loads an adapter of method `A` saved by [`save_native`] for `model`.
+///
+/// # Errors
+/// Malformed files, an adapter made for a model of other sizes, an invalid configuration or one
+/// whose sizes do not match the tensor file's (checked before anything is allocated), and every
+/// missing, unexpected or mis-shaped tensor.
+pub fn load_native_as<B: Backend, A: NativeAdapter<B>>(
+    dir: &Path,
+    model: &dyn AdaptableModel<B>,
+    device: &B::Device,
+) -> Result<A> {
+    let manifest = read_manifest(dir, &model.geometry())?;
+    let view = NativeConfig {
+        peft_type: manifest.peft_type.as_deref(),
+        config: &manifest.config,
+        config_path: &manifest.config_path,
+        weights: &manifest.weights,
     };
-    let parse_error = |e: serde_json::Error| format(format!("`config`: {e}"));
-    let invalid = |e: PeftError| format(format!("`config`: {e}"));
-    // Every size in the configuration is checked against the tensor file before `init`
-    // allocates anything: a corrupt or hostile `"r": 2000000000` must be an error, not an abort.
-    let check = |expected| check_parameter_count(expected, &config, &config_path, &weights);
-    let adapter = match peft_type.as_deref() {
-        Some("LORA") => {
-            let lora: LoraConfig = serde_json::from_value(config.clone()).map_err(parse_error)?;
-            lora.validate(&geometry).map_err(invalid)?;
-            check(
-                lora.checked_parameters(&model.linear_sites())
-                    .map_err(invalid)?,
-            )?;
-            let mut adapter = lora.init::<B>(model, device)?;
-            apply(&mut adapter, &weights)?;
-            AnyAdapter::Lora(adapter)
-        }
-        Some("PREFIX_TUNING") => {
-            let prefix: PrefixTuningConfig =
-                serde_json::from_value(config.clone()).map_err(parse_error)?;
-            if prefix.num_virtual_tokens == 0 {
-                return Err(format(
-                    "`config`: num_virtual_tokens must be positive".into(),
-                ));
-            }
-            if prefix.prefix_projection && prefix.encoder_hidden_size == 0 {
-                return Err(format(
-                    "`config`: encoder_hidden_size must be positive with prefix_projection".into(),
-                ));
-            }
-            check(prefix_parameters(&prefix, &geometry))?;
-            let mut adapter = prefix.init::<B>(model, device)?;
-            apply(&mut adapter, &weights)?;
-            AnyAdapter::PrefixTuning(adapter)
-        }
-        Some("ADAPTION_PROMPT") => {
-            let prompt: AdaptionPromptConfig =
-                serde_json::from_value(config.clone()).map_err(parse_error)?;
-            prompt.validate(&geometry).map_err(invalid)?;
-            check(adaption_prompt_parameters(&prompt, &geometry))?;
-            let mut adapter = prompt.init::<B>(model, device)?;
-            apply(&mut adapter, &weights)?;
-            AnyAdapter::AdaptionPrompt(adapter)
-        }
-        other => return Err(format(format!("unknown peft_type {other:?}"))),
-    };
+    let mut adapter = A::init_native(&view, model, device)?;
+    adapter.load_tensors(&manifest.weights)?;
     adapter.check_compatible(model)?;
     Ok(adapter)
 }
@@ -299,8 +344,9 @@ pub fn check_parameter_count(
     })
 }
 
-/// [`PrefixTuningConfig::num_trainable_parameters`], checked.
-fn prefix_parameters(config: &PrefixTuningConfig, model: &ModelGeometry) -> Option<usize> {
+/// [`PrefixTuningConfig`]'s parameter count with checked arithmetic (for sizes read from a
+/// file); `None` on overflow.
+pub fn prefix_parameters(config: &PrefixTuningConfig, model: &ModelGeometry) -> Option<usize> {
     let width = PrefixTuningConfig::prompt_width(model);
     let tokens = config.num_virtual_tokens;
     if config.prefix_projection {

@@ -15,6 +15,7 @@ use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
 use crate::hooks::LayerHooks;
 use crate::model::{require_point, AdaptableModel, InsertionPoint, ModelGeometry};
+use crate::native_format::{prefix_parameters, NativeAdapter, NativeConfig};
 use crate::peft_format::{tensor, FromPeft, PeftConfigFile};
 
 /// Configuration of [`PrefixTuning`].
@@ -366,5 +367,28 @@ impl<B: Backend> FromPeft<B> for PrefixTuning<B> {
             kv_heads: geometry.num_key_value_heads,
             head_dim: geometry.head_dim,
         })
+    }
+}
+impl<B: Backend> NativeAdapter<B> for PrefixTuning<B> {
+    fn native_config(&self) -> Value {
+        serde_json::to_value(&self.config).expect("prefix configurations serialise")
+    }
+
+    fn init_native(
+        manifest: &NativeConfig<'_>,
+        model: &dyn AdaptableModel<B>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        manifest.expect_type("PREFIX_TUNING")?;
+        let config: PrefixTuningConfig = manifest.parse()?;
+        if config.num_virtual_tokens == 0 {
+            return Err(manifest.error("`config`: num_virtual_tokens must be positive"));
+        }
+        if config.prefix_projection && config.encoder_hidden_size == 0 {
+            return Err(manifest
+                .error("`config`: encoder_hidden_size must be positive with prefix_projection"));
+        }
+        manifest.check_parameters(prefix_parameters(&config, &model.geometry()))?;
+        config.init(model, device)
     }
 }

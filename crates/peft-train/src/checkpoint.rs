@@ -21,9 +21,9 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
-use peft_core::native_format::{load_native, save_native};
+use peft_core::native_format::{load_native_as, save_native};
 use peft_core::peft_format::safetensors_bytes;
-use peft_core::{AdaptableModel, AnyAdapter, NamedTensor};
+use peft_core::{AdaptableModel, NamedTensor, NativeAdapter};
 use peft_io::TensorMap;
 use serde::{Deserialize, Serialize};
 
@@ -45,11 +45,12 @@ pub struct TrainPosition {
     pub examples_per_micro_batch: usize,
 }
 
-/// A checkpoint read back.
+/// A checkpoint read back, holding an adapter of type `A` (`AnyAdapter` for any built-in
+/// method).
 #[derive(Debug)]
-pub struct Checkpoint<B: Backend> {
+pub struct Checkpoint<A> {
     /// The adapter.
-    pub adapter: AnyAdapter<B>,
+    pub adapter: A,
     /// AdamW's moments and step counts.
     pub optimizer: OptimizerState,
     /// Where to continue.
@@ -175,9 +176,9 @@ impl CheckpointDir {
     ///
     /// # Errors
     /// I/O errors; nothing already on disk is lost.
-    pub fn save<B: Backend>(
+    pub fn save<B: Backend, A: NativeAdapter<B>>(
         &self,
-        adapter: &AnyAdapter<B>,
+        adapter: &A,
         model: &dyn AdaptableModel<B>,
         optimizer: &OptimizerState,
         position: TrainPosition,
@@ -252,11 +253,11 @@ impl CheckpointDir {
     ///
     /// # Errors
     /// A checkpoint that exists but cannot be read, or does not fit `model`.
-    pub fn latest<B: Backend>(
+    pub fn latest<B: Backend, A: NativeAdapter<B>>(
         &self,
         model: &dyn AdaptableModel<B>,
         device: &B::Device,
-    ) -> Result<Option<Checkpoint<B>>> {
+    ) -> Result<Option<Checkpoint<A>>> {
         let Some((_, dir)) = self.list().pop() else {
             return Ok(None);
         };
@@ -267,11 +268,11 @@ impl CheckpointDir {
     ///
     /// # Errors
     /// Unreadable or inconsistent files.
-    pub fn read<B: Backend>(
+    pub fn read<B: Backend, A: NativeAdapter<B>>(
         dir: &Path,
         model: &dyn AdaptableModel<B>,
         device: &B::Device,
-    ) -> Result<Checkpoint<B>> {
+    ) -> Result<Checkpoint<A>> {
         let state_path = dir.join("state.json");
         let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
         let state: StateFile = serde_json::from_str(&text)
@@ -282,7 +283,7 @@ impl CheckpointDir {
                 format!("format_version {} is not supported", state.format_version),
             ));
         }
-        let adapter = load_native(&dir.join("adapter"), model, device)?;
+        let adapter = load_native_as(&dir.join("adapter"), model, device)?;
         let optimizer_path = dir.join("optimizer.safetensors");
         let mut tensors = TensorMap::new(optimizer_path.display().to_string());
         tensors.add_safetensors(&optimizer_path)?;

@@ -19,7 +19,7 @@ pub use alpaca::{
     alpaca_prompt, load_alpaca, tokenize_alpaca, tokenize_alpaca_records, AlpacaRecord,
     PROMPT_WITHOUT_INPUT, PROMPT_WITH_INPUT,
 };
-pub use batching::{Batch, BatchStrategy, Batcher, BatchingConfig};
+pub use batching::{Batch, BatchFeatures, BatchStrategy, Batcher, BatchingConfig};
 pub use example::{Example, TokenizedDataset, DEFAULT_MAX_SEQ_LEN, IGNORE_INDEX};
 pub use pretokenized::load_pretokenized;
 pub use split::split_validation;

@@ -89,7 +89,11 @@ where
     if config.steps == 0 {
         return Err(TrainError::config("steps", "must be positive"));
     }
-    if config.min_lr.partial_cmp(&config.lr).is_none_or(|o| o.is_gt()) {
+    if config
+        .min_lr
+        .partial_cmp(&config.lr)
+        .is_none_or(|o| o.is_gt())
+    {
         return Err(TrainError::config(
             "min_lr",
             format!("must not exceed lr ({}), got {}", config.lr, config.min_lr),

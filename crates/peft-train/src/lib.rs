@@ -46,8 +46,9 @@ pub mod trainer;
 pub use checkpoint::{Checkpoint, CheckpointDir, TrainPosition};
 pub use data::{
     alpaca_prompt, load_alpaca, load_pretokenized, split_validation, tokenize_alpaca,
-    tokenize_alpaca_records, AlpacaRecord, Batch, BatchStrategy, Batcher, BatchingConfig, Example,
-    TokenizedDataset, DEFAULT_MAX_SEQ_LEN, IGNORE_INDEX, PROMPT_WITHOUT_INPUT, PROMPT_WITH_INPUT,
+    tokenize_alpaca_records, AlpacaRecord, Batch, BatchFeatures, BatchStrategy, Batcher,
+    BatchingConfig, Example, TokenizedDataset, DEFAULT_MAX_SEQ_LEN, IGNORE_INDEX,
+    PROMPT_WITHOUT_INPUT, PROMPT_WITH_INPUT,
 };
 pub use error::{RecordLocation, Result, TrainError};
 pub use fit::{fit, FitConfig, FitSummary};
@@ -60,5 +61,6 @@ pub use optim::{
 pub use parallel::{DataParallel, ReplicaWork, StepTotals};
 pub use schedule::{LrSchedule, LrScheduleConfig};
 pub use trainer::{
-    evaluate, train, train_data_parallel, Quiet, TrainObserver, TrainSummary, TrainerConfig,
+    evaluate, evaluate_base, train, train_data_parallel, Quiet, TrainObserver, TrainSummary,
+    TrainableAdapter, TrainerConfig,
 };

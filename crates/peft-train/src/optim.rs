@@ -926,6 +926,7 @@ mod tests {
                     }
                 })
                 .collect(),
+            features: None,
         };
         // Target counts 4 + 1 | 1 + 3: unequal totals, so the mean of micro-batch means differs.
         let examples = [

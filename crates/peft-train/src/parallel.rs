@@ -396,7 +396,7 @@ where
         let mut accumulator = GradientsAccumulator::<A>::new();
         let mut totals = StepTotals::default();
         for (batch, weight) in work {
-            let hooks = adapter.hooks(base);
+            let hooks = batch.hooks(adapter, base, &base.device())?;
             let logits = base.forward(&batch.tokens, hooks.as_ref(), None)?;
             drop(hooks);
             let loss = causal_lm_loss(logits, &batch.labels)?;

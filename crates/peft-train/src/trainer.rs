@@ -7,7 +7,7 @@ use std::time::Instant;
 use burn::config::Config;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use peft_core::{Adapter, AnyAdapter};
+use peft_core::{Adapter, NativeAdapter};
 use peft_llama::Llama;
 
 use crate::checkpoint::{CheckpointDir, TrainPosition};
@@ -126,22 +126,24 @@ impl TrainObserver for Quiet {}
 ///
 /// # Errors
 /// Batching or model errors.
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: Backend, A: Adapter<B>>(
     base: &Llama<B>,
-    adapter: Option<&AnyAdapter<B>>,
+    adapter: Option<&A>,
     examples: &[Example],
     batching: &BatchingConfig,
 ) -> Result<(f64, usize)> {
     let batcher = batching.clone().with_drop_last(false).init()?;
-    let hooks: Box<dyn peft_llama::LayerHooks<B> + '_> = match adapter {
-        Some(adapter) => adapter.hooks(base),
-        None => Box::new(peft_llama::NoHooks),
-    };
+    let device = base.device();
     let mut total = 0.0;
     let mut count = 0;
     // Epoch 0's plan; the order does not change a sum.
     for batch in batcher.batches(examples, 0) {
         let batch = batch?;
+        // Prepared per batch: a batch's features condition its hooks.
+        let hooks: Box<dyn peft_llama::LayerHooks<B> + '_> = match adapter {
+            Some(adapter) => batch.hooks(adapter, base, &device)?,
+            None => Box::new(peft_llama::NoHooks),
+        };
         let logits = base.forward(&batch.tokens, hooks.as_ref(), None)?;
         let loss = causal_lm_loss(logits, &batch.labels)?;
         let value: f64 = loss.loss.into_scalar().to_f64_lossy();
@@ -157,6 +159,18 @@ pub fn evaluate<B: Backend>(
     Ok((total / count as f64, count))
 }
 
+/// [`evaluate`] of the base model alone.
+///
+/// # Errors
+/// Batching or model errors.
+pub fn evaluate_base<B: Backend>(
+    base: &Llama<B>,
+    examples: &[Example],
+    batching: &BatchingConfig,
+) -> Result<(f64, usize)> {
+    evaluate::<B, peft_core::AnyAdapter<B>>(base, None, examples, batching)
+}
+
 trait ToF64 {
     fn to_f64_lossy(self) -> f64;
 }
@@ -166,23 +180,40 @@ impl<E: burn::tensor::ElementConversion> ToF64 for E {
     }
 }
 
+/// What the trainer needs of an adapter: a method ([`Adapter`]) whose parameters train
+/// ([`AutodiffModule`]), that checkpoints save and load ([`NativeAdapter`]), and that replicas
+/// on other devices can hold. Every built-in method, [`AnyAdapter`], the multimodal adaption
+/// prompt and a method of one's own implementing these traits qualify.
+pub trait TrainableAdapter<B: AutodiffBackend>:
+    Adapter<B> + AutodiffModule<B> + NativeAdapter<B> + Clone + Send + 'static
+{
+}
+
+impl<B, A> TrainableAdapter<B> for A
+where
+    B: AutodiffBackend,
+    A: Adapter<B> + AutodiffModule<B> + NativeAdapter<B> + Clone + Send + 'static,
+{
+}
+
 /// Trains `adapter` on `train` and writes metrics, checkpoints and the final adapter under
 /// `output`. With `resume`, continues from the newest checkpoint there (the adapter given is
-/// then only a template of the right shapes).
+/// then only a template of the right shapes). Examples with [`Example::features`] condition the
+/// adapter through [`Adapter::hooks_with_features`] (the multimodal adaption prompt).
 ///
 /// # Errors
 /// Data, model or I/O errors; a non-finite loss (the last good checkpoint stays on disk).
 #[allow(clippy::too_many_arguments)]
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: AutodiffBackend, A: TrainableAdapter<B>>(
     base: &Llama<B>,
-    adapter: AnyAdapter<B>,
+    adapter: A,
     train: &[Example],
     validation: &[Example],
     config: &TrainerConfig,
     output: &Path,
     resume: bool,
     observer: &mut dyn TrainObserver,
-) -> Result<(AnyAdapter<B>, TrainSummary)> {
+) -> Result<(A, TrainSummary)> {
     train_data_parallel(
         base,
         Vec::new(),
@@ -209,17 +240,17 @@ pub fn train<B: AutodiffBackend>(
 /// # Errors
 /// As [`train`]; `config.devices` not matching the replicas; a replica's error.
 #[allow(clippy::too_many_arguments)]
-pub fn train_data_parallel<B: AutodiffBackend>(
+pub fn train_data_parallel<B: AutodiffBackend, A: TrainableAdapter<B>>(
     base: &Llama<B>,
     replicas: Vec<Llama<B>>,
-    adapter: AnyAdapter<B>,
+    adapter: A,
     train: &[Example],
     validation: &[Example],
     config: &TrainerConfig,
     output: &Path,
     resume: bool,
     observer: &mut dyn TrainObserver,
-) -> Result<(AnyAdapter<B>, TrainSummary)> {
+) -> Result<(A, TrainSummary)> {
     if config.devices != replicas.len() + 1 {
         return Err(TrainError::config(
             "devices",
@@ -230,23 +261,9 @@ pub fn train_data_parallel<B: AutodiffBackend>(
             ),
         ));
     }
-    // One generic loop per method: `wrap` puts the concrete adapter back into `AnyAdapter`
-    // (for checkpoints), the closure takes it out again (for resuming).
-    macro_rules! dispatch {
-        ($($variant:ident),*) => {
-            match adapter {
-                $(AnyAdapter::$variant(a) => run(
-                    base, replicas, a, train, validation, config, output, resume, observer,
-                    AnyAdapter::$variant,
-                    |a| match a {
-                        AnyAdapter::$variant(a) => Some(a),
-                        _ => None,
-                    },
-                ),)*
-            }
-        };
-    }
-    dispatch!(Lora, PrefixTuning, AdaptionPrompt)
+    run(
+        base, replicas, adapter, train, validation, config, output, resume, observer,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -260,12 +277,10 @@ fn run<B, A>(
     output: &Path,
     resume: bool,
     observer: &mut dyn TrainObserver,
-    wrap: fn(A) -> AnyAdapter<B>,
-    unwrap: fn(AnyAdapter<B>) -> Option<A>,
-) -> Result<(AnyAdapter<B>, TrainSummary)>
+) -> Result<(A, TrainSummary)>
 where
     B: AutodiffBackend,
-    A: Adapter<B> + AutodiffModule<B> + Clone + Send + 'static,
+    A: TrainableAdapter<B>,
 {
     let started = Instant::now();
     if train.is_empty() {
@@ -307,13 +322,18 @@ where
     };
     let mut resumed_from = None;
     if resume {
-        if let Some(checkpoint) = checkpoints.latest::<B>(base, &device)? {
-            adapter = unwrap(checkpoint.adapter).ok_or_else(|| {
-                TrainError::config(
+        if let Some(checkpoint) = checkpoints.latest::<B, A>(base, &device)? {
+            if checkpoint.adapter.method() != adapter.method() {
+                return Err(TrainError::config(
                     "resume",
-                    "the checkpoint holds an adapter of another method",
-                )
-            })?;
+                    format!(
+                        "the checkpoint holds a {} adapter and this run trains {}",
+                        checkpoint.adapter.method(),
+                        adapter.method()
+                    ),
+                ));
+            }
+            adapter = checkpoint.adapter;
             optimizer.load_state(&adapter, &checkpoint.optimizer)?;
             position = checkpoint.position;
             if position.examples_per_micro_batch != 0
@@ -434,8 +454,7 @@ where
                 && !validation.is_empty()
             {
                 // On the autodiff backend without a backward pass: nothing is kept.
-                let current = wrap(adapter.clone());
-                let (loss, _) = evaluate(base, Some(&current), validation, &batching)?;
+                let (loss, _) = evaluate(base, Some(&adapter), validation, &batching)?;
                 metrics.validation(position.step, loss)?;
                 observer.on_validation(position.step, loss);
                 val_loss = Some(loss);
@@ -454,7 +473,7 @@ where
                     };
                 }
                 checkpoints.save(
-                    &wrap(adapter.clone()),
+                    &adapter,
                     base,
                     &optimizer.state(&adapter)?,
                     saved_position,
@@ -475,7 +494,7 @@ where
         tokens,
         padded_tokens,
     };
-    Ok((wrap(adapter), summary))
+    Ok((adapter, summary))
 }
 
 /// Where `train` writes the final adapter.

@@ -47,10 +47,7 @@ fn examples() -> Vec<Example> {
                 .enumerate()
                 .map(|(t, &id)| if t < prompt { IGNORE_INDEX } else { id as i64 })
                 .collect();
-            Example {
-                input_ids: ids,
-                labels,
-            }
+            Example::new(ids, labels)
         })
         .collect()
 }

@@ -19,14 +19,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::backend::{Autodiff, NdArray};
+use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use peft_core::AdaptionPromptConfig;
 use peft_llama::{LlamaLoader, LlamaTokenizer};
-use peft_vision::visual_train::without_autodiff;
+use peft_train::{AdamWConfig, BatchingConfig, Quiet, TrainerConfig};
 use peft_vision::{
-    choice_accuracy, image_features, load_visual_qa, train_multimodal, visual_examples,
+    choice_accuracy, image_features, load_visual_qa, visual_examples, without_features,
     ClipVisionLoader, MultimodalAdaptionPromptConfig, PromptTemplate, VisualQaRecord,
-    VisualTrainConfig,
 };
 use serde_json::json;
 
@@ -144,6 +144,25 @@ fn accuracy_by_question(
     serde_json::Value::Object(out)
 }
 
+/// Mean training loss of each epoch, from the run's `metrics.jsonl`.
+fn epoch_losses(run_dir: &Path, epochs: usize) -> Vec<f64> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let mut sums = vec![(0.0, 0usize); epochs];
+    for line in text.lines() {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (Some(loss), Some(epoch)) = (value["loss"].as_f64(), value["epoch"].as_f64()) else {
+            continue;
+        };
+        // `epoch` is the fractional epoch reached after the step.
+        let index = ((epoch - 1e-9).floor().max(0.0) as usize).min(epochs - 1);
+        sums[index].0 += loss;
+        sums[index].1 += 1;
+    }
+    sums.iter()
+        .map(|(sum, n)| sum / (*n).max(1) as f64)
+        .collect()
+}
+
 fn main() {
     let mut out = PathBuf::from("runs/visual_qa");
     let (mut train_size, mut test_size, mut epochs) = (320usize, 160usize, 12usize);
@@ -199,18 +218,45 @@ fn main() {
             Inner::seed(&device, seed);
             AD::seed(&device, seed);
             let adapter = config.init::<AD>(&base, &device).unwrap();
-            let settings = VisualTrainConfig {
-                epochs,
-                batch_size: 16,
-                lr,
-                warmup_steps: 10,
-                seed,
-                use_image,
+            // The same trainer as every text run: one optimiser step per batch of 16, warm-up
+            // over the first 10 steps, then cosine; the text-only run sees the same batches
+            // without their features.
+            let steps_per_epoch = examples.len().div_ceil(16) as f64;
+            let config = TrainerConfig::new()
+                .with_epochs(epochs)
+                .with_batch_size(16)
+                .with_grad_accum(1)
+                .with_lr(Some(lr))
+                .with_warmup_epochs(10.0 / steps_per_epoch)
+                .with_optimizer(AdamWConfig::llama_adapter())
+                .with_batching(BatchingConfig::new(16).with_max_seq_len(256))
+                .with_seed(seed);
+            let data = if use_image {
+                examples.clone()
+            } else {
+                without_features(&examples)
             };
+            let run_dir = out.join(format!(
+                "run-seed{seed}-{}",
+                if use_image { "image" } else { "text" }
+            ));
+            let _ = std::fs::remove_dir_all(&run_dir);
             let started = Instant::now();
-            let (trained, losses) = train_multimodal(&base, adapter, &examples, &settings).unwrap();
+            let (trained, summary) = peft_train::train(
+                &base,
+                adapter,
+                &data,
+                &[],
+                &config,
+                &run_dir,
+                false,
+                &mut Quiet,
+            )
+            .unwrap();
             let seconds = started.elapsed().as_secs_f64();
-            let trained = without_autodiff(&trained);
+            let losses = epoch_losses(&run_dir, epochs);
+            let trained = trained.valid();
+            let _ = summary;
             let accuracy = accuracy_by_question(
                 &base_eval,
                 &trained,

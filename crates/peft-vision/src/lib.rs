@@ -50,8 +50,5 @@ pub use multimodal::{MultimodalAdaptionPrompt, MultimodalAdaptionPromptConfig, V
 pub use multimodal_format::{is_multimodal_adapter, load_multimodal, save_multimodal};
 pub use preprocess::{ClipImageProcessor, RgbImage, CLIP_MEAN, CLIP_STD};
 pub use visual_qa::{load_visual_qa, PromptTemplate, VisualQaLayout, VisualQaRecord};
-pub use visual_train::{
-    choice_accuracy, image_features, train_multimodal, visual_examples, VisualExample,
-    VisualTrainConfig,
-};
+pub use visual_train::{choice_accuracy, image_features, visual_examples, without_features};
 pub use weights::ClipVisionLoader;

@@ -16,8 +16,8 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::{backend::Backend, Tensor};
 use peft_core::{
-    host_values, AdaptableModel, Adapter, AdaptionPrompt, AdaptionPromptConfig, LayerHooks,
-    ModelGeometry, NamedTensor, PeftMethod,
+    host_values, AdaptableModel, Adapter, AdaptionPrompt, AdaptionPromptConfig, Features,
+    LayerHooks, ModelGeometry, NamedTensor, PeftMethod,
 };
 
 use crate::clip::{check_feature_layers, ClipVisionModel};
@@ -235,10 +235,9 @@ impl<B: Backend> Adapter<B> for MultimodalAdaptionPrompt<B> {
     fn hooks_with_features<'a>(
         &'a self,
         model: &dyn AdaptableModel<B>,
-        features: Tensor<B, 2>,
+        features: Features<B>,
     ) -> peft_core::Result<Box<dyn LayerHooks<B> + 'a>> {
-        let [batch, _] = features.dims();
-        self.hooks_with_image(model, features, batch)
+        self.hooks_with_images(model, features.values, &features.present)
             .map_err(|e| peft_core::PeftError::Incompatible(e.to_string()))
     }
 

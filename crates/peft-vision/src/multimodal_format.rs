@@ -10,15 +10,14 @@
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use burn_store::{ModuleSnapshot, SafetensorsStore};
-use peft_core::native_format::{
-    adaption_prompt_parameters, apply, check_parameter_count, read_manifest,
+use peft_core::native_format::adaption_prompt_parameters;
+use peft_core::{
+    load_native_as, save_native, AdaptableModel, ModelGeometry, NativeAdapter, NativeConfig,
 };
-use peft_core::{AdaptableModel, ModelGeometry};
-use peft_io::files::{read_json, write_atomic};
-use serde_json::{json, Value};
+use peft_io::files::read_json;
+use serde_json::Value;
 
-use crate::error::{Result, VisionError};
+use crate::error::Result;
 use crate::multimodal::{MultimodalAdaptionPrompt, MultimodalAdaptionPromptConfig};
 
 /// The `peft_type` of a multimodal adaption prompt.
@@ -40,6 +39,40 @@ pub fn is_multimodal_adapter(dir: &Path) -> bool {
         .is_some_and(|t| t == PEFT_TYPE)
 }
 
+impl<B: Backend> NativeAdapter<B> for MultimodalAdaptionPrompt<B> {
+    fn native_type(&self) -> &'static str {
+        PEFT_TYPE
+    }
+
+    fn native_config(&self) -> Value {
+        serde_json::to_value(&self.config).expect("multimodal configurations serialise")
+    }
+
+    fn init_native(
+        manifest: &NativeConfig<'_>,
+        model: &dyn AdaptableModel<B>,
+        device: &B::Device,
+    ) -> peft_core::Result<Self> {
+        if manifest.peft_type != Some(PEFT_TYPE) {
+            return Err(manifest.error(format!(
+                "not a multimodal adapter: peft_type {:?}, expected {PEFT_TYPE}",
+                manifest.peft_type
+            )));
+        }
+        let config: MultimodalAdaptionPromptConfig = manifest.parse()?;
+        let geometry = model.geometry();
+        config
+            .validate(&geometry)
+            .map_err(|e| manifest.error(format!("`config`: {e}")))?;
+        // Every size is checked against the tensor file's header before `init` allocates
+        // anything: a corrupt size in the configuration must be an error, not an abort.
+        manifest.check_parameters(parameters(&config, &geometry))?;
+        config
+            .init::<B>(model, device)
+            .map_err(|e| manifest.error(e.to_string()))
+    }
+}
+
 /// Saves `adapter`, made for `model`, into `dir`; each file is replaced atomically.
 ///
 /// # Errors
@@ -49,35 +82,7 @@ pub fn save_multimodal<B: Backend>(
     model: &dyn AdaptableModel<B>,
     dir: &Path,
 ) -> Result<()> {
-    let config = serde_json::to_value(&adapter.config).map_err(|e| VisionError::Config {
-        origin: "multimodal adaption prompt".into(),
-        message: e.to_string(),
-    })?;
-    let manifest = json!({
-        "format": "peft-rs",
-        "format_version": peft_core::native_format::FORMAT_VERSION,
-        "peft_type": PEFT_TYPE,
-        "config": config,
-        "model": peft_core::native_format::model_sizes(&model.geometry()),
-    });
-    let weights = dir.join(WEIGHTS_FILE);
-    // No metadata, so that the same tensors always give the same bytes.
-    let mut store = SafetensorsStore::from_bytes(None).clear_metadata();
-    let bytes = adapter
-        .save_into(&mut store)
-        .and_then(|()| store.get_bytes())
-        .map_err(|e| VisionError::Format {
-            path: weights.clone(),
-            message: e.to_string(),
-        })?;
-    std::fs::create_dir_all(dir).map_err(|e| VisionError::io(dir, e))?;
-    write_atomic(&weights, &bytes)?;
-    let text = serde_json::to_string_pretty(&manifest).map_err(|e| VisionError::Format {
-        path: dir.join(CONFIG_FILE),
-        message: e.to_string(),
-    })?;
-    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
-    Ok(())
+    Ok(save_native(adapter, model, dir)?)
 }
 
 /// Loads a multimodal adaption prompt saved by [`save_multimodal`] for a LLaMA with `model`.
@@ -90,33 +95,7 @@ pub fn load_multimodal<B: Backend>(
     model: &dyn AdaptableModel<B>,
     device: &B::Device,
 ) -> Result<MultimodalAdaptionPrompt<B>> {
-    let geometry = model.geometry();
-    let manifest = read_manifest(dir, &geometry)?;
-    let format = |message: String| VisionError::Format {
-        path: manifest.config_path.clone(),
-        message,
-    };
-    if manifest.peft_type.as_deref() != Some(PEFT_TYPE) {
-        return Err(format(format!(
-            "not a multimodal adapter: peft_type {:?}, expected {PEFT_TYPE}",
-            manifest.peft_type
-        )));
-    }
-    let config: MultimodalAdaptionPromptConfig = serde_json::from_value(manifest.config.clone())
-        .map_err(|e| format(format!("`config`: {e}")))?;
-    config.validate(&geometry)?;
-    // Every size is checked against the tensor file's header before `init` allocates anything:
-    // a corrupt size in the configuration must be an error, not an abort.
-    check_parameter_count(
-        parameters(&config, &geometry),
-        &manifest.config,
-        &manifest.config_path,
-        &manifest.weights,
-    )?;
-    let mut adapter = config.init::<B>(model, device)?;
-    apply(&mut adapter, &manifest.weights)?;
-    adapter.check_compatible_sizes(model)?;
-    Ok(adapter)
+    Ok(load_native_as(dir, model, device)?)
 }
 
 /// [`MultimodalAdaptionPromptConfig::num_trainable_parameters`] with checked arithmetic (the
@@ -132,11 +111,4 @@ fn parameters(config: &MultimodalAdaptionPromptConfig, model: &ModelGeometry) ->
         .checked_mul(width)?;
     let second = width.checked_add(1)?.checked_mul(width)?;
     prompt.checked_add(first)?.checked_add(second)
-}
-
-impl<B: Backend> MultimodalAdaptionPrompt<B> {
-    fn check_compatible_sizes(&self, model: &dyn AdaptableModel<B>) -> Result<()> {
-        use peft_core::Adapter;
-        Ok(self.check_compatible(model)?)
-    }
 }

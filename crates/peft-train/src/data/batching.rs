@@ -67,6 +67,56 @@ pub struct Batch {
     /// Positions the shifted loss counts: labels other than [`IGNORE_INDEX`] at `t >= 1` in each
     /// row. The weight of this batch in token-weighted gradient accumulation.
     pub target_tokens: usize,
+    /// The examples' conditioning, when any has some (see [`Example::features`]).
+    pub features: Option<BatchFeatures>,
+}
+
+impl Batch {
+    /// `adapter`'s hooks on `model` for this batch: with the batch's features when it has some
+    /// ([`peft_core::Adapter::hooks_with_features`]), else the plain ones.
+    ///
+    /// # Errors
+    /// An adapter that takes no features given a batch that has some, or features of the
+    /// wrong width.
+    pub fn hooks<'a, B: burn::tensor::backend::Backend, A: peft_core::Adapter<B>>(
+        &self,
+        adapter: &'a A,
+        model: &dyn peft_core::AdaptableModel<B>,
+        device: &B::Device,
+    ) -> Result<Box<dyn peft_core::LayerHooks<B> + 'a>> {
+        Ok(match &self.features {
+            Some(features) => adapter.hooks_with_features(model, features.to_device(device))?,
+            None => adapter.hooks(model),
+        })
+    }
+}
+
+/// The per-example conditioning of a [`Batch`], on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchFeatures {
+    /// `[batch, width]`, row-major; zeros in rows without features.
+    pub values: Vec<f32>,
+    /// Width of one row.
+    pub width: usize,
+    /// Which rows have features.
+    pub present: Vec<bool>,
+}
+
+impl BatchFeatures {
+    /// The conditioning as the adapter takes it, on `device`.
+    pub fn to_device<B: burn::tensor::backend::Backend>(
+        &self,
+        device: &B::Device,
+    ) -> peft_core::Features<B> {
+        let values = burn::tensor::Tensor::from_data(
+            burn::tensor::TensorData::new(self.values.clone(), [self.present.len(), self.width]),
+            device,
+        );
+        peft_core::Features {
+            values,
+            present: self.present.clone(),
+        }
+    }
 }
 
 /// Orders and pads examples into batches; see [`BatchingConfig`].
@@ -203,6 +253,7 @@ impl Batcher {
             target_tokens += example.target_tokens();
         }
         let mask = (real_tokens < batch * seq).then_some(mask);
+        let features = Self::collate_features(examples)?;
         Ok(Batch {
             tokens: TokenBatch {
                 ids,
@@ -213,7 +264,39 @@ impl Batcher {
             labels,
             real_tokens,
             target_tokens,
+            features,
         })
+    }
+
+    fn collate_features(examples: &[&Example]) -> Result<Option<BatchFeatures>> {
+        let Some(width) = examples
+            .iter()
+            .find_map(|e| e.features.as_ref().map(Vec::len))
+        else {
+            return Ok(None);
+        };
+        let mut values = vec![0.0; examples.len() * width];
+        let mut present = Vec::with_capacity(examples.len());
+        for (row, example) in examples.iter().enumerate() {
+            if let Some(features) = &example.features {
+                if features.len() != width {
+                    return Err(TrainError::input(
+                        "collate",
+                        format!(
+                            "example {row} has {} features, an earlier one {width}",
+                            features.len()
+                        ),
+                    ));
+                }
+                values[row * width..(row + 1) * width].copy_from_slice(features);
+            }
+            present.push(example.features.is_some());
+        }
+        Ok(Some(BatchFeatures {
+            values,
+            width,
+            present,
+        }))
     }
 
     /// The batches of epoch `epoch` over `examples`, in [`plan`](Self::plan) order.
@@ -249,10 +332,7 @@ mod tests {
                 }
             })
             .collect();
-        Example {
-            input_ids: ids.to_vec(),
-            labels,
-        }
+        Example::new(ids.to_vec(), labels)
     }
 
     fn lengths_dataset(lengths: &[usize]) -> Vec<Example> {

@@ -14,15 +14,34 @@ pub const DEFAULT_MAX_SEQ_LEN: usize = 512;
 /// `labels` is aligned with `input_ids` (same length, `labels[t]` belongs to token `t`), exactly
 /// as Hugging Face's `labels` argument: the causal-LM loss compares the logits at position `t`
 /// with `labels[t + 1]`. A label is a token id or [`IGNORE_INDEX`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     /// Token ids, BOS first for Alpaca examples.
     pub input_ids: Vec<u32>,
     /// Per-token labels: the token id where the token is a target, [`IGNORE_INDEX`] elsewhere.
     pub labels: Vec<i64>,
+    /// Per-example conditioning the adapter receives through
+    /// [`Adapter::hooks_with_features`](peft_core::Adapter::hooks_with_features): the image
+    /// features of a multimodal example, `None` for a text-only one.
+    pub features: Option<Vec<f32>>,
 }
 
 impl Example {
+    /// An example of tokens and labels, without conditioning.
+    pub fn new(input_ids: Vec<u32>, labels: Vec<i64>) -> Self {
+        Self {
+            input_ids,
+            labels,
+            features: None,
+        }
+    }
+
+    /// The example conditioned on `features` (one row of [`crate::Batch::features`]).
+    pub fn with_features(mut self, features: Vec<f32>) -> Self {
+        self.features = Some(features);
+        self
+    }
+
     /// A prompt-and-response example: `input_ids` (the prompt's tokens first, then the
     /// response's) with `eos` appended, labels masked with [`IGNORE_INDEX`] over the first
     /// `prompt_len` tokens, cut to `max_seq_len`.
@@ -44,7 +63,7 @@ impl Example {
                 }
             })
             .collect();
-        let mut example = Self { input_ids, labels };
+        let mut example = Self::new(input_ids, labels);
         example.truncate(max_seq_len);
         example
     }
@@ -82,7 +101,7 @@ impl Example {
 /// away) or, for pre-tokenized data, when every label is [`IGNORE_INDEX`]. The official
 /// LLaMA-Adapter code keeps such examples, where they cost compute and add nothing to the
 /// loss (or make it NaN when a whole batch has none); here they are left out and listed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenizedDataset {
     /// The examples, in record order.
     pub examples: Vec<Example>,

@@ -76,7 +76,7 @@ pub fn load_pretokenized(
                 labels
             }
         };
-        let mut example = Example { input_ids, labels };
+        let mut example = Example::new(input_ids, labels);
         example.truncate(max_seq_len);
         dataset.push(location, example);
     }
@@ -98,17 +98,11 @@ mod tests {
         let dataset = load_pretokenized(file.path(), 16, 3).unwrap();
         assert_eq!(
             dataset.examples[0],
-            Example {
-                input_ids: vec![1, 5, 6],
-                labels: vec![1, 5, 6]
-            }
+            Example::new(vec![1, 5, 6], vec![1, 5, 6])
         );
         assert_eq!(
             dataset.examples[1],
-            Example {
-                input_ids: vec![1, 8, 9],
-                labels: vec![-100, -100, 9]
-            }
+            Example::new(vec![1, 8, 9], vec![-100, -100, 9])
         );
         assert!(dataset.without_targets.is_empty());
     }
