@@ -84,6 +84,11 @@ pub struct TrainArgs {
     /// Pad every batch to --max-seq-len (the paper) instead of grouping by length.
     #[arg(long)]
     fixed_length: bool,
+    /// Batches per length-sorting window: larger means less padding and less random batches;
+    /// 1 draws batches at random (better when example kinds differ in length, e.g. visual
+    /// questions of several kinds).
+    #[arg(long, default_value_t = 64)]
+    group_batches: usize,
     /// Records held out for validation.
     #[arg(long, default_value_t = 50)]
     val_size: usize,
@@ -334,6 +339,7 @@ fn fit<A: TrainableAdapter<Training>>(
         .with_batching(
             BatchingConfig::new(args.batch_size)
                 .with_max_seq_len(args.max_seq_len)
+                .with_group_batches(args.group_batches)
                 .with_strategy(if args.fixed_length {
                     BatchStrategy::FixedLength
                 } else {

@@ -79,12 +79,12 @@ pub(crate) type Prim = CubeTensor<CudaRuntime>;
 /// The fusion runtime of [`Fused`].
 pub(crate) type FusedRuntime = <Cube as FusionBackend>::FusionRuntime;
 
-/// Whether products go to cuBLAS: not when `PEFT_CUBLAS=0`, nor when the library cannot be
-/// loaded (said once on stderr).
+/// Whether products go to cuBLAS: not when [`crate::options::OpsOptions::cublas`] is off
+/// (`PEFT_CUBLAS=0`), nor when the library cannot be loaded (said once on stderr).
 pub fn enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
     *ENABLED.get_or_init(|| {
-        if std::env::var("PEFT_CUBLAS").is_ok_and(|v| v == "0") {
+        if !crate::options::get().cublas {
             return false;
         }
         // SAFETY: only checks whether the dynamic library can be opened.
@@ -420,7 +420,7 @@ fn with_blas<T>(device: &CudaDevice, f: impl FnOnce(&Blas) -> T) -> T {
                 let (inputs_ready, product_done) = (event(), event());
                 let cubecl = cubecl_stream(device, context);
                 let shared = cubecl.is_some()
-                    && !std::env::var("PEFT_CUBLAS_STREAM").is_ok_and(|v| v == "own");
+                    && crate::options::get().cublas_stream == crate::options::CublasStream::Shared;
                 if let (Some(cubecl), true) = (cubecl, shared) {
                     blas::set_stream(handle, cubecl as sys::cudaStream_t).expect("cublasSetStream");
                 }
@@ -456,10 +456,10 @@ enum Dispatch {
 
 fn dispatch() -> Dispatch {
     static DISPATCH: OnceLock<Dispatch> = OnceLock::new();
-    *DISPATCH.get_or_init(|| match std::env::var("PEFT_LAUNCH").as_deref() {
-        Ok("exclusive") => Dispatch::Exclusive,
-        Ok("queued-flush") => Dispatch::QueuedFlush,
-        _ => Dispatch::Queued,
+    *DISPATCH.get_or_init(|| match crate::options::get().launch {
+        crate::options::Launch::Exclusive => Dispatch::Exclusive,
+        crate::options::Launch::QueuedFlush => Dispatch::QueuedFlush,
+        crate::options::Launch::Queued => Dispatch::Queued,
     })
 }
 
@@ -632,7 +632,7 @@ fn cubecl_stream(
     context: cudarc::driver::sys::CUcontext,
 ) -> Option<cudarc::driver::sys::CUstream> {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    if std::env::var("PEFT_CUBLAS_SYNC").is_ok_and(|v| v == "1") {
+    if crate::options::get().host_ordering {
         return None;
     }
     // SAFETY: only checks whether the dynamic library can be opened.

@@ -39,12 +39,11 @@ use crate::dispatch::{cast, is, Kernel};
 /// The kernels' source.
 const SOURCE: &str = include_str!("kernels.cu");
 
-/// Whether the kernels run: cuBLAS's stream ordering is available and `PEFT_KERNELS` is not
-/// `0`.
+/// Whether the kernels run: cuBLAS's stream ordering is available and
+/// [`crate::options::OpsOptions::kernels`] is on (`PEFT_KERNELS` is not `0`).
 pub fn enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED
-        .get_or_init(|| !std::env::var("PEFT_KERNELS").is_ok_and(|v| v == "0") && cublas::enabled())
+    *ENABLED.get_or_init(|| crate::options::get().kernels && cublas::enabled())
 }
 
 /// Shapes and dtypes of a kernel's tensors.

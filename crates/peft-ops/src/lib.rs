@@ -5,7 +5,8 @@
 //! - [`blocks`]: RMSNorm, SwiGLU, the rotary embedding, the attention softmax and attention as
 //!   single autodiff nodes (hand-written CUDA kernels inside on the CUDA backend), with the
 //!   chains of tensor operations they replace in [`blocks::composed`] as the reference;
-//! - [`dispatch`]: the run-time check of which backend a generic `B` is.
+//! - [`dispatch`]: the run-time check of which backend a generic `B` is;
+//! - [`options`]: the switches of the CUDA fast paths (typed; `PEFT_*` variables as defaults).
 //!
 //! Every function is generic over `B: Backend` and gives the same values on every backend; the
 //! fast paths are taken only where they exist.
@@ -27,6 +28,7 @@ pub mod cublas;
 pub mod dispatch;
 #[cfg(feature = "cuda")]
 pub mod kernels;
+pub mod options;
 pub mod tensor;
 
 pub use tensor::{cast_to, linear_rows, matmul, repeat_kv, upcast};

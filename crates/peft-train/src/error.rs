@@ -114,7 +114,7 @@ pub enum TrainError {
         /// The newest checkpoint on disk.
         checkpoint: Option<String>,
     },
-    /// The loss function given to [`crate::fit`] failed.
+    /// The loss function given to [`crate::fit()`] failed.
     #[error("step {step}: the loss function failed: {source}")]
     Loss {
         /// Optimiser steps completed before the failure.

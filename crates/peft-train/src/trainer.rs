@@ -182,7 +182,7 @@ impl<E: burn::tensor::ElementConversion> ToF64 for E {
 
 /// What the trainer needs of an adapter: a method ([`Adapter`]) whose parameters train
 /// ([`AutodiffModule`]), that checkpoints save and load ([`NativeAdapter`]), and that replicas
-/// on other devices can hold. Every built-in method, [`AnyAdapter`], the multimodal adaption
+/// on other devices can hold. Every built-in method, [`peft_core::AnyAdapter`], the multimodal adaption
 /// prompt and a method of one's own implementing these traits qualify.
 pub trait TrainableAdapter<B: AutodiffBackend>:
     Adapter<B> + AutodiffModule<B> + NativeAdapter<B> + Clone + Send + 'static

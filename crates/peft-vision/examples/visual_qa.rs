@@ -229,7 +229,14 @@ fn main() {
                 .with_lr(Some(lr))
                 .with_warmup_epochs(10.0 / steps_per_epoch)
                 .with_optimizer(AdamWConfig::llama_adapter())
-                .with_batching(BatchingConfig::new(16).with_max_seq_len(256))
+                // Windows of one batch: batches are drawn at random, not grouped by length
+                // (which would put the colour and the shape questions, whose prompts differ in
+                // length, in separate batches).
+                .with_batching(
+                    BatchingConfig::new(16)
+                        .with_max_seq_len(256)
+                        .with_group_batches(1),
+                )
                 .with_seed(seed);
             let data = if use_image {
                 examples.clone()
