@@ -100,8 +100,8 @@ pub fn load_adapter<B: Backend>(
 ) -> Result<AnyAdapter<B>> {
     let adapter_len = options.adapter_len;
     match detect_format(path)? {
-        AdapterFormat::Peft => peft_format::load_peft(path, model, device),
-        AdapterFormat::Native => native_format::load_native(path, model, device),
+        AdapterFormat::Peft => crate::any_adapter::load_peft(path, model, device),
+        AdapterFormat::Native => crate::any_adapter::load_native(path, model, device),
         AdapterFormat::Official => {
             let file = if path.is_dir() {
                 path.join("adapter.pth")

@@ -24,7 +24,7 @@ use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
 use crate::hooks::{Features, LayerHooks};
 use crate::model::{require_point, AdaptableModel, InsertionPoint, ModelGeometry};
-use crate::native_format::{adaption_prompt_parameters, NativeAdapter, NativeConfig};
+use crate::native_format::{NativeAdapter, NativeConfig};
 use crate::peft_format::{tensor, FromPeft, PeftConfigFile};
 
 /// How many gates an adapted layer has.
@@ -466,6 +466,22 @@ impl<B: Backend> FromPeft<B> for AdaptionPrompt<B> {
     }
 }
 
+impl AdaptionPromptConfig {
+    /// The number of trainable values for a model of `model`'s sizes, with checked arithmetic
+    /// (for sizes read from a file); `None` on overflow.
+    pub fn checked_parameters(&self, model: &ModelGeometry) -> Option<usize> {
+        let gates = match self.gate_shape {
+            GateShape::PerHead => model.num_attention_heads,
+            GateShape::Scalar => 1,
+        };
+        let per_layer = self
+            .adapter_len
+            .checked_mul(model.hidden_size)?
+            .checked_add(gates)?;
+        self.adapter_layers.checked_mul(per_layer)
+    }
+}
+
 impl<B: Backend> NativeAdapter<B> for AdaptionPrompt<B> {
     fn native_config(&self) -> serde_json::Value {
         serde_json::to_value(&self.config).expect("adaption prompt configurations serialise")
@@ -482,7 +498,7 @@ impl<B: Backend> NativeAdapter<B> for AdaptionPrompt<B> {
         config
             .validate(&geometry)
             .map_err(|e| manifest.invalid(e))?;
-        manifest.check_parameters(adaption_prompt_parameters(&config, &geometry))?;
+        manifest.check_parameters(config.checked_parameters(&geometry))?;
         config.init(model, device)
     }
 }

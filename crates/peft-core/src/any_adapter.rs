@@ -11,7 +11,8 @@ use crate::error::Result;
 use crate::hooks::{Features, LayerHooks};
 use crate::lora::Lora;
 use crate::model::AdaptableModel;
-use crate::native_format::{NativeAdapter, NativeConfig};
+use crate::native_format::{load_native_as, NativeAdapter, NativeConfig};
+use crate::peft_format::{load_peft_as, read_peft_type, FromPeft, CONFIG_FILE};
 use crate::prefix::PrefixTuning;
 use burn_store::SafetensorsStore;
 use std::path::Path;
@@ -133,4 +134,51 @@ impl<B: Backend> From<AdaptionPrompt<B>> for AnyAdapter<B> {
     fn from(adapter: AdaptionPrompt<B>) -> Self {
         Self::AdaptionPrompt(adapter)
     }
+}
+
+/// Loads a PEFT adapter directory of a built-in method for `model`, choosing the method by its
+/// `peft_type`.
+///
+/// # Errors
+/// A missing or malformed file, an unknown or unsupported `peft_type` or setting, and every
+/// missing, unexpected, mis-shaped or non-finite tensor, each naming the file and key.
+pub fn load_peft<B: Backend>(
+    dir: &Path,
+    model: &dyn AdaptableModel<B>,
+    device: &B::Device,
+) -> Result<AnyAdapter<B>> {
+    let peft_type = read_peft_type(dir)?;
+    Ok(match peft_type.as_str() {
+        <Lora<B> as FromPeft<B>>::PEFT_TYPE => {
+            load_peft_as::<B, Lora<B>>(dir, model, device)?.into()
+        }
+        <PrefixTuning<B> as FromPeft<B>>::PEFT_TYPE => {
+            load_peft_as::<B, PrefixTuning<B>>(dir, model, device)?.into()
+        }
+        <AdaptionPrompt<B> as FromPeft<B>>::PEFT_TYPE => {
+            load_peft_as::<B, AdaptionPrompt<B>>(dir, model, device)?.into()
+        }
+        other => {
+            return Err(crate::PeftError::Format {
+                path: dir.join(CONFIG_FILE),
+                message: format!(
+                    "unknown or unsupported peft_type `{other}` (supported: LORA, \
+                     PREFIX_TUNING, ADAPTION_PROMPT)"
+                ),
+            })
+        }
+    })
+}
+
+/// Loads an adapter of a built-in method saved by [`crate::native_format::save_native`] for
+/// `model`.
+///
+/// # Errors
+/// See [`load_native_as`].
+pub fn load_native<B: Backend>(
+    dir: &Path,
+    model: &dyn AdaptableModel<B>,
+    device: &B::Device,
+) -> Result<AnyAdapter<B>> {
+    load_native_as(dir, model, device)
 }

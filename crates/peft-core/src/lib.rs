@@ -41,7 +41,7 @@ pub use adapter_files::{detect_format, load_adapter, save_adapter, AdapterFormat
 pub use adaption_prompt::{
     AdaptionPrompt, AdaptionPromptConfig, GateActivation, GateInit, GateShape,
 };
-pub use any_adapter::AnyAdapter;
+pub use any_adapter::{load_native, load_peft, AnyAdapter};
 pub use error::{PeftError, Result};
 pub use hooks::{Features, LayerHooks, NoHooks, Site};
 pub use lora::{Lora, LoraConfig, LoraLinear};

@@ -14,11 +14,8 @@ use peft_io::TensorMap;
 use serde_json::{json, Value};
 
 use crate::adapter::Adapter;
-use crate::adaption_prompt::{AdaptionPromptConfig, GateShape};
-use crate::any_adapter::AnyAdapter;
 use crate::error::{PeftError, Result};
 use crate::model::{AdaptableModel, ModelGeometry};
-use crate::prefix::PrefixTuningConfig;
 
 /// The configuration file.
 pub const CONFIG_FILE: &str = "peft_rs_config.json";
@@ -206,18 +203,6 @@ pub fn apply<B: Backend, M: ModuleSnapshot<B>>(module: &mut M, path: &Path) -> R
     Ok(())
 }
 
-/// Loads an adapter of a built-in method saved by [`save_native`] for `model`.
-///
-/// # Errors
-/// See [`load_native_as`].
-pub fn load_native<B: Backend>(
-    dir: &Path,
-    model: &dyn AdaptableModel<B>,
-    device: &B::Device,
-) -> Result<AnyAdapter<B>> {
-    load_native_as(dir, model, device)
-}
-
 /// Loads an adapter of method `A` saved by [`save_native`] for `model`.
 ///
 /// # Errors
@@ -342,38 +327,4 @@ pub fn check_parameter_count(
             tensors.keys().count()
         ),
     })
-}
-
-/// [`PrefixTuningConfig`]'s parameter count with checked arithmetic (for sizes read from a
-/// file); `None` on overflow.
-pub fn prefix_parameters(config: &PrefixTuningConfig, model: &ModelGeometry) -> Option<usize> {
-    let width = PrefixTuningConfig::prompt_width(model);
-    let tokens = config.num_virtual_tokens;
-    if config.prefix_projection {
-        let token = model.kv_width();
-        let hidden = config.encoder_hidden_size;
-        let embedding = tokens.checked_mul(token)?;
-        let first = token.checked_add(1)?.checked_mul(hidden)?;
-        let second = hidden.checked_add(1)?.checked_mul(width)?;
-        embedding.checked_add(first)?.checked_add(second)
-    } else {
-        tokens.checked_mul(width)
-    }
-}
-
-/// [`AdaptionPromptConfig::num_trainable_parameters`] with checked arithmetic (for sizes read
-/// from a file); `None` on overflow.
-pub fn adaption_prompt_parameters(
-    config: &AdaptionPromptConfig,
-    model: &ModelGeometry,
-) -> Option<usize> {
-    let gates = match config.gate_shape {
-        GateShape::PerHead => model.num_attention_heads,
-        GateShape::Scalar => 1,
-    };
-    let per_layer = config
-        .adapter_len
-        .checked_mul(model.hidden_size)?
-        .checked_add(gates)?;
-    config.adapter_layers.checked_mul(per_layer)
 }

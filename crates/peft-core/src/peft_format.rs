@@ -16,12 +16,8 @@ use peft_io::TensorMap;
 use serde_json::{json, Value};
 
 use crate::adapter::{Adapter, NamedTensor};
-use crate::adaption_prompt::AdaptionPrompt;
-use crate::any_adapter::AnyAdapter;
 use crate::error::{PeftError, Result};
-use crate::lora::Lora;
 use crate::model::AdaptableModel;
-use crate::prefix::PrefixTuning;
 
 /// The configuration file of a PEFT adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -161,35 +157,6 @@ pub fn read_peft_type(dir: &Path) -> Result<String> {
         .as_str()
         .ok_or_else(|| format_error(&path, "`peft_type` must be a string"))?
         .to_string())
-}
-
-/// Loads a PEFT adapter directory of a built-in method for `model`, choosing the method by its
-/// `peft_type`.
-///
-/// # Errors
-/// A missing or malformed file, an unknown or unsupported `peft_type` or setting, and every
-/// missing, unexpected, mis-shaped or non-finite tensor, each naming the file and key.
-pub fn load_peft<B: Backend>(
-    dir: &Path,
-    model: &dyn AdaptableModel<B>,
-    device: &B::Device,
-) -> Result<AnyAdapter<B>> {
-    let peft_type = read_peft_type(dir)?;
-    Ok(match peft_type.as_str() {
-        <Lora<B> as FromPeft<B>>::PEFT_TYPE => load_peft_as::<B, Lora<B>>(dir, model, device)?.into(),
-        <PrefixTuning<B> as FromPeft<B>>::PEFT_TYPE => {
-            load_peft_as::<B, PrefixTuning<B>>(dir, model, device)?.into()
-        }
-        <AdaptionPrompt<B> as FromPeft<B>>::PEFT_TYPE => {
-            load_peft_as::<B, AdaptionPrompt<B>>(dir, model, device)?.into()
-        }
-        other => {
-            return Err(format_error(
-                &dir.join(CONFIG_FILE),
-                format!("unknown or unsupported peft_type `{other}` (supported: LORA, PREFIX_TUNING, ADAPTION_PROMPT)"),
-            ))
-        }
-    })
 }
 
 /// Loads a PEFT adapter directory as method `A` (a built-in one or one's own) for `model`.

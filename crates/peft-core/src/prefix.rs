@@ -15,7 +15,7 @@ use crate::adapter::{host_values, Adapter, NamedTensor, PeftMethod};
 use crate::error::{PeftError, Result};
 use crate::hooks::LayerHooks;
 use crate::model::{require_point, AdaptableModel, InsertionPoint, ModelGeometry};
-use crate::native_format::{prefix_parameters, NativeAdapter, NativeConfig};
+use crate::native_format::{NativeAdapter, NativeConfig};
 use crate::peft_format::{tensor, FromPeft, PeftConfigFile};
 
 /// Configuration of [`PrefixTuning`].
@@ -369,6 +369,25 @@ impl<B: Backend> FromPeft<B> for PrefixTuning<B> {
         })
     }
 }
+impl PrefixTuningConfig {
+    /// The number of trainable values for a model of `model`'s sizes, with checked arithmetic
+    /// (for sizes read from a file); `None` on overflow.
+    pub fn checked_parameters(&self, model: &ModelGeometry) -> Option<usize> {
+        let width = Self::prompt_width(model);
+        let tokens = self.num_virtual_tokens;
+        if self.prefix_projection {
+            let token = model.kv_width();
+            let hidden = self.encoder_hidden_size;
+            let embedding = tokens.checked_mul(token)?;
+            let first = token.checked_add(1)?.checked_mul(hidden)?;
+            let second = hidden.checked_add(1)?.checked_mul(width)?;
+            embedding.checked_add(first)?.checked_add(second)
+        } else {
+            tokens.checked_mul(width)
+        }
+    }
+}
+
 impl<B: Backend> NativeAdapter<B> for PrefixTuning<B> {
     fn native_config(&self) -> Value {
         serde_json::to_value(&self.config).expect("prefix configurations serialise")
@@ -388,7 +407,7 @@ impl<B: Backend> NativeAdapter<B> for PrefixTuning<B> {
             return Err(manifest
                 .error("`config`: encoder_hidden_size must be positive with prefix_projection"));
         }
-        manifest.check_parameters(prefix_parameters(&config, &model.geometry()))?;
+        manifest.check_parameters(config.checked_parameters(&model.geometry()))?;
         config.init(model, device)
     }
 }

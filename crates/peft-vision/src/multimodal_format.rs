@@ -10,7 +10,6 @@
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use peft_core::native_format::adaption_prompt_parameters;
 use peft_core::{
     load_native_as, save_native, AdaptableModel, ModelGeometry, NativeAdapter, NativeConfig,
 };
@@ -102,7 +101,7 @@ pub fn load_multimodal<B: Backend>(
 /// configuration is read from a file); `None` on overflow.
 fn parameters(config: &MultimodalAdaptionPromptConfig, model: &ModelGeometry) -> Option<usize> {
     let width = model.hidden_size;
-    let prompt = adaption_prompt_parameters(&config.adaption_prompt, model)?;
+    let prompt = config.adaption_prompt.checked_parameters(model)?;
     let first = config
         .feature_layers
         .len()

@@ -19,8 +19,8 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use common::{assert_close, fixtures, inputs, Fixture};
+use peft_core::load_peft;
 use peft_core::official_format::{load_official, official_tensors};
-use peft_core::peft_format::load_peft;
 use peft_core::{gradients_as_module, AnyAdapter, NamedTensor, PrefixProjection, PrefixTuning};
 use peft_llama::{Llama, LlamaLoader, TokenBatch};
 

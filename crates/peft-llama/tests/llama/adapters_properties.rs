@@ -7,7 +7,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use common::{assert_close, fixtures, stories260k};
-use peft_core::peft_format::load_peft;
+use peft_core::load_peft;
 use peft_core::Randomise;
 use peft_core::{
     Adapter, AdaptionPromptConfig, AnyAdapter, GateShape, LoraConfig, PeftError, PeftMethod,
