@@ -314,3 +314,55 @@ fn a_multimodal_run_killed_after_a_checkpoint_resumes_to_the_same_adapter() {
         "the resumed multimodal run's adapter differs from the uninterrupted run's"
     );
 }
+
+/// Saving an adapter over an existing one replaces the directory as a whole: a run killed with
+/// SIGKILL while it writes its final adapter leaves the previous adapter complete and loadable.
+#[test]
+fn a_kill_during_the_final_adapter_save_leaves_the_previous_adapter_whole() {
+    let dir = scratch("save-kill");
+    let data = dataset(&dir);
+    let output = dir.join("run");
+    let mut args = train_args(&data, &output);
+    args.extend(["--max-steps".into(), "1".into()]);
+    let result = peft().args(&args).output().unwrap();
+    common::assert_success(&result);
+    let before = adapter_bytes(&output);
+
+    // Another run into the same directory (another seed: another adapter), killed while the
+    // final adapter's files are being assembled beside the old directory.
+    let seed = args.iter().position(|a| a == "--seed").unwrap() + 1;
+    args[seed] = "12".into();
+    let mut child = peft()
+        .args(&args)
+        .env("PEFT_WRITE_DELAY_MS", "300")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let staging = |output: &Path| {
+        std::fs::read_dir(output)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().starts_with(".adapter.tmp-"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !staging(&output) && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let finished_on_its_own = child.try_wait().unwrap().is_some();
+    child.kill().ok(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!finished_on_its_own, "the run ended before the kill");
+    assert!(staging(&output), "killed outside the adapter save");
+    assert!(
+        adapter_bytes(&output) == before,
+        "the adapter directory changed although its replacement was interrupted"
+    );
+    // And it loads.
+    let result = peft()
+        .args(["inspect"])
+        .arg(output.join("adapter"))
+        .output()
+        .unwrap();
+    common::assert_success(&result);
+}

@@ -150,16 +150,34 @@ pub fn save_adapter<B: Backend>(
     } else {
         AdapterFormat::Native
     });
+    // The other format's adapter, if `dir` holds one, goes in the same atomic step.
+    let other = |format| {
+        let (config, weights) = match format {
+            AdapterFormat::Peft => (peft_format::CONFIG_FILE, peft_format::WEIGHTS_FILE),
+            _ => (native_format::CONFIG_FILE, native_format::WEIGHTS_FILE),
+        };
+        if dir.join(config).is_file() {
+            vec![config, weights]
+        } else {
+            Vec::new()
+        }
+    };
     match format {
-        AdapterFormat::Peft => match adapter {
-            AnyAdapter::PrefixTuning(prefix) if prefix.projection.is_some() => {
-                // PEFT saves the MLP's output, as we do here; training state is not kept.
-                let inference = AnyAdapter::PrefixTuning(prefix.clone().into_inference());
-                peft_format::save_peft(&inference, model, dir)?
+        AdapterFormat::Peft => {
+            let drop = other(AdapterFormat::Native);
+            match adapter {
+                AnyAdapter::PrefixTuning(prefix) if prefix.projection.is_some() => {
+                    // PEFT saves the MLP's output, as we do here; training state is not kept.
+                    let inference = AnyAdapter::PrefixTuning(prefix.clone().into_inference());
+                    peft_format::save_peft_dropping(&inference, model, dir, &drop)?
+                }
+                _ => peft_format::save_peft_dropping(adapter, model, dir, &drop)?,
             }
-            _ => peft_format::save_peft(adapter, model, dir)?,
-        },
-        AdapterFormat::Native => native_format::save_native(adapter, model, dir)?,
+        }
+        AdapterFormat::Native => {
+            let drop = other(AdapterFormat::Peft);
+            native_format::save_native_dropping(adapter, model, dir, &drop)?
+        }
         AdapterFormat::Official => {
             let AnyAdapter::AdaptionPrompt(prompt) = adapter else {
                 return Err(PeftError::Unsupported(format!(

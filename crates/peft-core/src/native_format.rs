@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
-use peft_io::files::{read_json, write_atomic};
+use peft_io::files::{read_json, write_dir_atomic_dropping};
 use peft_io::TensorMap;
 use serde_json::{json, Value};
 
@@ -135,7 +135,9 @@ impl NativeConfig<'_> {
     }
 }
 
-/// Saves `adapter` (made for `model`) in this crate's format; each file replaced atomically.
+/// Saves `adapter` (made for `model`) in this crate's format, the directory created if needed
+/// and replaced as a whole: a crash leaves the old adapter or the new one (see
+/// [`peft_io::files::write_dir_atomic`]).
 ///
 /// # Errors
 /// I/O errors.
@@ -143,6 +145,16 @@ pub fn save_native<B: Backend, A: NativeAdapter<B>>(
     adapter: &A,
     model: &dyn AdaptableModel<B>,
     dir: &Path,
+) -> Result<()> {
+    save_native_dropping(adapter, model, dir, &[])
+}
+
+/// [`save_native`], removing the files `drop` (another format's adapter) in the same step.
+pub(crate) fn save_native_dropping<B: Backend, A: NativeAdapter<B>>(
+    adapter: &A,
+    model: &dyn AdaptableModel<B>,
+    dir: &Path,
+    drop: &[&str],
 ) -> Result<()> {
     let manifest = json!({
         "format": "peft-rs",
@@ -160,13 +172,12 @@ pub fn save_native<B: Backend, A: NativeAdapter<B>>(
         path: weights.clone(),
         message: e.to_string(),
     })?;
-    std::fs::create_dir_all(dir).map_err(|e| PeftError::Io {
-        path: dir.into(),
-        source: e,
-    })?;
-    write_atomic(&weights, &bytes)?;
     let text = serde_json::to_string_pretty(&manifest).expect("JSON values serialise");
-    Ok(write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?)
+    Ok(write_dir_atomic_dropping(
+        dir,
+        &[(WEIGHTS_FILE, &bytes), (CONFIG_FILE, text.as_bytes())],
+        drop,
+    )?)
 }
 
 /// Loads the tensors of the safetensors file `path` into `module`: every parameter must be

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use peft_io::files::{read_json, write_atomic};
+use peft_io::files::{read_json, write_dir_atomic_dropping};
 use peft_io::TensorMap;
 use serde_json::{json, Value};
 
@@ -255,7 +255,8 @@ pub fn safetensors_bytes(tensors: &[NamedTensor], path: &Path) -> Result<Vec<u8>
     safetensors::serialize(views, Some(metadata)).map_err(|e| format_error(path, e.to_string()))
 }
 
-/// Saves `adapter` as a PEFT directory (created if needed; each file replaced atomically).
+/// Saves `adapter` as a PEFT directory, created if needed and replaced as a whole: a crash
+/// leaves the old adapter or the new one (see [`peft_io::files::write_dir_atomic`]).
 ///
 /// # Errors
 /// See [`peft_config`]; I/O errors.
@@ -264,14 +265,24 @@ pub fn save_peft<B: Backend, A: Adapter<B>>(
     model: &dyn AdaptableModel<B>,
     dir: &Path,
 ) -> Result<()> {
+    save_peft_dropping(adapter, model, dir, &[])
+}
+
+/// [`save_peft`], removing the files `drop` (another format's adapter) in the same step.
+pub(crate) fn save_peft_dropping<B: Backend, A: Adapter<B>>(
+    adapter: &A,
+    model: &dyn AdaptableModel<B>,
+    dir: &Path,
+    drop: &[&str],
+) -> Result<()> {
     let config = peft_config(adapter, model)?;
     let tensors = adapter.peft_tensors()?;
-    std::fs::create_dir_all(dir).map_err(|e| PeftError::Io {
-        path: dir.into(),
-        source: e,
-    })?;
     let weights = dir.join(WEIGHTS_FILE);
-    write_atomic(&weights, &safetensors_bytes(&tensors, &weights)?)?;
+    let bytes = safetensors_bytes(&tensors, &weights)?;
     let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
-    Ok(write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?)
+    Ok(write_dir_atomic_dropping(
+        dir,
+        &[(WEIGHTS_FILE, &bytes), (CONFIG_FILE, text.as_bytes())],
+        drop,
+    )?)
 }
