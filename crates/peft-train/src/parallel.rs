@@ -33,7 +33,7 @@ use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor, TensorPrimitive};
-use burn_collective::{CollectiveConfig, PeerId, ReduceOperation};
+use comm::{CollectiveConfig, PeerId, ReduceOperation};
 use peft_core::Adapter;
 use peft_llama::Llama;
 
@@ -82,6 +82,75 @@ struct Worker<A> {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Burn's collectives with the `parallel` feature; without it, stand-ins that are never reached
+/// (`DataParallel::start` refuses a second replica first), so that one replica needs no
+/// collective, server or async runtime in the build.
+#[cfg(feature = "parallel")]
+mod comm {
+    pub use burn_collective::{
+        finish_collective, reduce, register, reset_collective, CollectiveConfig, CollectiveError,
+        PeerId, ReduceOperation,
+    };
+}
+
+#[cfg(not(feature = "parallel"))]
+mod comm {
+    use burn::tensor::backend::Backend;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct PeerId(pub u32);
+
+    impl From<usize> for PeerId {
+        fn from(value: usize) -> Self {
+            Self(value as u32)
+        }
+    }
+
+    #[derive(Debug, Clone, Default)]
+    pub struct CollectiveConfig {
+        devices: usize,
+    }
+
+    impl CollectiveConfig {
+        pub fn with_num_devices(self, devices: usize) -> Self {
+            Self { devices }
+        }
+    }
+
+    #[derive(Debug)]
+    pub struct CollectiveError;
+
+    pub enum ReduceOperation {
+        Sum,
+    }
+
+    #[allow(clippy::extra_unused_type_parameters)] // the signature of the real one
+    pub fn reset_collective<B: Backend>() {}
+
+    pub fn register<B: Backend>(
+        _: PeerId,
+        _: B::Device,
+        config: CollectiveConfig,
+    ) -> Result<(), CollectiveError> {
+        let _ = config.devices;
+        Err(CollectiveError)
+    }
+
+    #[allow(clippy::extra_unused_type_parameters)] // the signature of the real one
+    pub fn finish_collective<B: Backend>(_: PeerId) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+
+    pub fn reduce<B: Backend>(
+        _: PeerId,
+        _: B::FloatTensorPrimitive,
+        _: ReduceOperation,
+        _: PeerId,
+    ) -> Result<Option<B::FloatTensorPrimitive>, CollectiveError> {
+        Err(CollectiveError)
+    }
+}
+
 /// `burn-collective`'s server is per backend type and process: one run at a time.
 static SESSION: Mutex<()> = Mutex::new(());
 
@@ -120,11 +189,18 @@ where
                 _session: None,
             });
         }
+        if cfg!(not(feature = "parallel")) {
+            return Err(TrainError::parallel(format!(
+                "{} devices asked for, but peft-train was built without its `parallel` feature \
+                 (Burn's collectives); enable it to train on more than one device",
+                devices.len()
+            )));
+        }
         let session = SESSION
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         // Whatever an earlier, failed session left registered is forgotten.
-        burn_collective::reset_collective::<B::InnerBackend>();
+        comm::reset_collective::<B::InnerBackend>();
         let peers = devices.len();
         let config = CollectiveConfig::default().with_num_devices(peers);
         let mut workers = Vec::with_capacity(replicas.len());
@@ -149,9 +225,7 @@ where
             poisoned: false,
             _session: Some(session),
         };
-        if let Err(e) =
-            burn_collective::register::<B::InnerBackend>(ROOT, main_device.clone(), config)
-        {
+        if let Err(e) = comm::register::<B::InnerBackend>(ROOT, main_device.clone(), config) {
             this.poisoned = true;
             return Err(collective_error("register", e));
         }
@@ -320,12 +394,12 @@ impl<B: AutodiffBackend, A> Drop for DataParallel<B, A> {
             }
         }
         if !self.workers.is_empty() {
-            let _ = burn_collective::finish_collective::<B::InnerBackend>(ROOT);
+            let _ = comm::finish_collective::<B::InnerBackend>(ROOT);
         }
     }
 }
 
-fn collective_error(what: &str, error: burn_collective::CollectiveError) -> TrainError {
+fn collective_error(what: &str, error: comm::CollectiveError) -> TrainError {
     TrainError::parallel(format!("collective {what}: {error:?}"))
 }
 
@@ -342,7 +416,7 @@ fn worker<B, A>(
 {
     let device = base.device();
     let peer = PeerId::from(rank);
-    let registered = burn_collective::register::<B::InnerBackend>(peer, device.clone(), config);
+    let registered = comm::register::<B::InnerBackend>(peer, device.clone(), config);
     let failed = registered.is_err();
     let _ = outcomes.send(Outcome {
         error: registered.err().map(|e| collective_error("register", e)),
@@ -378,7 +452,7 @@ fn worker<B, A>(
             break;
         }
     }
-    let _ = burn_collective::finish_collective::<B::InnerBackend>(peer);
+    let _ = comm::finish_collective::<B::InnerBackend>(peer);
 }
 
 /// Forward and backward of `work` on one replica. Never returns early: on an error or a panic
@@ -455,7 +529,7 @@ fn reduce<B: AutodiffBackend, M: AutodiffModule<B>>(
         peer: PeerId,
         grads: GradientsParams,
         reduced: GradientsParams,
-        error: Option<burn_collective::CollectiveError>,
+        error: Option<comm::CollectiveError>,
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Reduce {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
@@ -470,7 +544,7 @@ fn reduce<B: AutodiffBackend, M: AutodiffModule<B>>(
                 .unwrap_or_else(|| value.inner().zeros_like());
             // Every replica calls the collective for every parameter, even after an error,
             // so that none waits for a call that never comes.
-            match burn_collective::reduce::<B::InnerBackend>(
+            match comm::reduce::<B::InnerBackend>(
                 self.peer,
                 grad.into_primitive().tensor(),
                 ReduceOperation::Sum,
@@ -497,5 +571,27 @@ fn reduce<B: AutodiffBackend, M: AutodiffModule<B>>(
     match reduce.error {
         Some(e) => Err(collective_error("reduce", e)),
         None => Ok(reduce.reduced),
+    }
+}
+
+#[cfg(all(test, not(feature = "parallel")))]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+    use peft_core::AnyAdapter;
+
+    type B = Autodiff<NdArray<f32>>;
+
+    #[test]
+    fn without_the_parallel_feature_a_second_device_is_refused_by_name() {
+        let config = peft_llama::LlamaConfig::new(48, 32, 48, 4, 4, 2, 8);
+        let device = Default::default();
+        let replica = config.init::<B>(&device, burn::tensor::DType::F32);
+        let error = DataParallel::<B, AnyAdapter<B>>::start(&device, vec![replica])
+            .err()
+            .expect("two devices without the feature")
+            .to_string();
+        assert!(error.contains("`parallel` feature"), "{error}");
+        assert!(DataParallel::<B, AnyAdapter<B>>::start(&device, Vec::new()).is_ok());
     }
 }

@@ -4,6 +4,9 @@
 //!
 //! The replicas share the one ndarray device, so this checks the sharding, the loss weights, the
 //! reduction and the single optimiser step; moving tensors between GPUs is the collective's.
+//!
+//! Needs the `parallel` feature (the workspace's `cargo test` has it through `peft-cli`).
+#![cfg(feature = "parallel")]
 
 use peft_core::Adapter;
 use std::path::PathBuf;
