@@ -6,6 +6,15 @@ use peft_llama::{generate, GenerationConfig, LlamaTokenizer, NoHooks};
 use crate::model_args::{AdapterArgs, ModelArgs};
 use crate::AnyResult;
 
+/// `--template`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Template {
+    /// The prompt as given.
+    None,
+    /// The Alpaca instruction template (`--input` for its input field).
+    Alpaca,
+}
+
 /// Continue a prompt.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
@@ -19,9 +28,9 @@ pub struct GenerateArgs {
     /// Optional input for the Alpaca template (used with `--template alpaca`).
     #[arg(long)]
     input: Option<String>,
-    /// Wrap each prompt in a template: `none` or `alpaca` (the instruction template).
-    #[arg(long, default_value = "none")]
-    template: String,
+    /// Wrap each prompt in a template.
+    #[arg(long, value_enum, default_value_t = Template::None)]
+    template: Template,
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -58,14 +67,13 @@ pub fn run(args: GenerateArgs) -> AnyResult<()> {
         None => args.adapter.load(&model)?,
     };
     let tokenizer = LlamaTokenizer::from_dir(&dir)?;
-    let texts: Vec<String> = match args.template.as_str() {
-        "none" => args.prompt.clone(),
-        "alpaca" => args
+    let texts: Vec<String> = match args.template {
+        Template::None => args.prompt.clone(),
+        Template::Alpaca => args
             .prompt
             .iter()
             .map(|p| crate::template::alpaca(p, args.input.as_deref().unwrap_or("")))
             .collect(),
-        other => return Err(format!("unknown template `{other}` (none, alpaca)").into()),
     };
     let prompts = texts
         .iter()
@@ -113,7 +121,7 @@ pub fn run(args: GenerateArgs) -> AnyResult<()> {
                 "text": completion,
             });
             println!("{line}");
-        } else if args.template == "none" {
+        } else if args.template == Template::None {
             let full: Vec<u32> = result
                 .prompt_ids
                 .iter()

@@ -91,12 +91,52 @@ impl AdapterArgs {
     }
 }
 
+/// `--method`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// LLaMA-Adapter's adaption prompts.
+    #[value(alias = "adaption_prompt", alias = "llama-adapter")]
+    AdaptionPrompt,
+    /// LoRA.
+    Lora,
+    /// Prefix tuning.
+    #[value(alias = "prefix-tuning")]
+    Prefix,
+}
+
+/// `--gate-shape`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateShapeArg {
+    /// One gate per head (the official LLaMA-Adapter).
+    PerHead,
+    /// One gate per layer (Hugging Face PEFT).
+    Scalar,
+}
+
+/// `--gate-activation`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateActivationArg {
+    /// tanh (the official training code).
+    Tanh,
+    /// None (PEFT).
+    Identity,
+}
+
+/// `--prefix-init`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixInit {
+    /// N(0, 1), as PEFT.
+    Random,
+    /// The base model's keys and values of real tokens (Li & Liang).
+    Text,
+}
+
 /// The method and settings of a new adapter (`peft train`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct AdapterChoice {
-    /// adaption-prompt (LLaMA-Adapter), lora or prefix.
-    #[arg(long, default_value = "adaption-prompt")]
-    pub method: String,
+    /// The method.
+    #[arg(long, value_enum, default_value_t = Method::AdaptionPrompt)]
+    pub method: Method,
     /// Adaption prompts per layer (K).
     #[arg(long, default_value_t = 10)]
     pub adapter_len: usize,
@@ -104,11 +144,11 @@ pub struct AdapterChoice {
     #[arg(long)]
     pub adapter_layers: Option<usize>,
     /// Gates per layer: per-head (official LLaMA-Adapter) or scalar (Hugging Face PEFT).
-    #[arg(long, default_value = "per-head")]
-    pub gate_shape: String,
+    #[arg(long, value_enum, default_value_t = GateShapeArg::PerHead)]
+    pub gate_shape: GateShapeArg,
     /// Gate activation: tanh (official training code) or identity (PEFT).
-    #[arg(long, default_value = "tanh")]
-    pub gate_activation: String,
+    #[arg(long, value_enum, default_value_t = GateActivationArg::Tanh)]
+    pub gate_activation: GateActivationArg,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     pub r: usize,
@@ -137,8 +177,8 @@ pub struct AdapterChoice {
     /// How prefixes start: random (N(0, 1), as PEFT) or text (the base model's keys and values
     /// of the first --num-virtual-tokens tokens of --prefix-init-text, as Li & Liang), which
     /// starts training from the base model reading that text first.
-    #[arg(long, default_value = "random")]
-    pub prefix_init: String,
+    #[arg(long, value_enum, default_value_t = PrefixInit::Random)]
+    pub prefix_init: PrefixInit,
     /// The text for --prefix-init text (its tokens, BOS included, are cut to the prefix length).
     #[arg(long, default_value = ALPACA_PREAMBLE)]
     pub prefix_init_text: String,
@@ -156,10 +196,10 @@ impl AdapterChoice {
         base: &Llama<B>,
         tokenizer: &LlamaTokenizer,
     ) -> AnyResult<AnyAdapter<B>> {
-        let prefix = matches!(self.method.as_str(), "prefix" | "prefix-tuning");
-        match (prefix, self.prefix_init.as_str()) {
-            (_, "random") => self.init(base, &base.device()),
-            (true, "text") => {
+        let prefix = self.method == Method::Prefix;
+        match (prefix, self.prefix_init) {
+            (_, PrefixInit::Random) => self.init(base, &base.device()),
+            (true, PrefixInit::Text) => {
                 let ids = tokenizer.encode(&self.prefix_init_text, true)?;
                 let count = self.num_virtual_tokens;
                 if ids.len() < count {
@@ -176,8 +216,9 @@ impl AdapterChoice {
                     .init_from_tokens(base, &ids[..count])?
                     .into())
             }
-            (false, "text") => Err("--prefix-init text applies to --method prefix only".into()),
-            (_, other) => Err(format!("--prefix-init `{other}`: expected random or text").into()),
+            (false, PrefixInit::Text) => {
+                Err("--prefix-init text applies to --method prefix only".into())
+            }
         }
     }
 
@@ -188,21 +229,13 @@ impl AdapterChoice {
         num_hidden_layers: usize,
     ) -> AnyResult<peft_core::AdaptionPromptConfig> {
         use peft_core::{AdaptionPromptConfig, GateActivation, GateShape};
-        let gate_shape = match self.gate_shape.as_str() {
-            "per-head" => GateShape::PerHead,
-            "scalar" => GateShape::Scalar,
-            other => {
-                return Err(format!("--gate-shape `{other}`: expected per-head or scalar").into())
-            }
+        let gate_shape = match self.gate_shape {
+            GateShapeArg::PerHead => GateShape::PerHead,
+            GateShapeArg::Scalar => GateShape::Scalar,
         };
-        let gate_activation = match self.gate_activation.as_str() {
-            "tanh" => GateActivation::Tanh,
-            "identity" => GateActivation::Identity,
-            other => {
-                return Err(
-                    format!("--gate-activation `{other}`: expected tanh or identity").into(),
-                )
-            }
+        let gate_activation = match self.gate_activation {
+            GateActivationArg::Tanh => GateActivation::Tanh,
+            GateActivationArg::Identity => GateActivation::Identity,
         };
         let layers = self
             .adapter_layers
@@ -222,12 +255,12 @@ impl AdapterChoice {
     ) -> AnyResult<AnyAdapter<B>> {
         use peft_core::{LoraConfig, PrefixTuningConfig, TargetModules};
         let num_hidden_layers = model.geometry().num_hidden_layers;
-        Ok(match self.method.as_str() {
-            "adaption-prompt" | "adaption_prompt" | "llama-adapter" => self
+        Ok(match self.method {
+            Method::AdaptionPrompt => self
                 .adaption_prompt_config(num_hidden_layers)?
                 .init::<B>(model, device)?
                 .into(),
-            "lora" => {
+            Method::Lora => {
                 let names: Vec<&str> = self.target_modules.split(',').map(str::trim).collect();
                 LoraConfig::new()
                     .with_r(self.r)
@@ -238,17 +271,12 @@ impl AdapterChoice {
                     .init::<B>(model, device)?
                     .into()
             }
-            "prefix" | "prefix-tuning" => PrefixTuningConfig::new()
+            Method::Prefix => PrefixTuningConfig::new()
                 .with_num_virtual_tokens(self.num_virtual_tokens)
                 .with_prefix_projection(self.prefix_projection)
                 .with_encoder_hidden_size(self.encoder_hidden_size)
                 .init::<B>(model, device)?
                 .into(),
-            other => {
-                return Err(
-                    format!("--method `{other}`: expected adaption-prompt, lora or prefix").into(),
-                )
-            }
         })
     }
 }

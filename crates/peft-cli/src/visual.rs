@@ -13,7 +13,7 @@ use peft_vision::{
 };
 
 use crate::backend::{device, Inference, Training};
-use crate::model_args::AdapterChoice;
+use crate::model_args::{AdapterChoice, Method};
 use crate::AnyResult;
 
 /// What `peft train --vision-model` needs besides the trainer's flags.
@@ -42,12 +42,9 @@ pub struct Prepared {
 /// Loads the tower and the visual questions, builds the adapter the flags describe (the same
 /// adaption-prompt rule as a text run) and splits the examples like a text run.
 pub fn prepare(args: VisualData<'_>) -> AnyResult<(MultimodalAdaptionPrompt<Training>, Prepared)> {
-    if !matches!(
-        args.choice.method.as_str(),
-        "adaption-prompt" | "adaption_prompt" | "llama-adapter"
-    ) {
+    if args.choice.method != Method::AdaptionPrompt {
         return Err(format!(
-            "--vision-model works with --method adaption-prompt, not `{}`",
+            "--vision-model works with --method adaption-prompt, not {:?}",
             args.choice.method
         )
         .into());
