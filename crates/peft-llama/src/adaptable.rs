@@ -114,6 +114,10 @@ impl<B: Backend> AdaptableModel<B> for Llama<B> {
         Some(self.layers.get(layer)?.self_attn.project_key_values(x))
     }
 
+    fn name_or_path(&self) -> Option<String> {
+        self.name_or_path.clone()
+    }
+
     fn task_type(&self) -> Option<&'static str> {
         Some("CAUSAL_LM")
     }

@@ -246,6 +246,10 @@ pub struct Llama<B: Backend> {
     /// RoPE frequencies.
     #[module(skip)]
     pub rope: RotaryEmbedding,
+    /// The checkpoint it was loaded from (`None` for a model built in memory), written as
+    /// `base_model_name_or_path` into adapter files.
+    #[module(skip)]
+    pub name_or_path: Option<String>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -493,6 +497,7 @@ impl LlamaConfig {
             lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size)),
             config: self.clone(),
             rope: RotaryEmbedding::new(self),
+            name_or_path: None,
         }
     }
 }

@@ -224,6 +224,7 @@ impl<B: Backend> Builder<'_, B> {
             lm_head,
             config: c.clone(),
             rope: RotaryEmbedding::new(c),
+            name_or_path: None,
         })
     }
 }
@@ -326,7 +327,10 @@ impl LlamaLoader {
         }
         .build()?;
         tensors.finish()?;
-        Ok(model)
+        Ok(Llama {
+            name_or_path: Some(self.dir.display().to_string()),
+            ..model
+        })
     }
 }
 

@@ -1382,3 +1382,32 @@ fn set_read_only(dir: &Path, read_only: bool) {
     permissions.set_readonly(read_only);
     std::fs::set_permissions(dir, permissions).unwrap();
 }
+
+#[test]
+fn a_peft_config_names_the_checkpoint_the_model_was_loaded_from() {
+    let dir = TempDir::new("name-or-path");
+    let device = Default::default();
+    let base = LlamaLoader::new(stories260k())
+        .load::<NdArray<f32>>(&device)
+        .unwrap();
+    let adapter: AnyAdapter<NdArray<f32>> = LoraConfig::new().init(&base, &device).unwrap().into();
+    save_adapter(&adapter, &base, &dir.join("lora"), None).unwrap();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("lora").join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        config["base_model_name_or_path"],
+        stories260k().display().to_string()
+    );
+    // A model built in memory has no source to name.
+    let built = base
+        .config
+        .init::<NdArray<f32>>(&device, burn::tensor::DType::F32);
+    save_adapter(&adapter, &built, &dir.join("built"), None).unwrap();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("built").join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(config["base_model_name_or_path"].is_null());
+}
