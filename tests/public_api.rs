@@ -3,8 +3,6 @@
 //! and a method of one's own in `PeftModel`, `fit` and PEFT's files. A change to the public
 //! interface that would break such a crate fails here.
 
-use std::path::PathBuf;
-
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{AutodiffModule, Module, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -266,21 +264,7 @@ fn train<A: Adapter<AD> + AutodiffModule<AD>>(
     )
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("peft-api-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use peft_io::scratch::ScratchDir as TempDir;
 
 fn setup(seed: u64) -> (Encoder<AD>, Task, burn::tensor::Device<AD>) {
     let device = Default::default();
@@ -333,10 +317,10 @@ fn lora_by_module_path_trains_with_fit_and_reloads_exactly_from_a_peft_directory
     let (base, adapter) = (base.valid(), AnyAdapter::from(lora.valid()));
     let dir = TempDir::new("lora");
     assert_eq!(
-        save_adapter(&adapter, &base, &dir.0, None).unwrap(),
+        save_adapter(&adapter, &base, dir.path(), None).unwrap(),
         peft_core::AdapterFormat::Peft
     );
-    let loaded = load_adapter::<B>(&dir.0, &base, &LoadOptions::default(), &device).unwrap();
+    let loaded = load_adapter::<B>(dir.path(), &base, &LoadOptions::default(), &device).unwrap();
     let keys: Vec<String> = loaded.named_tensors().into_iter().map(|t| t.key).collect();
     assert!(
         keys.contains(&"base_model.model.classifier.lora_B.weight".to_string()),
@@ -409,9 +393,9 @@ fn prefix_tuning_and_adaption_prompts_attach_to_the_users_attention_and_train() 
         ("prefix", AnyAdapter::from(prefix.valid())),
     ] {
         let dir = TempDir::new(name);
-        save_adapter(&adapter, &inference, &dir.0, None).unwrap();
+        save_adapter(&adapter, &inference, dir.path(), None).unwrap();
         let loaded =
-            load_adapter::<B>(&dir.0, &inference, &LoadOptions::default(), &device).unwrap();
+            load_adapter::<B>(dir.path(), &inference, &LoadOptions::default(), &device).unwrap();
         assert_eq!(
             logits(&inference, loaded.hooks(&inference).as_ref()),
             logits(&inference, adapter.hooks(&inference).as_ref()),
@@ -427,9 +411,9 @@ fn an_adapter_saved_for_another_model_is_refused_naming_what_is_missing() {
     let lora = LoraConfig::new().with_target_modules(TargetModules::names(&["up"]));
     let adapter = AnyAdapter::from(lora.init::<B>(&base, &device).unwrap());
     let dir = TempDir::new("mismatch");
-    save_adapter(&adapter, &base, &dir.0, None).unwrap();
+    save_adapter(&adapter, &base, dir.path(), None).unwrap();
     let deeper = Encoder::<B>::new(3, &device);
-    let error = load_adapter::<B>(&dir.0, &deeper, &LoadOptions::default(), &device)
+    let error = load_adapter::<B>(dir.path(), &deeper, &LoadOptions::default(), &device)
         .expect_err("a 2-layer adapter on a 3-layer model")
         .to_string();
     assert!(error.contains("layers.2.up.lora_A.weight"), "{error}");
@@ -579,12 +563,13 @@ fn a_method_of_ones_own_enters_peft_model_fit_and_peft_files() {
     // PEFT-style files through the generic save and load.
     let (inference, trained) = (base.valid(), trained.valid());
     let dir = TempDir::new("own-method");
-    save_peft(&trained, &inference, &dir.0).unwrap();
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.0.join("adapter_config.json")).unwrap())
-            .unwrap();
+    save_peft(&trained, &inference, dir.path()).unwrap();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(config["peft_type"], "OUTPUT_SCALING");
-    let loaded: OutputScaling<B> = load_peft_as(&dir.0, &inference, &device).unwrap();
+    let loaded: OutputScaling<B> = load_peft_as(dir.path(), &inference, &device).unwrap();
     assert_eq!(
         logits(&inference, loaded.hooks(&inference).as_ref()),
         logits(&inference, trained.hooks(&inference).as_ref())
@@ -594,13 +579,13 @@ fn a_method_of_ones_own_enters_peft_model_fit_and_peft_files() {
         logits(&inference, &NoHooks)
     );
     // A built-in loader reading it says which method it is rather than guessing.
-    let error = load_adapter::<B>(&dir.0, &inference, &LoadOptions::default(), &device)
+    let error = load_adapter::<B>(dir.path(), &inference, &LoadOptions::default(), &device)
         .err()
         .unwrap()
         .to_string();
     assert!(error.contains("OUTPUT_SCALING"), "{error}");
     // And loading it as another method is refused by name.
-    let error = load_peft_as::<B, peft_core::Lora<B>>(&dir.0, &inference, &device)
+    let error = load_peft_as::<B, peft_core::Lora<B>>(dir.path(), &inference, &device)
         .err()
         .unwrap()
         .to_string();

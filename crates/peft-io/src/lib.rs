@@ -21,6 +21,7 @@
 pub mod error;
 pub mod files;
 pub mod pickle_check;
+pub mod scratch;
 pub mod tensor_map;
 pub mod torch_pickle;
 

@@ -3,8 +3,7 @@
 //! with an error naming the file and the record (index or line), or, for examples truncation
 //! leaves without a target, listed instead of kept. `docs/reliability.md` lists the messages.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::PathBuf;
 
 use peft_llama::LlamaTokenizer;
 use peft_train::{
@@ -12,33 +11,7 @@ use peft_train::{
     TrainError,
 };
 
-/// A file in a fresh directory, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str, bytes: impl AsRef<[u8]>) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("peft-train-hostile-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        Self(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
+use peft_io::scratch::ScratchFile as TempFile;
 
 /// Prints the error (for `docs/reliability.md`, with `--nocapture`) and checks its fragments.
 fn refused<T>(case: &str, result: Result<T, TrainError>, fragments: &[&str]) {

@@ -11,7 +11,6 @@ use peft_core::Adapter;
 use peft_core::LoadOptions;
 use peft_core::Randomise;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::backend::NdArray;
 use burn::module::{Module, ModuleVisitor, Param};
@@ -34,32 +33,7 @@ type B = NdArray<f32>;
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A fresh directory under the system temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "peft-adapter-files-{}-{n}-{name}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use peft_io::scratch::ScratchDir as TempDir;
 
 fn stories() -> Llama<B> {
     LlamaLoader::new(stories260k())
@@ -168,12 +142,12 @@ fn assert_roundtrip(
 ) -> AnyAdapter<B> {
     let dir = TempDir::new("roundtrip");
     assert_eq!(
-        save_adapter(adapter, base, &dir.0, Some(format)).unwrap(),
+        save_adapter(adapter, base, dir.path(), Some(format)).unwrap(),
         format,
         "{what}"
     );
     let loaded = load_adapter::<B>(
-        &dir.0,
+        dir.path(),
         base,
         &LoadOptions::default().with_adapter_len(adapter_len(adapter)),
         &Default::default(),
@@ -213,7 +187,7 @@ fn copy_fixture(model: &str, case: &str) -> TempDir {
     let dir = TempDir::new(case);
     for entry in std::fs::read_dir(fixtures().join(model).join("adapters").join(case)).unwrap() {
         let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.0.join(path.file_name().unwrap())).unwrap();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
     }
     dir
 }
@@ -355,7 +329,7 @@ fn projected_prefix_keeps_its_mlp_natively_and_saves_its_output_as_peft() {
     // Without a format, the one that keeps the training state is chosen.
     let dir = TempDir::new("projected-default");
     assert_eq!(
-        save_adapter(&adapter, &base, &dir.0, None).unwrap(),
+        save_adapter(&adapter, &base, dir.path(), None).unwrap(),
         AdapterFormat::Native
     );
 
@@ -376,9 +350,9 @@ fn projected_prefix_keeps_its_mlp_natively_and_saves_its_output_as_peft() {
 
     // PEFT stores the MLP's output (as PEFT itself does): same prefixes, same logits, no MLP.
     let dir = TempDir::new("projected-peft");
-    save_adapter(&adapter, &base, &dir.0, Some(AdapterFormat::Peft)).unwrap();
+    save_adapter(&adapter, &base, dir.path(), Some(AdapterFormat::Peft)).unwrap();
     let peft = load_adapter::<B>(
-        &dir.0,
+        dir.path(),
         &base,
         &peft_core::LoadOptions::default().with_adapter_len(10),
         &Default::default(),
@@ -429,7 +403,7 @@ fn per_head_tanh_adaption_prompt_roundtrips_in_native_and_official_formats() {
 
     let dir = TempDir::new("per-head-default");
     assert_eq!(
-        save_adapter(&adapter, &base, &dir.0, None).unwrap(),
+        save_adapter(&adapter, &base, dir.path(), None).unwrap(),
         AdapterFormat::Native
     );
 
@@ -552,7 +526,7 @@ fn per_head_adaption_prompt_sharing_one_gate_per_layer_saves_as_peft_with_the_ac
     let dir = TempDir::new("shared-gate");
     // PEFT's format holds it exactly, so it is the default.
     assert_eq!(
-        save_adapter(&adapter, &base, &dir.0, None).unwrap(),
+        save_adapter(&adapter, &base, dir.path(), None).unwrap(),
         AdapterFormat::Peft
     );
 
@@ -578,7 +552,7 @@ fn per_head_adaption_prompt_sharing_one_gate_per_layer_saves_as_peft_with_the_ac
     }
 
     let loaded = load_adapter::<B>(
-        &dir.0,
+        dir.path(),
         &base,
         &peft_core::LoadOptions::default().with_adapter_len(4),
         &Default::default(),
@@ -615,7 +589,7 @@ fn missing_tensor_is_reported_with_file_and_key() {
     let mut tensors = read_tensors(&weights);
     tensors.retain(|t| t.key != LORA_B);
     write_tensors(&weights, &tensors);
-    let message = load_error(&dir.0, &tiny_config("tiny-mha"));
+    let message = load_error(dir.path(), &tiny_config("tiny-mha"));
     assert_mentions(
         &message,
         &[
@@ -639,7 +613,7 @@ fn unexpected_tensor_is_reported_with_file_and_key() {
         values: vec![0.5; 128],
     });
     write_tensors(&weights, &tensors);
-    let message = load_error(&dir.0, &tiny_config("tiny-mha"));
+    let message = load_error(dir.path(), &tiny_config("tiny-mha"));
     assert_mentions(
         &message,
         &["adapter_model.safetensors", "unexpected tensor", extra],
@@ -650,7 +624,7 @@ fn unexpected_tensor_is_reported_with_file_and_key() {
 fn adapter_for_another_model_size_is_refused_naming_key_and_shapes() {
     // tiny-mha: hidden 32, v width 32; tiny-gqa: hidden 48, v width 16.
     let dir = copy_fixture("tiny-mha", "lora");
-    let message = load_error(&dir.0, &tiny_config("tiny-gqa"));
+    let message = load_error(dir.path(), &tiny_config("tiny-gqa"));
     assert_mentions(
         &message,
         &[
@@ -670,11 +644,11 @@ fn adapter_for_another_model_size_is_refused_naming_key_and_shapes() {
     save_adapter(
         &AnyAdapter::Lora(lora),
         &base,
-        &dir.0,
+        dir.path(),
         Some(AdapterFormat::Native),
     )
     .unwrap();
-    let message = load_error(&dir.0, &tiny_config("tiny-gqa"));
+    let message = load_error(dir.path(), &tiny_config("tiny-gqa"));
     assert_mentions(
         &message,
         &[
@@ -690,7 +664,7 @@ fn wrong_number_of_layers_is_refused() {
     // A prefix for the 3-layer tiny-mha on the 5-layer stories260k (same kv width, 32).
     let stories = stories();
     let dir = copy_fixture("tiny-mha", "prefix");
-    let message = load_error(&dir.0, &stories);
+    let message = load_error(dir.path(), &stories);
     assert_mentions(&message, &["adapter_config.json", "3 layers", "has 5"]);
 
     // An adaption prompt claiming more layers than the model has.
@@ -698,7 +672,7 @@ fn wrong_number_of_layers_is_refused() {
     edit_json(&dir.join("adapter_config.json"), |c| {
         c["adapter_layers"] = 4.into()
     });
-    let message = load_error(&dir.0, &tiny_config("tiny-mha"));
+    let message = load_error(dir.path(), &tiny_config("tiny-mha"));
     assert_mentions(
         &message,
         &["adapter_config.json", "adapter_layers = 4", "3 layers"],
@@ -709,7 +683,7 @@ fn wrong_number_of_layers_is_refused() {
     edit_json(&dir.join("adapter_config.json"), |c| {
         c["layers_to_transform"] = serde_json::json!([0, 7])
     });
-    let message = load_error(&dir.0, &tiny_config("tiny-mha"));
+    let message = load_error(dir.path(), &tiny_config("tiny-mha"));
     assert_mentions(&message, &["adapter_config.json", "layer 7", "3 layers"]);
 }
 
@@ -719,7 +693,7 @@ fn unknown_peft_type_is_refused() {
     edit_json(&dir.join("adapter_config.json"), |c| {
         c["peft_type"] = "IA3".into()
     });
-    let message = load_error(&dir.0, &tiny_config("tiny-mha"));
+    let message = load_error(dir.path(), &tiny_config("tiny-mha"));
     assert_mentions(
         &message,
         &[
@@ -737,14 +711,14 @@ fn unknown_peft_type_is_refused() {
     save_adapter(
         &AnyAdapter::Lora(lora),
         &base,
-        &dir.0,
+        dir.path(),
         Some(AdapterFormat::Native),
     )
     .unwrap();
     edit_json(&dir.join("peft_rs_config.json"), |c| {
         c["peft_type"] = "IA3".into()
     });
-    let message = load_error(&dir.0, &base);
+    let message = load_error(dir.path(), &base);
     assert_mentions(
         &message,
         &["peft_rs_config.json", "unknown peft_type", "IA3"],
@@ -757,7 +731,7 @@ fn truncated_json_is_reported_with_file_and_position() {
     let config = dir.join("adapter_config.json");
     let text = std::fs::read(&config).unwrap();
     std::fs::write(&config, &text[..text.len() / 2]).unwrap();
-    let message = load_error(&dir.0, &tiny_config("tiny-mha"));
+    let message = load_error(dir.path(), &tiny_config("tiny-mha"));
     assert_mentions(
         &message,
         &["adapter_config.json", "malformed JSON", "EOF", "line"],
@@ -772,14 +746,14 @@ fn truncated_json_is_reported_with_file_and_position() {
     save_adapter(
         &AnyAdapter::PrefixTuning(prefix),
         &base,
-        &dir.0,
+        dir.path(),
         Some(AdapterFormat::Native),
     )
     .unwrap();
     let config = dir.join("peft_rs_config.json");
     let text = std::fs::read(&config).unwrap();
     std::fs::write(&config, &text[..text.len() - 3]).unwrap();
-    let message = load_error(&dir.0, &base);
+    let message = load_error(dir.path(), &base);
     assert_mentions(&message, &["peft_rs_config.json", "malformed JSON"]);
 }
 
@@ -816,7 +790,7 @@ fn truncated_or_corrupt_safetensors_is_reported_with_file() {
     for (what, bytes) in cases {
         let dir = copy_fixture("tiny-mha", "lora");
         std::fs::write(dir.join("adapter_model.safetensors"), bytes).unwrap();
-        let message = load_error(&dir.0, &tiny_config("tiny-mha"));
+        let message = load_error(dir.path(), &tiny_config("tiny-mha"));
         assert_mentions(&message, &["adapter_model.safetensors"]);
         assert!(
             message.contains("unreadable weight file") || message.contains("too short"),
@@ -833,14 +807,14 @@ fn truncated_or_corrupt_safetensors_is_reported_with_file() {
     save_adapter(
         &AnyAdapter::Lora(lora),
         &base,
-        &dir.0,
+        dir.path(),
         Some(AdapterFormat::Native),
     )
     .unwrap();
     let weights = dir.join("adapter.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() - 10]).unwrap();
-    let message = load_error(&dir.0, &base);
+    let message = load_error(dir.path(), &base);
     assert_mentions(&message, &["adapter.safetensors"]);
 }
 
@@ -986,11 +960,11 @@ fn native_config_with_absurd_sizes_is_refused_before_allocating() {
     ];
     for (adapter, key, value) in cases {
         let dir = TempDir::new("native-absurd");
-        save_adapter(adapter, &base, &dir.0, Some(AdapterFormat::Native)).unwrap();
+        save_adapter(adapter, &base, dir.path(), Some(AdapterFormat::Native)).unwrap();
         edit_json(&dir.join("peft_rs_config.json"), |c| {
             c["config"][key] = value.into()
         });
-        let message = load_error(&dir.0, &base);
+        let message = load_error(dir.path(), &base);
         let setting = format!("\"{key}\":{value}");
         if key == "adapter_layers" {
             // More layers than the model has: refused by the configuration's own check.
@@ -1013,11 +987,11 @@ fn native_config_with_absurd_sizes_is_refused_before_allocating() {
 
     // Zero sizes are refused by the configuration's checks, naming the file.
     let dir = TempDir::new("native-zero");
-    save_adapter(&lora, &base, &dir.0, Some(AdapterFormat::Native)).unwrap();
+    save_adapter(&lora, &base, dir.path(), Some(AdapterFormat::Native)).unwrap();
     edit_json(&dir.join("peft_rs_config.json"), |c| {
         c["config"]["r"] = 0.into()
     });
-    let message = load_error(&dir.0, &base);
+    let message = load_error(dir.path(), &base);
     assert_mentions(&message, &["peft_rs_config.json", "r must be positive"]);
 }
 
@@ -1033,14 +1007,14 @@ fn native_config_whose_sizes_disagree_with_its_tensors_is_refused() {
     save_adapter(
         &AnyAdapter::Lora(lora),
         &base,
-        &dir.0,
+        dir.path(),
         Some(AdapterFormat::Native),
     )
     .unwrap();
     edit_json(&dir.join("peft_rs_config.json"), |c| {
         c["config"]["r"] = 8.into()
     });
-    let message = load_error(&dir.0, &base);
+    let message = load_error(dir.path(), &base);
     // q and v of 3 layers, [32, r] + [r, 32] each.
     assert_mentions(
         &message,
@@ -1077,7 +1051,7 @@ fn peft_config_with_absurd_sizes_is_refused_before_allocating() {
     for (case, key, value, tensor) in cases {
         let dir = copy_fixture("tiny-mha", case);
         edit_json(&dir.join("adapter_config.json"), |c| c[key] = value.into());
-        let message = load_error(&dir.0, &model);
+        let message = load_error(dir.path(), &model);
         assert_mentions(
             &message,
             &["adapter_model.safetensors", tensor, &value.to_string()],
@@ -1110,16 +1084,16 @@ fn saving_over_an_existing_adapter_replaces_it_whole_and_leaves_no_temporary_fil
     );
     for format in [AdapterFormat::Peft, AdapterFormat::Native] {
         let dir = TempDir::new("overwrite");
-        save_adapter(&first, &base, &dir.0, Some(format)).unwrap();
-        let files = files_in(&dir.0);
-        save_adapter(&second, &base, &dir.0, Some(format)).unwrap();
+        save_adapter(&first, &base, dir.path(), Some(format)).unwrap();
+        let files = files_in(dir.path());
+        save_adapter(&second, &base, dir.path(), Some(format)).unwrap();
         assert_eq!(
-            files_in(&dir.0),
+            files_in(dir.path()),
             files,
             "{format:?}: the same files, no temporary ones left"
         );
         let loaded = load_adapter::<B>(
-            &dir.0,
+            dir.path(),
             &base,
             &peft_core::LoadOptions::default().with_adapter_len(10),
             &device,
@@ -1134,12 +1108,12 @@ fn saving_over_an_existing_adapter_replaces_it_whole_and_leaves_no_temporary_fil
     // The official file alone.
     let prompt = AnyAdapter::AdaptionPrompt(per_head_tanh(&base));
     let dir = TempDir::new("overwrite-official");
-    save_adapter(&prompt, &base, &dir.0, Some(AdapterFormat::Official)).unwrap();
+    save_adapter(&prompt, &base, dir.path(), Some(AdapterFormat::Official)).unwrap();
     let again = AnyAdapter::AdaptionPrompt(per_head_tanh(&base));
-    save_adapter(&again, &base, &dir.0, Some(AdapterFormat::Official)).unwrap();
-    assert_eq!(files_in(&dir.0), ["adapter.pth"]);
+    save_adapter(&again, &base, dir.path(), Some(AdapterFormat::Official)).unwrap();
+    assert_eq!(files_in(dir.path()), ["adapter.pth"]);
     let loaded = load_adapter::<B>(
-        &dir.0,
+        dir.path(),
         &base,
         &peft_core::LoadOptions::default().with_adapter_len(4),
         &device,
@@ -1169,10 +1143,10 @@ fn saving_in_another_format_over_an_adapter_loads_the_new_one() {
             .map(&mut Randomise(0.2)),
     );
     let dir = TempDir::new("reformat");
-    save_adapter(&old, &base, &dir.0, Some(AdapterFormat::Native)).unwrap();
-    save_adapter(&new, &base, &dir.0, Some(AdapterFormat::Peft)).unwrap();
+    save_adapter(&old, &base, dir.path(), Some(AdapterFormat::Native)).unwrap();
+    save_adapter(&new, &base, dir.path(), Some(AdapterFormat::Peft)).unwrap();
     let loaded = load_adapter::<B>(
-        &dir.0,
+        dir.path(),
         &base,
         &peft_core::LoadOptions::default().with_adapter_len(10),
         &device,
@@ -1211,10 +1185,10 @@ fn saving_in_another_format_leaves_only_the_new_adapter() {
         (&prompt, AdapterFormat::Official, &["adapter.pth"]),
     ];
     for (adapter, format, files) in steps {
-        save_adapter(adapter, &base, &dir.0, Some(format)).unwrap();
-        assert_eq!(files_in(&dir.0), files, "after saving as {format:?}");
+        save_adapter(adapter, &base, dir.path(), Some(format)).unwrap();
+        assert_eq!(files_in(dir.path()), files, "after saving as {format:?}");
         let loaded = load_adapter::<B>(
-            &dir.0,
+            dir.path(),
             &base,
             &peft_core::LoadOptions::default().with_adapter_len(4),
             &device,
@@ -1230,7 +1204,7 @@ fn saving_in_another_format_leaves_only_the_new_adapter() {
     // A weight file without its configuration is not an adapter of that format: the official
     // checkpoint's `adapter.safetensors` stays when a PEFT adapter is saved beside it.
     let dir = copy_fixture("tiny-mha", "official_adapter");
-    save_adapter(&lora, &base, &dir.0, Some(AdapterFormat::Peft)).unwrap();
+    save_adapter(&lora, &base, dir.path(), Some(AdapterFormat::Peft)).unwrap();
     for name in ["adapter.pth", "adapter.safetensors", "adapter_config.json"] {
         assert!(dir.join(name).is_file(), "{name} is kept or written");
     }
@@ -1246,15 +1220,15 @@ fn a_directory_holding_both_formats_is_refused_naming_both_configurations() {
     );
     let dir = copy_fixture("tiny-mha", "lora");
     let native = TempDir::new("native-beside");
-    save_adapter(&lora, &base, &native.0, Some(AdapterFormat::Native)).unwrap();
+    save_adapter(&lora, &base, native.path(), Some(AdapterFormat::Native)).unwrap();
     for name in ["peft_rs_config.json", "adapter.safetensors"] {
         std::fs::copy(native.join(name), dir.join(name)).unwrap();
     }
-    let message = load_error(&dir.0, &base);
+    let message = load_error(dir.path(), &base);
     assert_mentions(
         &message,
         &[
-            &dir.0.display().to_string(),
+            &dir.display().to_string(),
             "ambiguous",
             "peft_rs_config.json",
             "adapter_config.json",
@@ -1283,7 +1257,7 @@ fn concurrent_saves_of_one_file_do_not_collide() {
         "the file is one whole write, not a mixture"
     );
     assert_eq!(
-        files_in(&dir.0),
+        files_in(dir.path()),
         ["adapter_model.safetensors"],
         "no temporary file left"
     );
@@ -1324,7 +1298,7 @@ fn saving_where_files_cannot_be_written_fails_and_leaves_existing_files_alone() 
         assert_mentions(&message.to_string(), &["file"]);
     }
     assert_eq!(
-        contents(&dir.0),
+        contents(dir.path()),
         [("file".to_string(), b"not a directory".to_vec())]
     );
 
@@ -1332,23 +1306,23 @@ fn saving_where_files_cannot_be_written_fails_and_leaves_existing_files_alone() 
     // i.e. not as root).
     for format in [AdapterFormat::Peft, AdapterFormat::Native] {
         let dir = TempDir::new("read-only");
-        save_adapter(&old, &base, &dir.0, Some(format)).unwrap();
-        let before = contents(&dir.0);
-        set_read_only(&dir.0, true);
+        save_adapter(&old, &base, dir.path(), Some(format)).unwrap();
+        let before = contents(dir.path());
+        set_read_only(dir.path(), true);
         let probe = dir.join("probe");
         if std::fs::write(&probe, b"").is_ok() {
             let _ = std::fs::remove_file(&probe);
-            set_read_only(&dir.0, false);
+            set_read_only(dir.path(), false);
             eprintln!("permissions are not enforced for this user (root?): read-only case skipped");
             break;
         }
-        let error = save_adapter(&new, &base, &dir.0, Some(format))
+        let error = save_adapter(&new, &base, dir.path(), Some(format))
             .unwrap_err()
             .to_string();
-        set_read_only(&dir.0, false);
-        assert_mentions(&error, &[&dir.0.display().to_string()]);
+        set_read_only(dir.path(), false);
+        assert_mentions(&error, &[&dir.display().to_string()]);
         assert_eq!(
-            contents(&dir.0),
+            contents(dir.path()),
             before,
             "{format:?}: existing files untouched"
         );
@@ -1366,12 +1340,12 @@ fn a_failed_save_leaves_no_temporary_file() {
     let dir = TempDir::new("failed-rename");
     // A non-empty directory where the tensor file goes: the final rename must fail.
     std::fs::create_dir_all(dir.join("adapter_model.safetensors/occupied")).unwrap();
-    let message = save_adapter(&lora, &base, &dir.0, Some(AdapterFormat::Peft))
+    let message = save_adapter(&lora, &base, dir.path(), Some(AdapterFormat::Peft))
         .unwrap_err()
         .to_string();
     assert_mentions(&message, &["adapter_model.safetensors"]);
     assert_eq!(
-        files_in(&dir.0),
+        files_in(dir.path()),
         ["adapter_model.safetensors"],
         "no temporary file left"
     );

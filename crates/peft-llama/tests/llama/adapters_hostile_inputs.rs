@@ -8,8 +8,7 @@
 use crate::common;
 
 use std::io::{Cursor, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 
 use burn::backend::NdArray;
 use common::fixtures;
@@ -23,42 +22,7 @@ use safetensors::SafeTensors;
 
 type B = NdArray<f32>;
 
-/// A fresh directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "peft-core-hostile-{}-{n}-{name}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    /// A copy of the files of a fixture directory.
-    fn copy_of(source: &Path, name: &str) -> Self {
-        let dir = Self::new(name);
-        for entry in std::fs::read_dir(source).unwrap() {
-            let path = entry.unwrap().path();
-            std::fs::copy(&path, dir.join(path.file_name().unwrap().to_str().unwrap())).unwrap();
-        }
-        dir
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use peft_io::scratch::ScratchDir as TempDir;
 
 fn tiny_config() -> LlamaConfig {
     LlamaConfig::from_hf_file(fixtures().join("tiny-mha/model/config.json")).unwrap()
@@ -209,7 +173,7 @@ fn a_pth_whose_pickle_names_a_callable_is_refused_and_nothing_runs() {
         .unwrap();
         refused(
             &format!("consolidated.00.pth: {case}"),
-            load_model(&model.0),
+            load_model(model.path()),
             &["consolidated.00.pth", name],
         );
         // A bare pickle file (no archive) goes through the same check.
@@ -301,7 +265,7 @@ fn a_tensor_shape_larger_than_its_file_is_refused_before_reading() {
     .unwrap();
     refused(
         "consolidated.00.pth: tok_embeddings [1e9, 32] over 16 values",
-        load_model(&model.0),
+        load_model(model.path()),
         &["tensor 'tok_embeddings.weight' declares shape [1000000000, 32]"],
     );
 }
@@ -373,7 +337,7 @@ fn nan_in_an_official_checkpoint_or_a_meta_model_is_refused_naming_the_tensor() 
     std::fs::write(&path, state_dict_bytes(&tensors, &path).unwrap()).unwrap();
     refused(
         "consolidated.00.pth: -inf",
-        load_model(&model.0),
+        load_model(model.path()),
         &["tensor 'layers.2.attention.wq.weight' contains non-finite values"],
     );
 }
@@ -404,7 +368,7 @@ fn nan_in_peft_and_native_adapter_weights_is_refused_naming_the_tensor() {
     refused(
         "adapter_model.safetensors: NaN",
         load_adapter::<B>(
-            &dir.0,
+            dir.path(),
             &tiny_model(),
             &LoadOptions::default().with_adapter_len(4),
             &Default::default(),
@@ -424,7 +388,7 @@ fn empty_non_utf8_and_mistyped_adapter_configs_are_refused_naming_the_file() {
     let original = std::fs::read(&config).unwrap();
     let load = || {
         load_adapter::<B>(
-            &dir.0,
+            dir.path(),
             &tiny_model(),
             &LoadOptions::default().with_adapter_len(4),
             &Default::default(),

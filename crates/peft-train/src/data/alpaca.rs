@@ -320,7 +320,7 @@ mod tests {
             load_alpaca(blank.path()),
             Err(TrainError::EmptyDataset { .. })
         ));
-        let latin1 = TempFile::from_bytes(
+        let latin1 = TempFile::new(
             "latin1.json",
             b"[{\"instruction\": \"caf\xe9\", \"output\": \"x\"}]",
         );

@@ -69,21 +69,7 @@ fn assert_matches_reference(base: ClipVisionModel<B>, adapter: AnyAdapter<B>, ca
     );
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("peft-vision-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use peft_io::scratch::ScratchDir as TempDir;
 
 fn safetensors_of(dir: &Path) -> Vec<(String, Vec<usize>, Vec<u8>)> {
     let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
@@ -148,18 +134,18 @@ fn a_lora_saved_here_is_the_directory_peft_wrote() {
     let base = model();
     let adapter = load("lora", &base);
     let out = TempDir::new("lora-resave");
-    let format = save_adapter(&adapter, &base, &out.0, None).unwrap();
+    let format = save_adapter(&adapter, &base, out.path(), None).unwrap();
     assert_eq!(format, AdapterFormat::Peft);
     // The same keys, shapes, dtype and bytes as PEFT's own file: PEFT loads it as its own.
     assert_eq!(
-        safetensors_of(&out.0),
+        safetensors_of(out.path()),
         safetensors_of(&adapter_fixtures().join("lora"))
     );
     let read = |dir: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
             .unwrap()
     };
-    let (ours, theirs) = (read(&out.0), read(&adapter_fixtures().join("lora")));
+    let (ours, theirs) = (read(out.path()), read(&adapter_fixtures().join("lora")));
     for key in [
         "peft_type",
         "task_type",

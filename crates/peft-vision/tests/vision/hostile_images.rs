@@ -9,22 +9,7 @@ fn fixture_image() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/clip/test_image.png")
 }
 
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str, bytes: &[u8]) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("peft-vision-hostile-{}-{name}", std::process::id()));
-        std::fs::write(&path, bytes).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+use peft_io::scratch::ScratchFile as TempFile;
 
 fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = 0xffff_ffffu32;
@@ -85,14 +70,14 @@ fn the_fixture_image_decodes() {
 #[test]
 fn empty_and_non_image_files_are_refused() {
     let empty = TempFile::new("empty.png", b"");
-    image_error(&empty.0);
+    image_error(empty.path());
     let text = TempFile::new("text.png", b"this is not an image\n");
-    image_error(&text.0);
+    image_error(text.path());
     let bytes: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     let noise = TempFile::new("noise.jpg", &bytes);
-    image_error(&noise.0);
+    image_error(noise.path());
 }
 
 #[test]
@@ -100,15 +85,15 @@ fn truncated_png_is_refused() {
     let bytes = std::fs::read(fixture_image()).unwrap();
     for keep in [8, 33, bytes.len() / 2, bytes.len() - 13] {
         let file = TempFile::new(&format!("truncated-{keep}.png"), &bytes[..keep]);
-        image_error(&file.0);
+        image_error(file.path());
     }
 }
 
 #[test]
 fn huge_declared_dimensions_are_refused_without_allocating_them() {
     // 100,000² RGB pixels would be 30 GB; the decoder's allocation limit refuses the header.
-    let file = TempFile::new("huge.png", &png_declaring(100_000, 100_000));
-    let message = image_error(&file.0);
+    let file = TempFile::new("huge.png", png_declaring(100_000, 100_000));
+    let message = image_error(file.path());
     assert!(message.to_lowercase().contains("limit"), "{message}");
 }
 
