@@ -120,9 +120,7 @@ fn main() -> Result<()> {
         adapter,
         &experiment.train,
         &experiment.validation,
-        &trainer,
-        &args.output,
-        false,
+        &trainer.clone().with_output(Some(args.output.clone())),
         &mut curves,
     )?;
     let adapter_dir = args.output.join("adapter");

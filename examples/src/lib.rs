@@ -229,9 +229,7 @@ pub fn train_adaption_prompt(
         adapter,
         &experiment.train,
         &experiment.validation,
-        trainer,
-        output,
-        false,
+        &trainer.clone().with_output(Some(output.to_path_buf())),
         &mut curves,
     )?;
     peft_core::save_adapter(&adapter, base, &output.join("adapter"), None)?;

@@ -69,7 +69,8 @@ pub struct TrainArgs {
     /// Absolute peak learning rate (overrides --blr).
     #[arg(long)]
     lr: Option<f64>,
-    /// Warm-up epochs.
+    /// Warm-up epochs: the rate rises linearly from 0, so the first step runs at rate 0 (as in
+    /// the official LLaMA-Adapter code, with --lr too); 0 starts at the peak.
     #[arg(long, default_value_t = 2.0)]
     warmup_epochs: f64,
     /// AdamW weight decay.
@@ -348,7 +349,9 @@ fn fit<A: TrainableAdapter<Training>>(
         )
         .with_seed(args.seed)
         .with_save_every(args.save_every)
-        .with_eval_every(args.eval_every);
+        .with_eval_every(args.eval_every)
+        .with_output(Some(args.output.clone()))
+        .with_resume(args.resume);
     eprintln!(
         "training {} ({} trainable parameters) on {} examples ({} for validation) from {}; peak lr {:.3e}, effective batch {}{}",
         adapter.method(),
@@ -375,8 +378,6 @@ fn fit<A: TrainableAdapter<Training>>(
         train_examples,
         validation,
         &config,
-        &args.output,
-        args.resume,
         &mut progress,
     )?;
     if !args.quiet {

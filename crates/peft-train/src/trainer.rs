@@ -70,6 +70,14 @@ pub struct TrainerConfig {
     /// Checkpoints kept on disk (the newest ones).
     #[config(default = 2)]
     pub keep_checkpoints: usize,
+    /// Where the run writes `metrics.jsonl`, `loss.svg` and `checkpoints/`; `None` writes
+    /// nothing (no checkpoints, so no resume).
+    #[config(default = "None")]
+    pub output: Option<PathBuf>,
+    /// Continue from the newest checkpoint under `output` (the adapter given is then only a
+    /// template of the right shapes).
+    #[config(default = false)]
+    pub resume: bool,
 }
 
 impl TrainerConfig {
@@ -196,9 +204,10 @@ where
 {
 }
 
-/// Trains `adapter` on `train` and writes metrics, checkpoints and the final adapter under
-/// `output`. With `resume`, continues from the newest checkpoint there (the adapter given is
-/// then only a template of the right shapes). Examples with [`Example::features`] condition the
+/// Trains `adapter` on `train`, writing metrics and checkpoints under `config.output` when it is
+/// set (and continuing from the newest checkpoint there with `config.resume`). The final adapter
+/// is returned; saving it is the caller's ([`peft_core::save_adapter`],
+/// [`final_adapter_dir`]). Examples with [`Example::features`] condition the
 /// adapter through [`Adapter::hooks_with_features`] (the multimodal adaption prompt).
 ///
 /// # Errors
@@ -210,8 +219,6 @@ pub fn train<B: AutodiffBackend, A: TrainableAdapter<B>>(
     train: &[Example],
     validation: &[Example],
     config: &TrainerConfig,
-    output: &Path,
-    resume: bool,
     observer: &mut dyn TrainObserver,
 ) -> Result<(A, TrainSummary)> {
     train_data_parallel(
@@ -221,8 +228,6 @@ pub fn train<B: AutodiffBackend, A: TrainableAdapter<B>>(
         train,
         validation,
         config,
-        output,
-        resume,
         observer,
     )
 }
@@ -247,8 +252,6 @@ pub fn train_data_parallel<B: AutodiffBackend, A: TrainableAdapter<B>>(
     train: &[Example],
     validation: &[Example],
     config: &TrainerConfig,
-    output: &Path,
-    resume: bool,
     observer: &mut dyn TrainObserver,
 ) -> Result<(A, TrainSummary)> {
     if config.devices != replicas.len() + 1 {
@@ -261,9 +264,7 @@ pub fn train_data_parallel<B: AutodiffBackend, A: TrainableAdapter<B>>(
             ),
         ));
     }
-    run(
-        base, replicas, adapter, train, validation, config, output, resume, observer,
-    )
+    run(base, replicas, adapter, train, validation, config, observer)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -274,8 +275,6 @@ fn run<B, A>(
     train: &[Example],
     validation: &[Example],
     config: &TrainerConfig,
-    output: &Path,
-    resume: bool,
     observer: &mut dyn TrainObserver,
 ) -> Result<(A, TrainSummary)>
 where
@@ -311,7 +310,15 @@ where
         .max_steps
         .map_or(scheduled_steps, |m| m.min(scheduled_steps));
     let mut optimizer = config.optimizer.init::<B>()?;
-    let checkpoints = CheckpointDir::new(output.join("checkpoints"));
+    let output = config.output.as_deref();
+    let checkpoints = output.map(|o| CheckpointDir::new(o.join("checkpoints")));
+    if config.resume && output.is_none() {
+        return Err(TrainError::config(
+            "resume",
+            "resuming needs the output directory whose checkpoints it continues",
+        ));
+    }
+    let latest_name = || checkpoints.as_ref().and_then(CheckpointDir::latest_name);
     let device = base.device();
     let mut parallel = DataParallel::<B, A>::start(&device, replicas)?;
 
@@ -321,7 +328,7 @@ where
         ..TrainPosition::default()
     };
     let mut resumed_from = None;
-    if resume {
+    if let (true, Some(checkpoints)) = (config.resume, &checkpoints) {
         if let Some(checkpoint) = checkpoints.latest::<B, A>(base, &device)? {
             if checkpoint.adapter.method() != adapter.method() {
                 return Err(TrainError::config(
@@ -354,7 +361,10 @@ where
             resumed_from = Some(position.step);
         }
     }
-    let mut metrics = MetricsLog::open(output, resumed_from.is_some())?;
+    let mut metrics = match output {
+        Some(output) => Some(MetricsLog::open(output, resumed_from.is_some())?),
+        None => None,
+    };
     let mut last_loss = f64::NAN;
     let mut tokens = 0;
     let mut padded_tokens = 0;
@@ -415,7 +425,7 @@ where
                 return Err(TrainError::NonFiniteLoss {
                     step: position.step,
                     loss: step_loss,
-                    checkpoint: checkpoints.latest_name(),
+                    checkpoint: latest_name(),
                 });
             }
             let (updated, report) = optimizer.step(lr, adapter, grads);
@@ -424,7 +434,7 @@ where
                 return Err(TrainError::NonFiniteLoss {
                     step: position.step,
                     loss: report.grad_norm,
-                    checkpoint: checkpoints.latest_name(),
+                    checkpoint: latest_name(),
                 });
             }
             position.micro_batch = group_end;
@@ -444,7 +454,9 @@ where
                 seconds,
                 elapsed: started.elapsed().as_secs_f64(),
             };
-            metrics.step(&step_metrics)?;
+            if let Some(metrics) = metrics.as_mut() {
+                metrics.step(&step_metrics)?;
+            }
             observer.on_step(&step_metrics, total_steps);
             let last = position.step >= total_steps;
             if (config
@@ -455,15 +467,17 @@ where
             {
                 // On the autodiff backend without a backward pass: nothing is kept.
                 let (loss, _) = evaluate(base, Some(&adapter), validation, &batching)?;
-                metrics.validation(position.step, loss)?;
+                if let Some(metrics) = metrics.as_mut() {
+                    metrics.validation(position.step, loss)?;
+                }
                 observer.on_validation(position.step, loss);
                 val_loss = Some(loss);
             }
-            if config
+            let save = config
                 .save_every
                 .is_some_and(|s| position.step.is_multiple_of(s))
-                || last
-            {
+                || last;
+            if let (true, Some(checkpoints)) = (save, &checkpoints) {
                 let mut saved_position = position;
                 if saved_position.micro_batch >= plan.len() {
                     saved_position = TrainPosition {
@@ -484,7 +498,9 @@ where
         position.epoch += 1;
         position.micro_batch = 0;
     }
-    metrics.plot(output)?;
+    if let (Some(metrics), Some(output)) = (&metrics, output) {
+        metrics.plot(output)?;
+    }
     let summary = TrainSummary {
         steps: position.step,
         last_loss,
@@ -500,4 +516,67 @@ where
 /// Where `train` writes the final adapter.
 pub fn final_adapter_dir(output: &Path) -> PathBuf {
     output.join("adapter")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+    use peft_core::{AnyAdapter, LoraConfig};
+
+    type B = Autodiff<NdArray<f32>>;
+
+    fn examples() -> Vec<Example> {
+        (0..6u32)
+            .map(|i| {
+                let ids: Vec<u32> = (0..6).map(|t| (i * 7 + t * 3) % 40 + 3).collect();
+                let labels = ids.iter().map(|&id| i64::from(id)).collect();
+                Example::new(ids, labels)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn without_an_output_directory_a_run_writes_nothing_and_cannot_resume() {
+        let device = Default::default();
+        let base = peft_llama::LlamaConfig::new(48, 32, 48, 4, 4, 2, 8)
+            .init::<B>(&device, burn::tensor::DType::F32);
+        let adapter: AnyAdapter<B> = LoraConfig::new().init(&base, &device).unwrap().into();
+        let config = TrainerConfig::new()
+            .with_epochs(1)
+            .with_batch_size(2)
+            .with_grad_accum(1)
+            .with_lr(Some(1e-2))
+            .with_warmup_epochs(0.0);
+        let cwd_before: Vec<_> = std::fs::read_dir(".")
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        let (_, summary) = train(
+            &base,
+            adapter.clone(),
+            &examples(),
+            &[],
+            &config,
+            &mut Quiet,
+        )
+        .unwrap();
+        assert_eq!(summary.steps, 3);
+        let cwd_after: Vec<_> = std::fs::read_dir(".")
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(cwd_before, cwd_after, "a run without output wrote files");
+        let error = train(
+            &base,
+            adapter,
+            &examples(),
+            &[],
+            &config.with_resume(true),
+            &mut Quiet,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("resum"), "{error}");
+    }
 }

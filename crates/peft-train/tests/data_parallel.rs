@@ -122,9 +122,7 @@ fn run(
         adapter(method, &base),
         &examples(),
         &[],
-        &trainer(batch_size, devices, strategy),
-        &output,
-        false,
+        &trainer(batch_size, devices, strategy).with_output(Some(output.clone())),
         &mut Quiet,
     )
     .unwrap();
@@ -229,9 +227,7 @@ fn a_failing_replica_stops_training_with_its_error() {
         adapter("adaption_prompt", &base),
         &examples(),
         &[],
-        &trainer(2, 2, BatchStrategy::LengthGrouped),
-        &output,
-        false,
+        &trainer(2, 2, BatchStrategy::LengthGrouped).with_output(Some(output.clone())),
         &mut Quiet,
     )
     .unwrap_err();
@@ -263,8 +259,6 @@ fn devices_must_match_the_replicas_given() {
         &examples(),
         &[],
         &trainer(2, 3, BatchStrategy::LengthGrouped),
-        &scratch("mismatch"),
-        false,
         &mut Quiet,
     )
     .unwrap_err();

@@ -221,6 +221,11 @@ fn main() {
             // The same trainer as every text run: one optimiser step per batch of 16, warm-up
             // over the first 10 steps, then cosine; the text-only run sees the same batches
             // without their features.
+            let run_dir = out.join(format!(
+                "run-seed{seed}-{}",
+                if use_image { "image" } else { "text" }
+            ));
+            let _ = std::fs::remove_dir_all(&run_dir);
             let steps_per_epoch = examples.len().div_ceil(16) as f64;
             let config = TrainerConfig::new()
                 .with_epochs(epochs)
@@ -237,29 +242,16 @@ fn main() {
                         .with_max_seq_len(256)
                         .with_group_batches(1),
                 )
-                .with_seed(seed);
+                .with_seed(seed)
+                .with_output(Some(run_dir.clone()));
             let data = if use_image {
                 examples.clone()
             } else {
                 without_features(&examples)
             };
-            let run_dir = out.join(format!(
-                "run-seed{seed}-{}",
-                if use_image { "image" } else { "text" }
-            ));
-            let _ = std::fs::remove_dir_all(&run_dir);
             let started = Instant::now();
-            let (trained, summary) = peft_train::train(
-                &base,
-                adapter,
-                &data,
-                &[],
-                &config,
-                &run_dir,
-                false,
-                &mut Quiet,
-            )
-            .unwrap();
+            let (trained, summary) =
+                peft_train::train(&base, adapter, &data, &[], &config, &mut Quiet).unwrap();
             let seconds = started.elapsed().as_secs_f64();
             let losses = epoch_losses(&run_dir, epochs);
             let trained = trained.valid();
