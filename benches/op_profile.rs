@@ -3,7 +3,7 @@
 //! 128), so that speed work goes where the time goes.
 //!
 //! ```sh
-//! cargo build --release -p peft-cli --no-default-features --features cuda --example op_profile
+//! cargo build --release -p peft-benches --features cuda --example op_profile
 //! op_profile bf16          # or f32 / f16; prints one JSON line per piece
 //! ```
 //! Each piece runs a few untimed times first (kernel compilation, autotuning), then `ITERS`

@@ -3,8 +3,8 @@
 //! virtual tokens); a forward pass without gradients; and KV-cached greedy decoding at batch 1.
 //!
 //! ```sh
-//! cargo run --release -p peft-cli --example train_bench -- train adaption-prompt --preset tiny
-//! cargo build --release -p peft-cli --no-default-features --features cuda --example train_bench
+//! cargo run --release -p peft-benches --example train_bench -- train adaption-prompt --preset tiny
+//! cargo build --release -p peft-benches --features cuda --example train_bench
 //! train_bench train adaption-prompt --preset llama-7b --dtype bf16 --batch 4 --seq 512 --steps 10
 //! train_bench decode --preset llama-7b --dtype bf16 --new-tokens 128
 //! train_bench train adaption-prompt --preset llama-7b --dtype bf16 --devices 4
