@@ -5,8 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-mod common;
-use common::{adapter_bytes, assert_success, peft, scratch};
+use crate::common::{adapter_bytes, assert_success, peft, scratch};
 
 /// Short Alpaca records, so that steps are fast on the CPU.
 fn small_dataset(dir: &Path) -> PathBuf {

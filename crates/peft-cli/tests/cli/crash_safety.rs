@@ -7,15 +7,14 @@
 //! before each file and rename of a checkpoint save, so that many kills land inside a write; the
 //! uninterrupted reference runs without it (it changes timing only).
 //!
-//! CI runs 4 kills. More: `PEFT_CRASH_KILLS=40 cargo test --release -p peft-cli --test
+//! CI runs 4 kills. More: `PEFT_CRASH_KILLS=40 cargo test --release -p peft-cli --test cli
 //! crash_safety -- --nocapture` (`PEFT_CRASH_SEED` changes the kill instants).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-mod common;
-use common::{adapter_bytes, peft, scratch};
+use crate::common::{adapter_bytes, peft, scratch};
 
 use burn::backend::NdArray;
 use peft_llama::LlamaConfig;
@@ -277,7 +276,7 @@ fn a_multimodal_run_killed_after_a_checkpoint_resumes_to_the_same_adapter() {
     };
     let reference = dir.join("reference");
     let result = peft().args(args(&reference)).output().unwrap();
-    common::assert_success(&result);
+    crate::common::assert_success(&result);
     // The shared trainer's outputs: metrics, the loss plot, checkpoints (kept: the newest 2).
     for file in ["metrics.jsonl", "loss.svg", "checkpoints/latest"] {
         assert!(reference.join(file).is_file(), "{file} written");
@@ -308,7 +307,7 @@ fn a_multimodal_run_killed_after_a_checkpoint_resumes_to_the_same_adapter() {
     let mut resumed = args(&killed);
     resumed.push("--resume".into());
     let result = peft().args(&resumed).output().unwrap();
-    common::assert_success(&result);
+    crate::common::assert_success(&result);
     assert!(
         adapter_bytes(&killed) == adapter_bytes(&reference),
         "the resumed multimodal run's adapter differs from the uninterrupted run's"
@@ -325,7 +324,7 @@ fn a_kill_during_the_final_adapter_save_leaves_the_previous_adapter_whole() {
     let mut args = train_args(&data, &output);
     args.extend(["--max-steps".into(), "1".into()]);
     let result = peft().args(&args).output().unwrap();
-    common::assert_success(&result);
+    crate::common::assert_success(&result);
     let before = adapter_bytes(&output);
 
     // Another run into the same directory (another seed: another adapter), killed while the
@@ -364,5 +363,5 @@ fn a_kill_during_the_final_adapter_save_leaves_the_previous_adapter_whole() {
         .arg(output.join("adapter"))
         .output()
         .unwrap();
-    common::assert_success(&result);
+    crate::common::assert_success(&result);
 }

@@ -2,8 +2,7 @@
 
 use std::path::Path;
 
-mod common;
-use common::{assert_success, peft, scratch};
+use crate::common::{assert_success, peft, scratch};
 
 fn train(output: &Path, extra: &[&str]) -> std::process::Output {
     let mut command = peft();
