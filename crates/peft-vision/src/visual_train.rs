@@ -76,14 +76,12 @@ fn tokenize(
                 .map_err(|e| failed(e.to_string()))
         }
         PromptTemplate::Short => {
+            // The tokenizer's own special tokens, as every command encodes (see
+            // `peft_train::tokenize_alpaca`).
             let encode = |text: &str| -> Result<Vec<u32>> {
-                let mut ids = tokenizer
-                    .encode(text, false)
-                    .map_err(|e| failed(e.to_string()))?;
-                if let Some(bos) = tokenizer.bos_id() {
-                    ids.insert(0, bos);
-                }
-                Ok(ids)
+                tokenizer
+                    .encode(text, true)
+                    .map_err(|e| failed(e.to_string()))
             };
             let prompt = record.prompt(template);
             let prompt_len = encode(&prompt)?.len();

@@ -112,25 +112,22 @@ pub fn load_alpaca(path: impl AsRef<Path>) -> Result<Vec<AlpacaRecord>> {
         .collect()
 }
 
-/// Token ids of `text` with BOS first, whether or not the tokenizer's template adds it (the
-/// official code encodes with `bos=True`).
-fn encode_with_bos(
+/// Token ids of `text` with the tokenizer's own special tokens: the one tokenisation rule of
+/// every command (training, evaluation and `peft generate` alike), as `transformers` and TRL
+/// apply it. A LLaMA tokenizer's template puts BOS first (the official code's `bos=True`); a
+/// tokenizer whose template adds nothing (SmolLM2, Qwen) gets no BOS, so a model is trained on
+/// exactly the ids it is prompted with.
+fn encode_as_the_tokenizer_does(
     tokenizer: &LlamaTokenizer,
     text: &str,
     what: impl Fn() -> String,
 ) -> Result<Vec<u32>> {
-    let mut ids = tokenizer
+    tokenizer
         .encode(text, true)
         .map_err(|source| TrainError::Tokenizer {
             what: what(),
             source,
-        })?;
-    if let Some(bos) = tokenizer.bos_id() {
-        if ids.first() != Some(&bos) {
-            ids.insert(0, bos);
-        }
-    }
-    Ok(ids)
+        })
 }
 
 /// Tokenizes one record for supervised fine-tuning as LLaMA-Adapter's
@@ -138,8 +135,10 @@ fn encode_with_bos(
 ///
 /// 1. `prompt` = the Alpaca template filled with the record;
 /// 2. `input_ids` = tokens of `prompt + output` (the response follows `### Response:` directly,
-///    no separator) with BOS first and EOS appended (`encode(example, bos=True, eos=True)`);
-/// 3. the first `len(tokens of prompt with BOS)` labels are
+///    no separator) with the tokenizer's special tokens (for LLaMA: BOS first, the official
+///    `encode(example, bos=True, eos=True)`; none for a tokenizer whose template adds none, as
+///    `transformers` and `peft generate` encode) and EOS appended;
+/// 3. the first `len(tokens of prompt)` labels are
 ///    [`IGNORE_INDEX`](super::IGNORE_INDEX), the rest equal the ids — the prompt is tokenized
 ///    on its own just to count, and, as in the official code, a token that straddles the
 ///    prompt/response boundary in the joint tokenization is not treated specially;
@@ -164,8 +163,9 @@ pub fn tokenize_alpaca(
         return Err(TrainError::config("max_seq_len", "must be at least 1"));
     }
     let prompt = record.prompt();
-    let prompt_len = encode_with_bos(tokenizer, &prompt, || "an Alpaca prompt".into())?.len();
-    let input_ids = encode_with_bos(tokenizer, &(prompt + &record.output), || {
+    let prompt_len =
+        encode_as_the_tokenizer_does(tokenizer, &prompt, || "an Alpaca prompt".into())?.len();
+    let input_ids = encode_as_the_tokenizer_does(tokenizer, &(prompt + &record.output), || {
         "an Alpaca example".into()
     })?;
     Ok(Example::response_only(
@@ -380,6 +380,44 @@ mod tests {
             tokenize_alpaca(&records[0], &tokenizer, 0),
             Err(TrainError::Config { .. })
         ));
+    }
+
+    /// A tokenizer whose template adds no BOS (SmolLM2's and Qwen's do not): training examples
+    /// start with the prompt's own tokens, exactly the ids `peft generate` feeds for the prompt.
+    #[test]
+    fn a_tokenizer_that_adds_no_bos_gets_none_in_training_either() {
+        let dir = peft_io::scratch::ScratchDir::new("no-bos-tokenizer");
+        let source =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260k");
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(source.join("tokenizer.json")).unwrap())
+                .unwrap();
+        json["post_processor"] = serde_json::Value::Null;
+        dir.write("tokenizer.json", json.to_string());
+        std::fs::copy(
+            source.join("tokenizer_config.json"),
+            dir.join("tokenizer_config.json"),
+        )
+        .unwrap();
+        let plain = LlamaTokenizer::from_dir(dir.path()).unwrap();
+        let with_bos = tokenizer();
+        let record = AlpacaRecord::new("Tell a story.", "", "Once upon a time.");
+        for (name, tokenizer) in [("no BOS template", &plain), ("LLaMA template", &with_bos)] {
+            let example = tokenize_alpaca(&record, tokenizer, 512).unwrap();
+            // What `peft generate` encodes for the same prompt.
+            let prompt = tokenizer.encode(&record.prompt(), true).unwrap();
+            assert_eq!(example.input_ids[..prompt.len()], prompt[..], "{name}");
+        }
+        let example = tokenize_alpaca(&record, &plain, 512).unwrap();
+        assert_ne!(
+            example.input_ids[0], 1,
+            "no BOS where the tokenizer adds none"
+        );
+        assert_eq!(
+            example.input_ids[..example.len() - 1],
+            tokenize_alpaca(&record, &with_bos, 512).unwrap().input_ids[1..example.len()],
+            "the same tokens after the BOS"
+        );
     }
 
     /// The 999-record demo set of this workspace; run with `cargo test -- --ignored` where
