@@ -1,6 +1,6 @@
 //! `peft merge`: fold a LoRA into the base weights and write a Hugging Face model directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use peft_core::{Adapter, AnyAdapter, PeftModel};
 use peft_llama::weights::save_hf_safetensors;
@@ -45,21 +45,25 @@ pub fn run(args: MergeArgs) -> AnyResult<()> {
     let mut peft = PeftModel::new(model);
     peft.add_adapter("merge", adapter)?;
     peft.merge_active()?;
+    let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
+    if same(&dir, &args.output) {
+        return Err("--output is the model directory: the merged model would overwrite it".into());
+    }
     std::fs::create_dir_all(&args.output).map_err(|e| format!("{}: {e}", args.output.display()))?;
     save_hf_safetensors(peft.base(), &args.output.join("model.safetensors"))?;
-    for file in [
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "tokenizer.model",
-        "special_tokens_map.json",
-    ] {
-        let source = dir.join(file);
-        if source.is_file() {
-            std::fs::copy(&source, args.output.join(file))
-                .map_err(|e| format!("{}: {e}", source.display()))?;
+    // Every file but the weights: configuration, generation settings, tokenizer files, chat
+    // template, README, licence. The merged weights replace the originals.
+    let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for entry in entries {
+        let source = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
+        let Some(name) = source.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        if !source.is_file() || is_weight_file(&name) {
+            continue;
         }
+        std::fs::copy(&source, args.output.join(&name))
+            .map_err(|e| format!("{}: {e}", source.display()))?;
     }
     println!(
         "merged {} into {}",
@@ -67,4 +71,12 @@ pub fn run(args: MergeArgs) -> AnyResult<()> {
         args.output.display()
     );
     Ok(())
+}
+
+/// Whether a model directory's file holds weights (which the merged model replaces).
+fn is_weight_file(name: &str) -> bool {
+    let weight_extension = [".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf"]
+        .iter()
+        .any(|extension| name.ends_with(extension));
+    weight_extension || name.ends_with(".index.json")
 }

@@ -304,3 +304,79 @@ fn multimodal_training_and_generation_with_an_image_run_from_the_cli() {
         .unwrap();
     assert!(!result.status.success());
 }
+
+/// `peft merge` writes a Hugging Face directory that carries every file of the model but its
+/// weights (tokenizer files, generation settings, a chat template), and refuses to overwrite
+/// the model it merges into.
+#[test]
+fn a_merged_model_keeps_every_tokenizer_and_template_file() {
+    let dir = scratch("merge");
+    let data = small_dataset(&dir);
+    let run = dir.join("run");
+    let mut args = train_args(&data, &run, "lora");
+    args.extend(["--max-steps", "1"].map(String::from));
+    assert_success(&peft().args(&args).output().unwrap());
+    // The built-in model with a chat template beside it.
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260k");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(model.join("chat_template.jinja"), "{{ messages }}").unwrap();
+    let merged = dir.join("merged");
+    let result = peft()
+        .args(["merge", "--model"])
+        .arg(&model)
+        .arg("--adapter")
+        .arg(&run)
+        .arg("--output")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert_success(&result);
+    for file in [
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
+        assert!(
+            merged.join(file).is_file(),
+            "{file} missing from the merged model"
+        );
+    }
+    assert_eq!(
+        std::fs::read(merged.join("chat_template.jinja")).unwrap(),
+        b"{{ messages }}"
+    );
+    // The merged model loads and evaluates.
+    let result = peft()
+        .args(["eval", "--json", "--model"])
+        .arg(&merged)
+        .arg("--data")
+        .arg(run.join("validation.json"))
+        .output()
+        .unwrap();
+    assert_success(&result);
+    // Merging onto the model's own directory is refused before anything is written.
+    let before = std::fs::read(model.join("model.safetensors")).unwrap();
+    let result = peft()
+        .args(["merge", "--model"])
+        .arg(&model)
+        .arg("--adapter")
+        .arg(&run)
+        .arg("--output")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(!result.status.success());
+    assert!(String::from_utf8_lossy(&result.stderr).contains("overwrite"));
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        before
+    );
+}
