@@ -50,7 +50,8 @@ pub struct TrainArgs {
     /// Passes over the data.
     #[arg(long, default_value_t = 5)]
     epochs: usize,
-    /// Stop after this many optimiser steps.
+    /// Stop after this many optimiser steps; the warm-up and the cosine are compressed into
+    /// them in the same proportions.
     #[arg(long)]
     max_steps: Option<usize>,
     /// Examples per micro-batch on each device.
@@ -113,10 +114,31 @@ pub struct TrainArgs {
 struct ProgressBar {
     quiet: bool,
     started: Instant,
+    projected: bool,
+}
+
+/// `1 h 05 min`, `4 min 10 s`, `12 s`.
+fn duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, s) => format!("{s} s"),
+        (0, m, s) => format!("{m} min {s:02} s"),
+        (h, m, _) => format!("{h} h {m:02} min"),
+    }
 }
 
 impl TrainObserver for ProgressBar {
     fn on_step(&mut self, m: &StepMetrics, total: usize) {
+        if m.step == 3.min(total) && !self.projected {
+            // From the first steps (the very first pays for warming caches up).
+            self.projected = true;
+            eprintln!(
+                "{}projected: {} for {total} steps ({:.2} s per step so far)",
+                if self.quiet { "" } else { "\n" },
+                duration(m.elapsed / m.step as f64 * total as f64),
+                m.elapsed / m.step as f64
+            );
+        }
         if self.quiet {
             return;
         }
@@ -367,9 +389,26 @@ fn fit<A: TrainableAdapter<Training>>(
             String::new()
         }
     );
+    let plan = config.plan(train_examples)?;
+    eprintln!(
+        "plan: {} optimiser steps ({} per epoch{}), {} tokens; warm-up {:.1} steps, then cosine \
+         to {}",
+        plan.total_steps,
+        plan.steps_per_epoch,
+        match args.max_steps {
+            Some(m) if m < plan.steps_per_epoch * args.epochs => {
+                format!(", cut to --max-steps {m}, schedule compressed into them")
+            }
+            _ => String::new(),
+        },
+        plan.tokens,
+        plan.warmup_steps,
+        config.min_lr,
+    );
     let mut progress = ProgressBar {
         quiet: args.quiet,
         started: Instant::now(),
+        projected: false,
     };
     let result = train_data_parallel(
         base,

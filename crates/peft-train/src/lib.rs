@@ -61,6 +61,6 @@ pub use optim::{
 pub use parallel::{DataParallel, ReplicaWork, StepTotals};
 pub use schedule::{LrSchedule, LrScheduleConfig};
 pub use trainer::{
-    evaluate, evaluate_base, train, train_data_parallel, Quiet, TrainObserver, TrainSummary,
-    TrainableAdapter, TrainerConfig,
+    evaluate, evaluate_base, train, train_data_parallel, Quiet, TrainObserver, TrainPlan,
+    TrainSummary, TrainableAdapter, TrainerConfig,
 };

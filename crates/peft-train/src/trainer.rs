@@ -17,7 +17,7 @@ use crate::loss::causal_lm_loss;
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::optim::{micro_batch_weights, AccumulationWeighting, AdamWConfig};
 use crate::parallel::{DataParallel, ReplicaWork};
-use crate::schedule::LrScheduleConfig;
+use crate::schedule::{LrSchedule, LrScheduleConfig};
 
 /// Settings of a training run. Defaults are the LLaMA-Adapter paper's Alpaca recipe.
 #[derive(Config, Debug)]
@@ -25,7 +25,8 @@ pub struct TrainerConfig {
     /// Passes over the training data.
     #[config(default = 5)]
     pub epochs: usize,
-    /// Stop after this many optimiser steps (the schedule still spans `epochs`).
+    /// Stop after this many optimiser steps; the schedule (warm-up, cosine) is compressed into
+    /// them (see [`TrainerConfig::plan`]).
     #[config(default = "None")]
     pub max_steps: Option<usize>,
     /// Examples per micro-batch on each device.
@@ -91,6 +92,70 @@ impl TrainerConfig {
     pub fn peak_lr(&self) -> f64 {
         self.lr
             .unwrap_or(self.blr * self.effective_batch() as f64 / 256.0)
+    }
+}
+
+/// What a run will do, known before it starts: [`TrainerConfig::plan`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainPlan {
+    /// Optimiser steps per epoch.
+    pub steps_per_epoch: usize,
+    /// Optimiser steps of the run (`max_steps` when it cuts the epochs short).
+    pub total_steps: usize,
+    /// Steps of linear warm-up within the run.
+    pub warmup_steps: f64,
+    /// The peak learning rate.
+    pub peak_lr: f64,
+    /// Real tokens the run trains on (examples' lengths over the epochs it covers).
+    pub tokens: usize,
+    /// The learning rate of every step, as a function of the step and `steps_per_epoch`.
+    pub schedule: LrSchedule,
+}
+
+impl TrainerConfig {
+    /// The plan of a run on `train`: its steps, warm-up, peak rate and tokens.
+    ///
+    /// The schedule spans the run. When `max_steps` ends it before `epochs` do, the warm-up and
+    /// the cosine are compressed into those steps in the same proportions (as `transformers`'
+    /// `max_steps` does), instead of the run ending inside a warm-up planned for `epochs`.
+    ///
+    /// # Errors
+    /// No examples, a zero batch size or accumulation, an invalid schedule.
+    pub fn plan(&self, train: &[Example]) -> Result<TrainPlan> {
+        if train.is_empty() {
+            return Err(TrainError::input("train", "the training set is empty"));
+        }
+        if self.grad_accum == 0 || self.batch_size == 0 || self.epochs == 0 {
+            return Err(TrainError::config(
+                "batch_size / grad_accum / epochs",
+                "must be positive",
+            ));
+        }
+        let mut batching = self.batching.clone();
+        batching.batch_size = self.batch_size * self.devices.max(1);
+        let micro_batches_per_epoch = batching.init()?.num_batches(train.len());
+        let steps_per_epoch = micro_batches_per_epoch.div_ceil(self.grad_accum).max(1);
+        let scheduled_steps = steps_per_epoch * self.epochs;
+        let total_steps = self
+            .max_steps
+            .map_or(scheduled_steps, |m| m.min(scheduled_steps));
+        let fraction = total_steps as f64 / scheduled_steps as f64;
+        let (epochs, warmup_epochs) =
+            (self.epochs as f64 * fraction, self.warmup_epochs * fraction);
+        let schedule = LrScheduleConfig::new(self.blr, self.effective_batch(), epochs)
+            .with_warmup_epochs(warmup_epochs)
+            .with_min_lr(self.min_lr)
+            .with_lr(self.lr)
+            .init()?;
+        let tokens_per_epoch: usize = train.iter().map(Example::len).sum();
+        Ok(TrainPlan {
+            steps_per_epoch,
+            total_steps,
+            warmup_steps: warmup_epochs * steps_per_epoch as f64,
+            peak_lr: schedule.peak_lr(),
+            tokens: (tokens_per_epoch as f64 * epochs).round() as usize,
+            schedule,
+        })
     }
 }
 
@@ -297,18 +362,10 @@ where
     batching.batch_size = examples_per_micro_batch;
     batching.seed = config.seed;
     let batcher = batching.init()?;
-    let micro_batches_per_epoch = batcher.num_batches(train.len());
-    let steps_per_epoch = micro_batches_per_epoch.div_ceil(config.grad_accum).max(1);
-    let schedule =
-        LrScheduleConfig::new(config.blr, config.effective_batch(), config.epochs as f64)
-            .with_warmup_epochs(config.warmup_epochs)
-            .with_min_lr(config.min_lr)
-            .with_lr(config.lr)
-            .init()?;
-    let scheduled_steps = steps_per_epoch * config.epochs;
-    let total_steps = config
-        .max_steps
-        .map_or(scheduled_steps, |m| m.min(scheduled_steps));
+    let plan_of_run = config.plan(train)?;
+    let steps_per_epoch = plan_of_run.steps_per_epoch;
+    let total_steps = plan_of_run.total_steps;
+    let schedule = plan_of_run.schedule;
     let mut optimizer = config.optimizer.init::<B>()?;
     let output = config.output.as_deref();
     let checkpoints = output.map(|o| CheckpointDir::new(o.join("checkpoints")));
@@ -534,6 +591,39 @@ mod tests {
                 Example::new(ids, labels)
             })
             .collect()
+    }
+
+    #[test]
+    fn max_steps_compresses_the_warm_up_and_the_cosine_into_the_run() {
+        let examples: Vec<Example> = (0..40)
+            .map(|i| Example::new(vec![1, 2, 3 + i], vec![1, 2, 3]))
+            .collect();
+        // 40 examples, batches of 2, no accumulation: 20 steps per epoch, 100 over 5 epochs,
+        // the first 40 of them warm-up.
+        let config = TrainerConfig::new()
+            .with_batch_size(2)
+            .with_grad_accum(1)
+            .with_lr(Some(1e-2));
+        let full = config.plan(&examples).unwrap();
+        assert_eq!((full.steps_per_epoch, full.total_steps), (20, 100));
+        assert!((full.warmup_steps - 40.0).abs() < 1e-9);
+        assert_eq!(full.tokens, 40 * 3 * 5);
+        // Cut to 10 steps: 4 of warm-up, the peak reached, the last step near the end of the
+        // cosine, not 10 steps into a 40-step warm-up.
+        let cut = config
+            .clone()
+            .with_max_steps(Some(10))
+            .plan(&examples)
+            .unwrap();
+        assert_eq!(cut.total_steps, 10);
+        assert!((cut.warmup_steps - 4.0).abs() < 1e-9);
+        let rates: Vec<f64> = (0..10)
+            .map(|s| cut.schedule.at_step(s, cut.steps_per_epoch))
+            .collect();
+        assert_eq!(rates[0], 0.0);
+        assert!((rates[4] - 1e-2).abs() < 1e-12, "{rates:?}");
+        assert!(rates[9] < 0.1e-2, "{rates:?}");
+        assert_eq!(cut.tokens, 10 * 2 * 3);
     }
 
     #[test]
