@@ -347,22 +347,14 @@ where
     A: TrainableAdapter<B>,
 {
     let started = Instant::now();
-    if train.is_empty() {
-        return Err(TrainError::input("train", "the training set is empty"));
-    }
-    if config.grad_accum == 0 || config.batch_size == 0 {
-        return Err(TrainError::config(
-            "batch_size / grad_accum",
-            "must be positive",
-        ));
-    }
+    // Checks the data and the settings (an empty set, a zero batch size or accumulation).
+    let plan_of_run = config.plan(train)?;
     // One micro-batch of the plan is `devices` shards of `batch_size` examples.
     let examples_per_micro_batch = config.batch_size * config.devices;
     let mut batching = config.batching.clone();
     batching.batch_size = examples_per_micro_batch;
     batching.seed = config.seed;
     let batcher = batching.init()?;
-    let plan_of_run = config.plan(train)?;
     let steps_per_epoch = plan_of_run.steps_per_epoch;
     let total_steps = plan_of_run.total_steps;
     let schedule = plan_of_run.schedule;

@@ -192,14 +192,12 @@ impl<B: Backend> MultimodalAdaptionPrompt<B> {
                 found: features.dims().to_vec(),
             });
         }
-        let device = features.device();
-        let mut offset = self.projection.forward(features);
-        if present.iter().any(|&p| !p) {
-            let mask: Vec<f32> = present.iter().map(|&p| if p { 1.0 } else { 0.0 }).collect();
-            let mask =
-                Tensor::<B, 1>::from_floats(mask.as_slice(), &device).reshape([present.len(), 1]);
-            offset = offset * mask;
-        }
+        // Rows without an image get no offset.
+        let conditioning = Features {
+            values: features,
+            present: present.to_vec(),
+        };
+        let offset = conditioning.masked(self.projection.forward(conditioning.values.clone()));
         Ok(self.adaption_prompt.hooks_with_prompt_offset(base, offset))
     }
 }
