@@ -35,10 +35,33 @@ fn inspect_model(dir: &Path) -> AnyResult<()> {
     println!("model        {}", dir.display());
     println!("layout       {layout:?}");
     println!(
-        "architecture LLaMA: {} layers, hidden {}, {} heads ({} key/value heads, head_dim {}), FFN {}, vocab {}",
-        c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-        c.intermediate_size, c.vocab_size
+        "architecture {} ({}): {} layers, hidden {}, {} heads ({} key/value heads, head_dim {}), FFN {}",
+        c.family.architecture(), c.family, c.num_hidden_layers, c.hidden_size, c.num_attention_heads,
+        c.num_key_value_heads, c.head_dim, c.intermediate_size
     );
+    let mut variant = Vec::new();
+    if c.attention_bias {
+        variant.push("q/k/v biases".to_string());
+    }
+    if c.o_proj_bias {
+        variant.push("o_proj bias".to_string());
+    }
+    if c.mlp_bias {
+        variant.push("MLP biases".to_string());
+    }
+    if c.qk_norm {
+        variant.push("q/k RMSNorm per head".to_string());
+    }
+    if let Some(window) = c.sliding_window {
+        variant.push(format!(
+            "sliding window {window} on layers {:?}",
+            c.sliding_window_layers
+        ));
+    }
+    if !variant.is_empty() {
+        println!("variant      {}", variant.join(", "));
+    }
+    println!("vocabulary   {}", c.vocab_size);
     println!(
         "rope         theta {}, scaling {:?}",
         c.rope_theta, c.rope_scaling
@@ -51,10 +74,33 @@ fn inspect_model(dir: &Path) -> AnyResult<()> {
             "separate output head"
         }
     );
+    println!("template     {}", chat_template_presence(dir));
+    let targets: Vec<String> = c
+        .linear_sites()
+        .into_iter()
+        .filter(|site| site.layer == Some(0))
+        .filter_map(|site| site.path.rsplit('.').next().map(str::to_string))
+        .collect();
+    println!("targets      {} (LoRA target_modules)", targets.join(", "));
     println!("parameters   {}", c.num_parameters());
     println!("dtype        {:?}", model.dtype());
     println!("loaded       every tensor matched the configuration (none missing, none unexpected)");
     Ok(())
+}
+
+/// Where the model keeps a chat template, if anywhere.
+fn chat_template_presence(dir: &Path) -> String {
+    if dir.join("chat_template.jinja").is_file() {
+        return "chat template (chat_template.jinja)".into();
+    }
+    let in_config = peft_io::files::read_json(&dir.join("tokenizer_config.json"))
+        .ok()
+        .is_some_and(|config| config.get("chat_template").is_some_and(|t| !t.is_null()));
+    if in_config {
+        "chat template (tokenizer_config.json)".into()
+    } else {
+        "none (use --template alpaca or none)".into()
+    }
 }
 
 fn inspect_adapter(path: &Path) -> AnyResult<()> {

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use burn::config::Config;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{LlamaError, Result};
@@ -21,7 +21,68 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
-/// Architecture of a LLaMA-family decoder (LLaMA-1/2/3).
+/// The member of the LLaMA family a checkpoint belongs to: `config.json`'s `model_type`.
+///
+/// They share the pre-norm decoder with grouped-query attention, RoPE and SwiGLU, and differ in
+/// what [`LlamaConfig`]'s switches say: biases ([`LlamaConfig::attention_bias`]), per-head q/k
+/// norms ([`LlamaConfig::qk_norm`]) and sliding-window layers ([`LlamaConfig::sliding_window`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// LLaMA 1/2/3.x, TinyLlama, SmolLM/SmolLM2 (`LlamaForCausalLM`).
+    #[default]
+    Llama,
+    /// Mistral (`MistralForCausalLM`): LLaMA with an optional sliding attention window.
+    Mistral,
+    /// Qwen2 / Qwen2.5 (`Qwen2ForCausalLM`): biases on the q/k/v projections.
+    Qwen2,
+    /// Qwen3 (`Qwen3ForCausalLM`): an RMSNorm over each query and key head before RoPE.
+    Qwen3,
+}
+
+impl Family {
+    /// Every supported family, by its `model_type`.
+    pub const ALL: [Family; 4] = [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3];
+
+    /// The `model_type` of `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The `transformers` class of the causal LM (`architectures` in `config.json`).
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    /// The family of a `model_type` or an `architectures` entry.
+    pub fn from_name(name: &str) -> Option<Family> {
+        Family::ALL
+            .into_iter()
+            .find(|f| f.model_type() == name || f.architecture() == name)
+    }
+
+    fn supported() -> String {
+        Family::ALL.map(Family::model_type).join(", ")
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.model_type())
+    }
+}
+
+/// Architecture of a LLaMA-family decoder (LLaMA-1/2/3, Mistral, Qwen2, Qwen3: see [`Family`]).
 #[derive(Config, Debug, PartialEq)]
 pub struct LlamaConfig {
     /// Vocabulary size.
@@ -59,12 +120,40 @@ pub struct LlamaConfig {
     /// End-of-sequence token ids (Llama-3 has several).
     #[config(default = "vec![2]")]
     pub eos_token_ids: Vec<u32>,
+    /// The family the checkpoint declares (`model_type`).
+    #[config(default = "Family::Llama")]
+    pub family: Family,
+    /// Biases on the query, key and value projections (Qwen2; `attention_bias` of LLaMA/Qwen3).
+    #[config(default = false)]
+    pub attention_bias: bool,
+    /// A bias on the output projection (`attention_bias` of LLaMA/Qwen3; Qwen2 has none).
+    #[config(default = false)]
+    pub o_proj_bias: bool,
+    /// Biases on the three feed-forward projections (`mlp_bias` of LLaMA).
+    #[config(default = false)]
+    pub mlp_bias: bool,
+    /// RMSNorm over each query and key head before RoPE (Qwen3's `q_norm`/`k_norm`).
+    #[config(default = false)]
+    pub qk_norm: bool,
+    /// Width of the attention window of the sliding-window layers: a query at position `t` sees
+    /// keys `s` with `t - window < s <= t` (Mistral; Qwen2/Qwen3 with `use_sliding_window`).
+    #[config(default = "None")]
+    pub sliding_window: Option<usize>,
+    /// The layers that attend through [`LlamaConfig::sliding_window`] (`layer_types` of
+    /// `config.json`); the others attend to every earlier position.
+    #[config(default = "Vec::new()")]
+    pub sliding_window_layers: Vec<usize>,
 }
 
 /// The fields of a Hugging Face `config.json` this crate reads.
 #[derive(Deserialize)]
 struct HfConfig {
     model_type: Option<String>,
+    architectures: Option<Vec<String>>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
     vocab_size: usize,
     hidden_size: usize,
     intermediate_size: usize,
@@ -177,35 +266,32 @@ impl LlamaConfig {
     /// `origin` names the source in error messages.
     ///
     /// # Errors
-    /// Malformed JSON, a model type other than `llama`, biases, a non-SiLU activation, an
-    /// unknown RoPE scaling type, or inconsistent head counts.
+    /// Malformed JSON, a model type outside [`Family`], a non-SiLU activation, an unknown RoPE
+    /// scaling type or layer type, or inconsistent head counts.
     pub fn from_hf_json(text: &str, origin: &str) -> Result<Self> {
         let hf: HfConfig = serde_json::from_str(text).map_err(|e| LlamaError::Json {
             path: origin.into(),
             message: e.to_string(),
         })?;
-        if let Some(model_type) = &hf.model_type {
-            if model_type != "llama" {
-                return Err(LlamaError::config(
-                    origin,
-                    format!("model_type is `{model_type}`, only `llama` is supported"),
-                ));
-            }
-        }
-        if hf.attention_bias == Some(true) || hf.mlp_bias == Some(true) {
-            return Err(LlamaError::config(
-                origin,
-                "attention/MLP biases are not supported",
-            ));
-        }
+        let family = Self::family_of(&hf, origin)?;
         if let Some(act) = &hf.hidden_act {
             if act != "silu" {
                 return Err(LlamaError::config(
                     origin,
-                    format!("hidden_act `{act}` is not supported (LLaMA uses silu)"),
+                    format!("hidden_act `{act}` is not supported (the LLaMA family uses silu)"),
                 ));
             }
         }
+        let bias = hf.attention_bias == Some(true);
+        // Qwen2 always has q/k/v biases and never an output bias; the others follow
+        // `attention_bias` on all four projections.
+        let (attention_bias, o_proj_bias) = match family {
+            Family::Qwen2 => (true, false),
+            _ => (bias, bias),
+        };
+        let layers = hf.num_hidden_layers;
+        let (sliding_window, sliding_window_layers) =
+            Self::sliding_layers(&hf, family, layers, origin)?;
         // transformers >= 4.5x keeps RoPE settings in `rope_parameters`; older files use
         // top-level `rope_theta` and `rope_scaling`.
         let mut rope_theta = hf.rope_theta;
@@ -249,9 +335,103 @@ impl LlamaConfig {
                 .first()
                 .copied(),
             eos_token_ids: if eos.is_empty() { vec![2] } else { eos },
+            family,
+            attention_bias,
+            o_proj_bias,
+            mlp_bias: hf.mlp_bias == Some(true),
+            qk_norm: family == Family::Qwen3,
+            sliding_window,
+            sliding_window_layers,
         };
         config.validate(origin)?;
         Ok(config)
+    }
+
+    /// The family `config.json` declares by `model_type` (or, without one, by its first
+    /// `architectures` entry); LLaMA when it declares neither.
+    fn family_of(hf: &HfConfig, origin: &str) -> Result<Family> {
+        let declared = hf
+            .model_type
+            .as_deref()
+            .or_else(|| hf.architectures.as_ref()?.first().map(String::as_str));
+        match declared {
+            None => Ok(Family::Llama),
+            Some(name) => Family::from_name(name).ok_or_else(|| {
+                LlamaError::config(
+                    origin,
+                    format!(
+                        "model_type `{name}` is not supported; supported model types: {}",
+                        Family::supported()
+                    ),
+                )
+            }),
+        }
+    }
+
+    /// The attention window and the layers that use it, as `transformers` derives them: every
+    /// layer for Mistral; for Qwen2/Qwen3 with `use_sliding_window`, the `layer_types` list when
+    /// the file has one, otherwise the layers from `max_window_layers` up.
+    fn sliding_layers(
+        hf: &HfConfig,
+        family: Family,
+        layers: usize,
+        origin: &str,
+    ) -> Result<(Option<usize>, Vec<usize>)> {
+        let window = match family {
+            Family::Llama => None,
+            Family::Mistral => hf.sliding_window,
+            Family::Qwen2 | Family::Qwen3 => hf
+                .sliding_window
+                .filter(|_| hf.use_sliding_window == Some(true)),
+        };
+        let Some(window) = window else {
+            return Ok((None, Vec::new()));
+        };
+        if window == 0 {
+            return Err(LlamaError::config(
+                origin,
+                "sliding_window must be positive",
+            ));
+        }
+        let sliding: Vec<usize> = match &hf.layer_types {
+            // `MistralModel` puts every layer behind the window whatever `layer_types` says.
+            _ if family == Family::Mistral => (0..layers).collect(),
+            Some(types) => {
+                if types.len() != layers {
+                    return Err(LlamaError::config(
+                        origin,
+                        format!(
+                            "layer_types lists {} layers, num_hidden_layers is {layers}",
+                            types.len()
+                        ),
+                    ));
+                }
+                let mut sliding = Vec::new();
+                for (layer, kind) in types.iter().enumerate() {
+                    match kind.as_str() {
+                        "sliding_attention" => sliding.push(layer),
+                        "full_attention" => {}
+                        other => {
+                            return Err(LlamaError::config(
+                                origin,
+                                format!(
+                                    "layer_types[{layer}] is `{other}` (supported: \
+                                     full_attention, sliding_attention)"
+                                ),
+                            ))
+                        }
+                    }
+                }
+                sliding
+            }
+            None => (hf.max_window_layers.unwrap_or(0)..layers).collect(),
+        };
+        Ok((Some(window), sliding))
+    }
+
+    /// Whether `layer` attends through the sliding window.
+    pub fn is_sliding(&self, layer: usize) -> bool {
+        self.sliding_window.is_some() && self.sliding_window_layers.contains(&layer)
     }
 
     /// Reads a Hugging Face `config.json`.
@@ -331,6 +511,13 @@ impl LlamaConfig {
             max_position_embeddings: 2048,
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
+            family: Family::Llama,
+            attention_bias: false,
+            o_proj_bias: false,
+            mlp_bias: false,
+            qk_norm: false,
+            sliding_window: None,
+            sliding_window_layers: Vec::new(),
         };
         config.validate(origin)?;
         Ok(config)
@@ -367,6 +554,19 @@ impl LlamaConfig {
                 format!(
                     "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                     self.num_attention_heads, self.num_key_value_heads
+                ),
+            ));
+        }
+        if let Some(&layer) = self
+            .sliding_window_layers
+            .iter()
+            .find(|&&layer| layer >= self.num_hidden_layers)
+        {
+            return Err(LlamaError::config(
+                origin,
+                format!(
+                    "sliding-window layer {layer} does not exist in {} layers",
+                    self.num_hidden_layers
                 ),
             ));
         }
@@ -535,7 +735,22 @@ impl LlamaConfig {
             .checked_mul(q)?
             .checked_add(d.checked_mul(kv)?)?
             .checked_mul(2)?;
-        let mlp = d.checked_mul(self.intermediate_size)?.checked_mul(3)?;
+        let qkv_bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let o_bias = if self.o_proj_bias { d } else { 0 };
+        let mlp_bias = if self.mlp_bias {
+            self.intermediate_size.checked_mul(2)?.checked_add(d)?
+        } else {
+            0
+        };
+        let qk_norms = if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let attention = attention
+            .checked_add(qkv_bias)?
+            .checked_add(o_bias)?
+            .checked_add(qk_norms)?;
+        let mlp = d
+            .checked_mul(self.intermediate_size)?
+            .checked_mul(3)?
+            .checked_add(mlp_bias)?;
         let norms = d.checked_mul(2)?;
         let embed = self.vocab_size.checked_mul(d)?;
         let head = if self.tie_word_embeddings { 0 } else { embed };
@@ -583,6 +798,75 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("gpt2") && err.contains("cfg.json"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_model_type_error_lists_the_supported_ones() {
+        let text = r#"{"model_type":"gemma","vocab_size":10,"hidden_size":8,"intermediate_size":16,
+            "num_hidden_layers":1,"num_attention_heads":2}"#;
+        let err = LlamaConfig::from_hf_json(text, "cfg.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`gemma`") && err.contains("llama, mistral, qwen2, qwen3"),
+            "{err}"
+        );
+        // Without a model_type, the architectures entry decides.
+        let text = r#"{"architectures":["Qwen3ForCausalLM"],"vocab_size":10,"hidden_size":8,
+            "intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2}"#;
+        let config = LlamaConfig::from_hf_json(text, "cfg.json").unwrap();
+        assert!(config.family == Family::Qwen3 && config.qk_norm);
+    }
+
+    #[test]
+    fn sliding_layers_follow_transformers_rules() {
+        let config = |extra: &str| {
+            let text = format!(
+                r#"{{"vocab_size":10,"hidden_size":8,"intermediate_size":16,
+                "num_hidden_layers":4,"num_attention_heads":2,"sliding_window":3,{extra}}}"#
+            );
+            LlamaConfig::from_hf_json(&text, "cfg.json")
+        };
+        let sliding = |c: &LlamaConfig| (0..4).filter(|&l| c.is_sliding(l)).collect::<Vec<_>>();
+        // Qwen2 without use_sliding_window ignores the window (Qwen2.5 files carry one).
+        let off = config(r#""model_type":"qwen2","max_window_layers":1"#).unwrap();
+        assert_eq!((off.sliding_window, sliding(&off)), (None, vec![]));
+        let on = config(r#""model_type":"qwen2","use_sliding_window":true,"max_window_layers":1"#)
+            .unwrap();
+        assert_eq!(sliding(&on), [1, 2, 3]);
+        let listed = config(
+            r#""model_type":"qwen3","use_sliding_window":true,
+            "layer_types":["sliding_attention","full_attention","sliding_attention","full_attention"]"#,
+        )
+        .unwrap();
+        assert_eq!(sliding(&listed), [0, 2]);
+        // Mistral puts every layer behind its window whatever layer_types says.
+        let mistral = config(
+            r#""model_type":"mistral","layer_types":["full_attention","full_attention",
+            "full_attention","full_attention"]"#,
+        )
+        .unwrap();
+        assert_eq!(sliding(&mistral), [0, 1, 2, 3]);
+        let llama = config(r#""model_type":"llama""#).unwrap();
+        assert_eq!(llama.sliding_window, None);
+        let wrong = config(r#""model_type":"qwen2","use_sliding_window":true,"layer_types":["x"]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(wrong.contains("layer_types lists 1 layers"), "{wrong}");
+    }
+
+    #[test]
+    fn biases_and_qk_norms_are_counted_as_parameters() {
+        let plain = LlamaConfig::new(10, 8, 16, 1, 2, 1, 4);
+        let qwen2 = plain.clone().with_attention_bias(true);
+        assert_eq!(qwen2.num_parameters() - plain.num_parameters(), 8 + 2 * 4);
+        let qwen3 = plain.clone().with_qk_norm(true);
+        assert_eq!(qwen3.num_parameters() - plain.num_parameters(), 2 * 4);
+        let biased = plain.clone().with_o_proj_bias(true).with_mlp_bias(true);
+        assert_eq!(
+            biased.num_parameters() - plain.num_parameters(),
+            8 + 2 * 16 + 8
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub mod weights;
 
 pub use adaptable::{PeftLlama, PrefixFromTokens, LAYERS_PATH};
 pub use cache::KvCache;
-pub use config::{Llama3RopeScaling, LlamaConfig};
+pub use config::{Family, Llama3RopeScaling, LlamaConfig};
 pub use error::{LlamaError, Result};
 pub use generate::{generate, Generation, GenerationConfig};
 pub use model::{Attention, DecoderLayer, Llama, Mlp, RmsNorm, TokenBatch};

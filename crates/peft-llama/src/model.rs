@@ -47,6 +47,21 @@ impl<B: Backend> RmsNorm<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         peft_ops::blocks::rms_norm(x, self.weight.val(), self.eps)
     }
+
+    /// Normalises each head of `x` `[batch, heads, seq, head_dim]` over `head_dim` (Qwen3's
+    /// q/k norms).
+    pub fn forward_heads(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [batch, heads, seq, dim] = x.dims();
+        self.forward(x.reshape([batch, heads * seq, dim]))
+            .reshape([batch, heads, seq, dim])
+    }
+}
+
+fn norm_heads<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    match norm {
+        Some(norm) => norm.forward_heads(x),
+        None => x,
+    }
 }
 
 /// Multi-head (or grouped-query) self-attention with rotary embeddings.
@@ -66,6 +81,13 @@ pub struct Attention<B: Backend> {
     pub num_kv_heads: usize,
     /// Width of a head.
     pub head_dim: usize,
+    /// RMSNorm over each query head before RoPE (Qwen3).
+    pub q_norm: Option<RmsNorm<B>>,
+    /// RMSNorm over each key head before RoPE (Qwen3).
+    pub k_norm: Option<RmsNorm<B>>,
+    /// Whether this layer attends through the sliding window (see [`LayerContext::window_bias`]).
+    #[module(skip)]
+    pub sliding: bool,
 }
 
 /// Everything a layer needs besides its input that is the same for all layers of one call.
@@ -78,6 +100,9 @@ pub struct LayerContext<B: Backend> {
     /// mask: `-inf` where attention is not allowed, 0 elsewhere; added to the scaled attention
     /// scores. `None` when nothing is masked.
     pub bias: Option<Tensor<B, 4>>,
+    /// The same for the sliding-window layers, which also mask keys `window` or more positions
+    /// before the query; `None` when the model has no such layer.
+    pub window_bias: Option<Tensor<B, 4>>,
 }
 
 impl<B: Backend> Attention<B> {
@@ -89,9 +114,12 @@ impl<B: Backend> Attention<B> {
     }
 
     /// Projects `x` `[batch, seq, hidden]` to keys and values `[batch, kv_heads, seq, head_dim]`
-    /// without rotary encoding and without hooks (adaption prompts use this).
+    /// without rotary encoding and without hooks (adaption prompts use this). Keys pass through
+    /// the key norm where the layer has one (Qwen3), so that they live where the layer's own
+    /// keys do.
     pub fn project_key_values(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let keys = Self::split_heads(linear_rows(&self.k_proj, x.clone()), self.num_kv_heads);
+        let keys = norm_heads(&self.k_norm, keys);
         let values = Self::split_heads(linear_rows(&self.v_proj, x), self.num_kv_heads);
         (keys, values)
     }
@@ -116,6 +144,8 @@ impl<B: Backend> Attention<B> {
         let queries = Self::split_heads(project(&self.q_proj, sites::Q_PROJ), self.num_heads);
         let keys = Self::split_heads(project(&self.k_proj, sites::K_PROJ), self.num_kv_heads);
         let values = Self::split_heads(project(&self.v_proj, sites::V_PROJ), self.num_kv_heads);
+        let queries = norm_heads(&self.q_norm, queries);
+        let keys = norm_heads(&self.k_norm, keys);
         let queries = apply_rotary(queries, &context.cos, &context.sin);
         let mut keys = apply_rotary(keys, &context.cos, &context.sin);
         let mut values = values;
@@ -135,8 +165,13 @@ impl<B: Backend> Attention<B> {
         let keys = repeat_kv(keys, n_rep);
         let values = repeat_kv(values, n_rep);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let bias = if self.sliding {
+            &context.window_bias
+        } else {
+            &context.bias
+        };
         let mut output =
-            peft_ops::blocks::attention(queries.clone(), keys, values, scale, context.bias.clone());
+            peft_ops::blocks::attention(queries.clone(), keys, values, scale, bias.clone());
         if let Some(branch) = hooks.attention_branch(layer, &queries) {
             output = output + branch;
         }
@@ -292,6 +327,33 @@ impl<B: Backend> Llama<B> {
         let (cos, sin) = self.rope.tables(&positions, batch, seq, &device);
         let dtype = self.dtype();
         let (cos, sin) = (cast_to(cos, dtype), cast_to(sin, dtype));
+        let bias = self.attention_bias(tokens, cache, prefix, None);
+        let window_bias = self
+            .config
+            .sliding_window
+            .filter(|_| !self.config.sliding_window_layers.is_empty())
+            .and_then(|window| self.attention_bias(tokens, cache, prefix, Some(window)));
+        LayerContext {
+            cos,
+            sin,
+            bias,
+            window_bias,
+        }
+    }
+
+    /// The additive attention mask `[rows, 1, seq, prefix + past + seq]` in f32 (see
+    /// [`LayerContext::bias`]), `None` when nothing is masked. With a `window`, a query also
+    /// loses the keys `window` or more positions before it, counted as `transformers` counts
+    /// them: over the whole key sequence, virtual prefix tokens first.
+    fn attention_bias(
+        &self,
+        tokens: &TokenBatch,
+        cache: Option<&KvCache<B>>,
+        prefix: usize,
+        window: Option<usize>,
+    ) -> Option<Tensor<B, 4>> {
+        let (batch, seq) = (tokens.batch, tokens.seq);
+        let past = cache.map_or(0, KvCache::len);
         // Without padding (and no cache, or one row) every row has the same causal mask: one
         // `[1, 1, seq, keys]` bias then serves the whole batch.
         let shared = batch == 1 || (cache.is_none() && tokens.mask.is_none());
@@ -299,18 +361,28 @@ impl<B: Backend> Llama<B> {
         let keys = prefix + past + seq;
         let mut bias = vec![0f32; rows * seq * keys];
         let mut any_masked = false;
+        let too_far = |query: usize, key: usize| window.is_some_and(|w| query - key >= w);
         for row in 0..rows {
             for column in 0..seq {
                 let query = past + column;
-                let start = (row * seq + column) * keys + prefix;
-                let mut visible = prefix > 0;
+                let row_start = (row * seq + column) * keys;
+                let start = row_start + prefix;
+                let mut visible = false;
+                for virtual_key in 0..prefix {
+                    if too_far(prefix + query, virtual_key) {
+                        bias[row_start + virtual_key] = mask_value();
+                        any_masked = true;
+                    } else {
+                        visible = true;
+                    }
+                }
                 for key in 0..past + seq {
                     let real = if key < past {
                         cache.is_some_and(|c| c.is_real(row, key))
                     } else {
                         tokens.is_real(row, key - past)
                     };
-                    if key > query || !real {
+                    if key > query || !real || too_far(query, key) {
                         bias[start + key] = mask_value();
                         any_masked = true;
                     } else {
@@ -324,13 +396,15 @@ impl<B: Backend> Llama<B> {
                 }
             }
         }
-        let bias = any_masked.then(|| {
+        any_masked.then(|| {
             cast_to(
-                Tensor::<B, 4>::from_data(TensorData::new(bias, [rows, 1, seq, keys]), &device),
+                Tensor::<B, 4>::from_data(
+                    TensorData::new(bias, [rows, 1, seq, keys]),
+                    &self.device(),
+                ),
                 DType::F32,
             )
-        });
-        LayerContext { cos, sin, bias }
+        })
     }
 
     /// Embeds `tokens` → `[batch, seq, hidden]`.
@@ -455,46 +529,54 @@ impl LlamaConfig {
             Param::from_tensor(cast_to(tensor, dtype)).set_require_grad(false)
         };
         // `[out, in]` in memory, used transposed, as loaded checkpoints are (see `weights.rs`).
-        let linear = |input: usize, output: usize| {
+        let linear = |input: usize, output: usize, bias: bool| {
             let tensor =
                 Tensor::<B, 2>::random([output, input], Distribution::Normal(0.0, 0.02), device);
+            let bias = bias.then(|| {
+                let zeros = Tensor::<B, 1>::zeros([output], device);
+                Param::from_tensor(cast_to(zeros, dtype)).set_require_grad(false)
+            });
             Linear {
                 weight: Param::from_tensor(cast_to(tensor, dtype).transpose())
                     .set_require_grad(false),
-                bias: None,
+                bias,
             }
         };
-        let norm = || RmsNorm {
-            weight: Param::from_tensor(cast_to(Tensor::ones([self.hidden_size], device), dtype))
+        let norm = |width: usize| RmsNorm {
+            weight: Param::from_tensor(cast_to(Tensor::ones([width], device), dtype))
                 .set_require_grad(false),
             eps: self.rms_norm_eps,
         };
         let (d, f) = (self.hidden_size, self.intermediate_size);
+        let (qkv_bias, mlp_bias) = (self.attention_bias, self.mlp_bias);
         let layers = (0..self.num_hidden_layers)
-            .map(|_| DecoderLayer {
+            .map(|layer| DecoderLayer {
                 self_attn: Attention {
-                    q_proj: linear(d, self.query_width()),
-                    k_proj: linear(d, self.kv_width()),
-                    v_proj: linear(d, self.kv_width()),
-                    o_proj: linear(self.query_width(), d),
+                    q_proj: linear(d, self.query_width(), qkv_bias),
+                    k_proj: linear(d, self.kv_width(), qkv_bias),
+                    v_proj: linear(d, self.kv_width(), qkv_bias),
+                    o_proj: linear(self.query_width(), d, self.o_proj_bias),
                     num_heads: self.num_attention_heads,
                     num_kv_heads: self.num_key_value_heads,
                     head_dim: self.head_dim,
+                    q_norm: self.qk_norm.then(|| norm(self.head_dim)),
+                    k_norm: self.qk_norm.then(|| norm(self.head_dim)),
+                    sliding: self.is_sliding(layer),
                 },
                 mlp: Mlp {
-                    gate_proj: linear(d, f),
-                    up_proj: linear(d, f),
-                    down_proj: linear(f, d),
+                    gate_proj: linear(d, f, mlp_bias),
+                    up_proj: linear(d, f, mlp_bias),
+                    down_proj: linear(f, d, mlp_bias),
                 },
-                input_layernorm: norm(),
-                post_attention_layernorm: norm(),
+                input_layernorm: norm(d),
+                post_attention_layernorm: norm(d),
             })
             .collect();
         Llama {
             embed_tokens: weight([self.vocab_size, d]),
             layers,
-            norm: norm(),
-            lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size)),
+            norm: norm(d),
+            lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size, false)),
             config: self.clone(),
             rope: RotaryEmbedding::new(self),
             name_or_path: None,

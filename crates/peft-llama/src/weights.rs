@@ -135,8 +135,7 @@ impl<B: Backend> Builder<'_, B> {
         }
     }
 
-    fn norm(&mut self, hf: &str) -> Result<RmsNorm<B>> {
-        let width = self.config.hidden_size;
+    fn norm(&mut self, hf: &str, width: usize) -> Result<RmsNorm<B>> {
         let values = self.tensors.take_f32(&key_for(self.layout, hf), &[width])?;
         Ok(RmsNorm {
             weight: self.param(values, [width]),
@@ -154,17 +153,25 @@ impl<B: Backend> Builder<'_, B> {
         out: usize,
         inp: usize,
         rotary_heads: Option<usize>,
+        bias: bool,
     ) -> Result<Linear<B>> {
+        let weight_key = format!("{hf}.weight");
         let mut values = self
             .tensors
-            .take_f32(&key_for(self.layout, hf), &[out, inp])?;
+            .take_f32(&key_for(self.layout, &weight_key), &[out, inp])?;
         if let (CheckpointLayout::Meta, Some(heads)) = (self.layout, rotary_heads) {
             values = meta_to_hf_rows(&values, heads, self.config.head_dim, inp);
         }
         let weight = self.tensor(values, [out, inp]).transpose();
+        let bias = if bias {
+            let values = self.tensors.take_f32(&format!("{hf}.bias"), &[out])?;
+            Some(self.param(values, [out]))
+        } else {
+            None
+        };
         Ok(Linear {
             weight: Param::from_tensor(weight).set_require_grad(false),
-            bias: None,
+            bias,
         })
     }
 
@@ -177,45 +184,63 @@ impl<B: Backend> Builder<'_, B> {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = |name: &str| format!("model.layers.{i}.{name}");
+            let (qkv_bias, mlp_bias) = (c.attention_bias, c.mlp_bias);
+            let head_norm = |builder: &mut Self, name: &str| {
+                c.qk_norm
+                    .then(|| builder.norm(&p(name), c.head_dim))
+                    .transpose()
+            };
             let self_attn = Attention {
                 q_proj: self.linear(
-                    &p("self_attn.q_proj.weight"),
+                    &p("self_attn.q_proj"),
                     c.query_width(),
                     d,
                     Some(c.num_attention_heads),
+                    qkv_bias,
                 )?,
                 k_proj: self.linear(
-                    &p("self_attn.k_proj.weight"),
+                    &p("self_attn.k_proj"),
                     c.kv_width(),
                     d,
                     Some(c.num_key_value_heads),
+                    qkv_bias,
                 )?,
-                v_proj: self.linear(&p("self_attn.v_proj.weight"), c.kv_width(), d, None)?,
-                o_proj: self.linear(&p("self_attn.o_proj.weight"), d, c.query_width(), None)?,
+                v_proj: self.linear(&p("self_attn.v_proj"), c.kv_width(), d, None, qkv_bias)?,
+                o_proj: self.linear(
+                    &p("self_attn.o_proj"),
+                    d,
+                    c.query_width(),
+                    None,
+                    c.o_proj_bias,
+                )?,
                 num_heads: c.num_attention_heads,
                 num_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
+                q_norm: head_norm(&mut self, "self_attn.q_norm.weight")?,
+                k_norm: head_norm(&mut self, "self_attn.k_norm.weight")?,
+                sliding: c.is_sliding(i),
             };
+            let f = c.intermediate_size;
             let mlp = Mlp {
-                gate_proj: self.linear(&p("mlp.gate_proj.weight"), c.intermediate_size, d, None)?,
-                up_proj: self.linear(&p("mlp.up_proj.weight"), c.intermediate_size, d, None)?,
-                down_proj: self.linear(&p("mlp.down_proj.weight"), d, c.intermediate_size, None)?,
+                gate_proj: self.linear(&p("mlp.gate_proj"), f, d, None, mlp_bias)?,
+                up_proj: self.linear(&p("mlp.up_proj"), f, d, None, mlp_bias)?,
+                down_proj: self.linear(&p("mlp.down_proj"), d, f, None, mlp_bias)?,
             };
             layers.push(DecoderLayer {
                 self_attn,
                 mlp,
-                input_layernorm: self.norm(&p("input_layernorm.weight"))?,
-                post_attention_layernorm: self.norm(&p("post_attention_layernorm.weight"))?,
+                input_layernorm: self.norm(&p("input_layernorm.weight"), d)?,
+                post_attention_layernorm: self.norm(&p("post_attention_layernorm.weight"), d)?,
             });
         }
-        let norm = self.norm("model.norm.weight")?;
+        let norm = self.norm("model.norm.weight", d)?;
         let head_key = key_for(self.layout, "lm_head.weight");
         let lm_head = if c.tie_word_embeddings {
             // Some exporters write the tied head anyway; it duplicates the embeddings.
             self.tensors.discard(&head_key);
             None
         } else {
-            Some(self.linear("lm_head.weight", v, d, None)?)
+            Some(self.linear("lm_head", v, d, None, false)?)
         };
         Ok(Llama {
             embed_tokens,
@@ -378,14 +403,19 @@ pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<(String, Vec<usize>, Vec<
             .into_vec::<f32>()
             .expect("float tensor data converts to f32")
     }
-    let linear = |name: String, linear: &Linear<B>| {
-        let [inp, out] = linear.weight.dims();
-        (
-            name,
-            vec![out, inp],
-            transpose(&host(linear.weight.val()), inp, out),
-        )
-    };
+    // A linear's weight, then its bias if it has one.
+    let linear =
+        |out: &mut Vec<(String, Vec<usize>, Vec<f32>)>, name: String, linear: &Linear<B>| {
+            let [inp, width] = linear.weight.dims();
+            out.push((
+                format!("{name}.weight"),
+                vec![width, inp],
+                transpose(&host(linear.weight.val()), inp, width),
+            ));
+            if let Some(bias) = &linear.bias {
+                out.push((format!("{name}.bias"), vec![width], host(bias.val())));
+            }
+        };
     let norm = |name: String, norm: &RmsNorm<B>| {
         let width = norm.weight.dims()[0];
         (name, vec![width], host(norm.weight.val()))
@@ -398,25 +428,20 @@ pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<(String, Vec<usize>, Vec<
     )];
     for (i, layer) in model.layers.iter().enumerate() {
         let p = |name: &str| format!("model.layers.{i}.{name}");
-        out.push(linear(
-            p("self_attn.q_proj.weight"),
-            &layer.self_attn.q_proj,
-        ));
-        out.push(linear(
-            p("self_attn.k_proj.weight"),
-            &layer.self_attn.k_proj,
-        ));
-        out.push(linear(
-            p("self_attn.v_proj.weight"),
-            &layer.self_attn.v_proj,
-        ));
-        out.push(linear(
-            p("self_attn.o_proj.weight"),
-            &layer.self_attn.o_proj,
-        ));
-        out.push(linear(p("mlp.gate_proj.weight"), &layer.mlp.gate_proj));
-        out.push(linear(p("mlp.up_proj.weight"), &layer.mlp.up_proj));
-        out.push(linear(p("mlp.down_proj.weight"), &layer.mlp.down_proj));
+        let attention = &layer.self_attn;
+        linear(&mut out, p("self_attn.q_proj"), &attention.q_proj);
+        linear(&mut out, p("self_attn.k_proj"), &attention.k_proj);
+        linear(&mut out, p("self_attn.v_proj"), &attention.v_proj);
+        linear(&mut out, p("self_attn.o_proj"), &attention.o_proj);
+        if let Some(q_norm) = &attention.q_norm {
+            out.push(norm(p("self_attn.q_norm.weight"), q_norm));
+        }
+        if let Some(k_norm) = &attention.k_norm {
+            out.push(norm(p("self_attn.k_norm.weight"), k_norm));
+        }
+        linear(&mut out, p("mlp.gate_proj"), &layer.mlp.gate_proj);
+        linear(&mut out, p("mlp.up_proj"), &layer.mlp.up_proj);
+        linear(&mut out, p("mlp.down_proj"), &layer.mlp.down_proj);
         out.push(norm(p("input_layernorm.weight"), &layer.input_layernorm));
         out.push(norm(
             p("post_attention_layernorm.weight"),
@@ -425,7 +450,7 @@ pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<(String, Vec<usize>, Vec<
     }
     out.push(norm("model.norm.weight".into(), &model.norm));
     if let Some(head) = &model.lm_head {
-        out.push(linear("lm_head.weight".into(), head));
+        linear(&mut out, "lm_head".into(), head);
     }
     out
 }

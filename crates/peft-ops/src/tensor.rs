@@ -12,10 +12,10 @@ use burn::tensor::{backend::Backend, DType, Tensor};
 pub fn linear_rows<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [batch, seq, width] = x.dims();
     let rows = x.reshape([batch * seq, width]);
-    let output = match &linear.bias {
-        None => matmul(rows, linear.weight.val()),
-        Some(_) => linear.forward(rows),
-    };
+    let mut output = matmul(rows, linear.weight.val());
+    if let Some(bias) = &linear.bias {
+        output = output + bias.val().unsqueeze_dim(0);
+    }
     let [_, out] = output.dims();
     output.reshape([batch, seq, out])
 }

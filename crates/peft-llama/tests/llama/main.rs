@@ -8,5 +8,6 @@ mod adapters_adapter_files;
 mod adapters_hostile_inputs;
 mod adapters_parity;
 mod adapters_properties;
+mod families;
 mod hostile_inputs;
 mod parity;
