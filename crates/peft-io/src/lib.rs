@@ -20,6 +20,7 @@
 
 pub mod error;
 pub mod files;
+pub mod gguf;
 pub mod pickle_check;
 pub mod scratch;
 pub mod tensor_map;

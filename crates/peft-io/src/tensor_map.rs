@@ -127,6 +127,37 @@ impl TensorMap {
         Ok(())
     }
 
+    /// Adds a tensor of a GGUF file under `name` (the loader's name for it, e.g. a Hugging Face
+    /// key), in the GGUF tensor's shape; its data is read and dequantised to f32 only when taken.
+    ///
+    /// # Errors
+    /// A name already present.
+    pub fn add_gguf(
+        &mut self,
+        name: String,
+        file: &std::rc::Rc<crate::gguf::GgufFile>,
+        tensor: &crate::gguf::GgufTensor,
+    ) -> Result<()> {
+        let shape = tensor.shape.clone();
+        let (reader, source) = (file.clone(), tensor.clone());
+        let data = std::rc::Rc::new(move || {
+            let values = reader
+                .read_f32(&source)
+                .map_err(|e| burn_store::TensorSnapshotError::IoError(e.to_string()))?;
+            Ok(burn::tensor::TensorData::new(values, source.shape.clone()))
+        });
+        let snapshot = TensorSnapshot::from_closure(
+            data,
+            DType::F32,
+            shape.into(),
+            vec![name.clone()],
+            vec![],
+            burn::module::ParamId::new(),
+        );
+        let path = file.path().to_path_buf();
+        self.insert(name, snapshot, &path)
+    }
+
     fn insert(&mut self, name: String, snapshot: TensorSnapshot, path: &Path) -> Result<()> {
         if let Some((_, first)) = self.tensors.get(&name) {
             return Err(CheckpointError::WeightFile {
