@@ -921,7 +921,7 @@ mod tests {
             out.extend(self.n_kv.to_le_bytes());
             out.extend(&self.kv);
             out.extend(&self.infos);
-            while out.len() % 32 != 0 {
+            while !out.len().is_multiple_of(32) {
                 out.push(0);
             }
             out.extend(&self.data);
