@@ -1,4 +1,5 @@
-//! The model's tokenizer (`tokenizer.json`) through the `tokenizers` crate.
+//! The model's tokenizer (`tokenizer.json`, or a GGUF file's metadata) through the `tokenizers`
+//! crate.
 
 use std::path::Path;
 
@@ -56,6 +57,42 @@ impl LlamaTokenizer {
         Ok(Self {
             bos: inner.token_to_id(&bos),
             eos: inner.token_to_id(&eos),
+            inner,
+        })
+    }
+
+    /// The tokenizer of a model directory (`tokenizer.json`) or of a GGUF file (built from its
+    /// `tokenizer.ggml.*` metadata, see [`crate::gguf::tokenizer_json`]).
+    ///
+    /// # Errors
+    /// See [`LlamaTokenizer::from_dir`] and [`LlamaTokenizer::from_gguf`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if crate::weights::is_gguf(path) {
+            Self::from_gguf(&peft_io::gguf::GgufFile::open(path)?)
+        } else {
+            Self::from_dir(path)
+        }
+    }
+
+    /// The tokenizer a GGUF file describes; BOS/EOS from `tokenizer.ggml.bos_token_id` and
+    /// `eos_token_id`.
+    ///
+    /// # Errors
+    /// Missing, malformed or unsupported tokenizer metadata.
+    pub fn from_gguf(file: &peft_io::gguf::GgufFile) -> Result<Self> {
+        let json = crate::gguf::tokenizer_json(file)?;
+        let inner: Tokenizer = json.to_string().parse().map_err(|e| {
+            LlamaError::Tokenizer(format!("{}: GGUF tokenizer: {e}", file.path().display()))
+        })?;
+        let id = |key: &str| {
+            file.get(key)
+                .and_then(peft_io::gguf::GgufValue::as_u64)
+                .and_then(|id| u32::try_from(id).ok())
+        };
+        Ok(Self {
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos: id("tokenizer.ggml.eos_token_id"),
             inner,
         })
     }

@@ -73,6 +73,14 @@ pub enum CheckpointLayout {
     HuggingFace,
     /// Meta's original names and interleaved query/key rows.
     Meta,
+    /// A llama.cpp GGUF file: its own names, query/key rows permuted as Meta's, any block type.
+    Gguf,
+}
+
+/// Whether `path` names a GGUF file (by its `.gguf` extension).
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 /// Loads a [`Llama`] from a checkpoint directory.
@@ -83,8 +91,10 @@ pub struct LlamaLoader {
 }
 
 fn key_for(layout: CheckpointLayout, hf: &str) -> String {
-    if layout == CheckpointLayout::HuggingFace {
-        return hf.to_string();
+    match layout {
+        CheckpointLayout::HuggingFace => return hf.to_string(),
+        CheckpointLayout::Gguf => return crate::gguf::gguf_name(hf),
+        CheckpointLayout::Meta => {}
     }
     // model.layers.{i}.{part} → layers.{i}.{meta part}
     if let Some(rest) = hf.strip_prefix("model.layers.") {
@@ -159,12 +169,15 @@ impl<B: Backend> Builder<'_, B> {
         let mut values = self
             .tensors
             .take_f32(&key_for(self.layout, &weight_key), &[out, inp])?;
-        if let (CheckpointLayout::Meta, Some(heads)) = (self.layout, rotary_heads) {
+        if let (CheckpointLayout::Meta | CheckpointLayout::Gguf, Some(heads)) =
+            (self.layout, rotary_heads)
+        {
             values = meta_to_hf_rows(&values, heads, self.config.head_dim, inp);
         }
         let weight = self.tensor(values, [out, inp]).transpose();
         let bias = if bias {
-            let values = self.tensors.take_f32(&format!("{hf}.bias"), &[out])?;
+            let bias_key = key_for(self.layout, &format!("{hf}.bias"));
+            let values = self.tensors.take_f32(&bias_key, &[out])?;
             Some(self.param(values, [out]))
         } else {
             None
@@ -255,7 +268,8 @@ impl<B: Backend> Builder<'_, B> {
 }
 
 impl LlamaLoader {
-    /// A loader for the checkpoint directory `dir` (Hugging Face or Meta layout).
+    /// A loader for the checkpoint directory `dir` (Hugging Face or Meta layout), or for a GGUF
+    /// file (a path ending in `.gguf`).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
@@ -274,7 +288,9 @@ impl LlamaLoader {
     /// # Errors
     /// Neither `config.json` with safetensors nor `params.json` with `consolidated.00.pth`.
     pub fn layout(&self) -> Result<CheckpointLayout> {
-        if self.dir.join("config.json").is_file() {
+        if is_gguf(&self.dir) {
+            Ok(CheckpointLayout::Gguf)
+        } else if self.dir.join("config.json").is_file() {
             Ok(CheckpointLayout::HuggingFace)
         } else if self.dir.join("params.json").is_file() {
             Ok(CheckpointLayout::Meta)
@@ -298,6 +314,14 @@ impl LlamaLoader {
         let layout = self.layout()?;
         let mut tensors = TensorMap::new(self.dir.display().to_string());
         match layout {
+            CheckpointLayout::Gguf => {
+                let file = std::rc::Rc::new(peft_io::gguf::GgufFile::open(&self.dir)?);
+                let config = LlamaConfig::from_gguf(&file)?;
+                for tensor in &file.tensors {
+                    tensors.add_gguf(tensor.name.clone(), &file, tensor)?;
+                }
+                Ok((config, tensors, layout))
+            }
             CheckpointLayout::HuggingFace => {
                 let config = LlamaConfig::from_hf_file(self.dir.join("config.json"))?;
                 let index = self.dir.join("model.safetensors.index.json");

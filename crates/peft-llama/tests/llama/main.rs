@@ -9,5 +9,6 @@ mod adapters_hostile_inputs;
 mod adapters_parity;
 mod adapters_properties;
 mod families;
+mod gguf;
 mod hostile_inputs;
 mod parity;
