@@ -34,7 +34,7 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> AnyResult<()> {
     let model = args.model.load()?;
     let adapter = args.adapter.load(&model)?;
-    let tokenizer = LlamaTokenizer::from_dir(args.model.dir())?;
+    let tokenizer = LlamaTokenizer::load(args.model.dir())?;
     let (examples, _) = load_examples(
         &args.data,
         &tokenizer,

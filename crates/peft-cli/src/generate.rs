@@ -66,7 +66,7 @@ pub fn run(args: GenerateArgs) -> AnyResult<()> {
         Some(_) => None,
         None => args.adapter.load(&model)?,
     };
-    let tokenizer = LlamaTokenizer::from_dir(&dir)?;
+    let tokenizer = LlamaTokenizer::load(&dir)?;
     let texts: Vec<String> = match args.template {
         Template::None => args.prompt.clone(),
         Template::Alpaca => args

@@ -20,7 +20,8 @@ pub struct InspectArgs {
 /// Runs `peft inspect`.
 pub fn run(args: InspectArgs) -> AnyResult<()> {
     let path = args.path.unwrap_or_else(default_model_dir);
-    if path.join("config.json").is_file() || path.join("params.json").is_file() {
+    let gguf = peft_llama::weights::is_gguf(&path);
+    if gguf || path.join("config.json").is_file() || path.join("params.json").is_file() {
         inspect_model(&path)
     } else {
         inspect_adapter(&path)
@@ -84,12 +85,32 @@ fn inspect_model(dir: &Path) -> AnyResult<()> {
     println!("targets      {} (LoRA target_modules)", targets.join(", "));
     println!("parameters   {}", c.num_parameters());
     println!("dtype        {:?}", model.dtype());
+    if peft_llama::weights::is_gguf(dir) {
+        let file = peft_io::gguf::GgufFile::open(dir)?;
+        let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+        for tensor in &file.tensors {
+            *kinds.entry(format!("{:?}", tensor.kind)).or_default() += 1;
+        }
+        let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        println!(
+            "gguf         version {}, tensors {} (dequantised to the compute dtype on load)",
+            file.version,
+            kinds.join(", ")
+        );
+    }
     println!("loaded       every tensor matched the configuration (none missing, none unexpected)");
     Ok(())
 }
 
 /// Where the model keeps a chat template, if anywhere.
 fn chat_template_presence(dir: &Path) -> String {
+    if peft_llama::weights::is_gguf(dir) {
+        let file = peft_io::gguf::GgufFile::open(dir).ok();
+        return match file.as_ref().and_then(peft_llama::gguf::chat_template) {
+            Some(_) => "chat template (GGUF tokenizer.chat_template)".into(),
+            None => "none (use --template alpaca or none)".into(),
+        };
+    }
     if dir.join("chat_template.jinja").is_file() {
         return "chat template (chat_template.jinja)".into();
     }

@@ -18,7 +18,8 @@ pub fn default_model_dir() -> PathBuf {
 /// `--model` and `--dtype`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model directory (Hugging Face or Meta layout); defaults to the built-in stories260k.
+    /// Model directory (Hugging Face or Meta layout) or a GGUF file (llama.cpp, Ollama);
+    /// defaults to the built-in stories260k.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Dtype of the frozen weights: f32, f16 or bf16.
@@ -27,7 +28,7 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The model directory.
+    /// The model directory or GGUF file.
     pub fn dir(&self) -> PathBuf {
         self.model.clone().unwrap_or_else(default_model_dir)
     }

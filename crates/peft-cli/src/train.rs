@@ -274,7 +274,7 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         .iter()
         .map(|d| loader.load::<Training>(d))
         .collect::<Result<Vec<_>, _>>()?;
-    let tokenizer = LlamaTokenizer::from_dir(&model_dir)?;
+    let tokenizer = LlamaTokenizer::load(&model_dir)?;
     if let Some(vision_dir) = &args.vision_model {
         let (adapter, prepared) = crate::visual::prepare(crate::visual::VisualData {
             model_dir: &model_dir,
