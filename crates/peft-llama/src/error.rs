@@ -82,6 +82,14 @@ pub enum LlamaError {
     /// Input to a forward pass or generation is unusable.
     #[error("invalid input: {0}")]
     Input(String),
+    /// A chat template that does not parse or fails while rendering.
+    #[error("chat template ({origin}): {message}")]
+    Template {
+        /// Where the template came from.
+        origin: String,
+        /// What the template engine said.
+        message: String,
+    },
 }
 
 impl From<peft_io::CheckpointError> for LlamaError {

@@ -13,6 +13,7 @@
 
 pub mod adaptable;
 pub mod cache;
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -25,6 +26,7 @@ pub mod weights;
 
 pub use adaptable::{PeftLlama, PrefixFromTokens, LAYERS_PATH};
 pub use cache::KvCache;
+pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Family, Llama3RopeScaling, LlamaConfig};
 pub use error::{LlamaError, Result};
 pub use generate::{generate, Generation, GenerationConfig};

@@ -107,6 +107,11 @@ impl LlamaTokenizer {
         self.eos
     }
 
+    /// The token string of `id`, if the vocabulary has it.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// Vocabulary size, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -8,6 +8,7 @@ mod adapters_adapter_files;
 mod adapters_hostile_inputs;
 mod adapters_parity;
 mod adapters_properties;
+mod chat_templates;
 mod families;
 mod gguf;
 mod hostile_inputs;
