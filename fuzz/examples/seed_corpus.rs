@@ -9,7 +9,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use peft_core::native_format::{save_native, CONFIG_FILE as NATIVE_CONFIG};
-use peft_core::torch_pickle::state_dict_bytes;
+use peft_io::torch_pickle::state_dict_bytes;
 use peft_core::NamedTensor;
 use peft_fuzz::{config_cases, fixtures, model, native_adapters};
 
@@ -38,6 +38,11 @@ fn pickle_of(path: &Path) -> Vec<u8> {
 }
 
 fn main() {
+    // GGUF headers: the block-type fixture whole, the models' first 64 KiB (header and metadata).
+    for name in ["blocks", "stories-spm", "tiny-bpe"] {
+        let bytes = std::fs::read(fixtures().join("gguf").join(format!("{name}.gguf"))).unwrap();
+        write("gguf_header", name, &bytes[..bytes.len().min(1 << 16)]);
+    }
     // Configurations: the selector byte is the index of the case in `config_cases()`.
     let cases = config_cases();
     for (index, case) in ["lora", "lora_all", "prefix", "adaption_prompt"]

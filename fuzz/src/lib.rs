@@ -13,13 +13,14 @@ use burn::backend::NdArray;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
-use peft_core::native_format::{load_native, save_native, CONFIG_FILE as NATIVE_CONFIG};
-use peft_core::peft_format::{load_peft, CONFIG_FILE as PEFT_CONFIG, WEIGHTS_FILE as PEFT_WEIGHTS};
+use peft_core::native_format::CONFIG_FILE as NATIVE_CONFIG;
+use peft_core::peft_format::{CONFIG_FILE as PEFT_CONFIG, WEIGHTS_FILE as PEFT_WEIGHTS};
 use peft_core::{
-    AdaptionPromptConfig, AnyAdapter, GateActivation, GateShape, LoraConfig, PrefixTuningConfig,
+    load_native, load_peft, save_native, AdaptionPromptConfig, AnyAdapter, GateActivation,
+    GateShape, LoraConfig, PrefixTuningConfig, TargetModules,
 };
 use peft_llama::weights::TensorMap;
-use peft_llama::{LlamaConfig, Projection};
+use peft_llama::{Llama, LlamaConfig, LlamaLoader};
 
 type B = NdArray<f32>;
 
@@ -38,13 +39,16 @@ pub fn scratch() -> &'static Path {
     })
 }
 
-/// The configuration of `fixtures/tiny-mha/model`.
-pub fn model() -> &'static LlamaConfig {
-    static MODEL: OnceLock<LlamaConfig> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        LlamaConfig::from_hf_file(fixtures().join("tiny-mha/model/config.json"))
-            .expect("fixture model")
-    })
+/// The model of `fixtures/tiny-mha/model`, loaded once per thread.
+pub fn model() -> &'static Llama<B> {
+    thread_local! {
+        static MODEL: &'static Llama<B> = Box::leak(Box::new(
+            LlamaLoader::new(fixtures().join("tiny-mha/model"))
+                .load::<B>(&Default::default())
+                .expect("fixture model"),
+        ));
+    }
+    MODEL.with(|model| *model)
 }
 
 struct Randomise;
@@ -103,7 +107,7 @@ pub fn native_adapters() -> Vec<(&'static str, AnyAdapter<B>)> {
             "lora",
             LoraConfig::new()
                 .with_r(2)
-                .with_target_modules(vec![Projection::Query, Projection::Down])
+                .with_target_modules(TargetModules::parse(&["q_proj", "down_proj"]).unwrap())
                 .init::<B>(model, &device)
                 .unwrap()
                 .map(&mut Randomise)

@@ -6,6 +6,7 @@ use peft_llama::LlamaTokenizer;
 use peft_train::{evaluate, BatchingConfig};
 
 use crate::model_args::{AdapterArgs, ModelArgs};
+use crate::template::{instruction_format, Template};
 use crate::train::load_examples;
 use crate::AnyResult;
 
@@ -22,6 +23,13 @@ pub struct EvalArgs {
     /// Longest example in tokens.
     #[arg(long, default_value_t = 512)]
     max_seq_len: usize,
+    /// How records become examples: alpaca, or the model's chat template (`chat`), as in
+    /// `peft train`.
+    #[arg(long, value_enum, default_value_t = Template::Alpaca)]
+    template: Template,
+    /// The system turn with `--template chat`.
+    #[arg(long)]
+    system: Option<String>,
     /// Examples per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -35,9 +43,16 @@ pub fn run(args: EvalArgs) -> AnyResult<()> {
     let model = args.model.load()?;
     let adapter = args.adapter.load(&model)?;
     let tokenizer = LlamaTokenizer::load(args.model.dir())?;
+    let format = instruction_format(
+        args.template,
+        args.system.as_deref(),
+        &args.model.dir(),
+        &tokenizer,
+    )?;
     let (examples, _) = load_examples(
         &args.data,
         &tokenizer,
+        &format,
         model.config.vocab_size,
         args.max_seq_len,
         0,

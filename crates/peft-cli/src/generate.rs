@@ -4,16 +4,8 @@ use peft_core::Adapter as _;
 use peft_llama::{generate, GenerationConfig, LlamaTokenizer, NoHooks};
 
 use crate::model_args::{AdapterArgs, ModelArgs};
+use crate::template::{PromptBuilder, Template};
 use crate::AnyResult;
-
-/// `--template`.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-enum Template {
-    /// The prompt as given.
-    None,
-    /// The Alpaca instruction template (`--input` for its input field).
-    Alpaca,
-}
 
 /// Continue a prompt.
 #[derive(clap::Args, Debug)]
@@ -25,12 +17,16 @@ pub struct GenerateArgs {
     /// Prompt text; repeat the flag to generate for several prompts in one batch.
     #[arg(long, required = true)]
     prompt: Vec<String>,
-    /// Optional input for the Alpaca template (used with `--template alpaca`).
+    /// Optional input of the instruction (after it in the Alpaca template; after a blank line
+    /// in the user's turn of the chat template).
     #[arg(long)]
     input: Option<String>,
-    /// Wrap each prompt in a template.
+    /// Wrap each prompt in a template: none, alpaca, or the model's chat template (`chat`).
     #[arg(long, value_enum, default_value_t = Template::None)]
     template: Template,
+    /// The system turn of the chat template (without it, the template's own default).
+    #[arg(long)]
+    system: Option<String>,
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -67,18 +63,15 @@ pub fn run(args: GenerateArgs) -> AnyResult<()> {
         None => args.adapter.load(&model)?,
     };
     let tokenizer = LlamaTokenizer::load(&dir)?;
-    let texts: Vec<String> = match args.template {
-        Template::None => args.prompt.clone(),
-        Template::Alpaca => args
-            .prompt
-            .iter()
-            .map(|p| crate::template::alpaca(p, args.input.as_deref().unwrap_or("")))
-            .collect(),
-    };
-    let prompts = texts
+    let builder = PromptBuilder::new(args.template, args.system.clone(), &dir, &tokenizer)?;
+    let input = args.input.as_deref().unwrap_or("");
+    let (texts, prompts): (Vec<String>, Vec<Vec<u32>>) = args
+        .prompt
         .iter()
-        .map(|p| tokenizer.encode(p, true))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|p| builder.build(p, input, &tokenizer))
+        .collect::<AnyResult<Vec<_>>>()?
+        .into_iter()
+        .unzip();
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

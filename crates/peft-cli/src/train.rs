@@ -8,13 +8,14 @@ use burn::module::AutodiffModule;
 use peft_core::save_adapter;
 use peft_llama::{LlamaLoader, LlamaTokenizer, WeightDtype};
 use peft_train::{
-    load_alpaca, load_pretokenized, split_validation, tokenize_alpaca_records, train_data_parallel,
-    AdamWConfig, BatchStrategy, BatchingConfig, Example, StepMetrics, TrainObserver, TrainSummary,
-    TrainableAdapter, TrainerConfig,
+    load_alpaca, load_pretokenized, split_validation, tokenize_instruction_records,
+    train_data_parallel, AdamWConfig, BatchStrategy, BatchingConfig, Example, InstructionFormat,
+    StepMetrics, TrainObserver, TrainSummary, TrainableAdapter, TrainerConfig,
 };
 
 use crate::backend::{device, parse_devices, Training};
 use crate::model_args::{default_model_dir, AdapterChoice};
+use crate::template::{instruction_format, Template};
 use crate::AnyResult;
 
 /// The built-in Alpaca-format demo data.
@@ -83,6 +84,15 @@ pub struct TrainArgs {
     /// Longest example in tokens.
     #[arg(long, default_value_t = 512)]
     max_seq_len: usize,
+    /// How records become examples: the Alpaca template (the paper's recipe) or the model's own
+    /// chat template (`chat`: the record as a user turn and an assistant turn, loss on the
+    /// assistant's turn only).
+    #[arg(long, value_enum, default_value_t = Template::Alpaca)]
+    template: Template,
+    /// The system turn of every conversation with `--template chat` (without it, the template's
+    /// own default).
+    #[arg(long)]
+    system: Option<String>,
     /// Pad every batch to --max-seq-len (the paper) instead of grouping by length.
     #[arg(long)]
     fixed_length: bool,
@@ -173,10 +183,12 @@ impl TrainObserver for ProgressBar {
 }
 
 /// Loads training examples from `path`: pre-tokenized JSONL when its first record has
-/// `input_ids`, Alpaca records otherwise. Returns (train, validation).
+/// `input_ids`, Alpaca records (in `format`) otherwise. Returns (train, validation).
+#[allow(clippy::too_many_arguments)]
 pub fn load_examples(
     path: &std::path::Path,
     tokenizer: &LlamaTokenizer,
+    format: &InstructionFormat,
     vocab: usize,
     max_seq_len: usize,
     val_size: usize,
@@ -211,8 +223,8 @@ pub fn load_examples(
                 serde_json::to_string_pretty(&json)?.as_bytes(),
             )?;
         }
-        let train = tokenize_alpaca_records(&train, tokenizer, max_seq_len)?;
-        let validation = tokenize_alpaca_records(&validation, tokenizer, max_seq_len)?;
+        let train = tokenize_instruction_records(&train, tokenizer, format, max_seq_len)?;
+        let validation = tokenize_instruction_records(&validation, tokenizer, format, max_seq_len)?;
         // Their indices are within the split, not the file, so they are not listed.
         warn_skipped(path, "training records", &train, max_seq_len, false);
         warn_skipped(path, "validation records", &validation, max_seq_len, false);
@@ -306,9 +318,16 @@ pub fn run(args: TrainArgs) -> AnyResult<()> {
         report(&summary, &adapter_dir, "multimodal");
         return Ok(());
     }
+    let format = instruction_format(
+        args.template,
+        args.system.as_deref(),
+        &model_dir,
+        &tokenizer,
+    )?;
     let (train_examples, validation) = load_examples(
         &data,
         &tokenizer,
+        &format,
         base.config.vocab_size,
         args.max_seq_len,
         args.val_size,

@@ -380,3 +380,109 @@ fn a_merged_model_keeps_every_tokenizer_and_template_file() {
         before
     );
 }
+
+/// `--model file.gguf --template chat`: `generate` prompts with the ids `apply_chat_template`
+/// gives (fixtures/chat_templates.json, the same ChatML template as the GGUF's), with and
+/// without `--system`; `train` learns on the chat format and `eval` scores it the same way.
+#[test]
+fn a_gguf_model_generates_trains_and_evaluates_in_its_chat_template() {
+    let dir = scratch("gguf-chat");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let model = root.join("fixtures/gguf/tiny-bpe.gguf");
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("fixtures/chat_templates.json")).unwrap(),
+    )
+    .unwrap();
+    let expected = |system: Option<&str>, user: &str| -> Vec<u64> {
+        let case = cases["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                let m = c["messages"].as_array().unwrap();
+                c["template"] == "chatml"
+                    && c["add_generation_prompt"] == true
+                    && m.last().unwrap()["content"] == user
+                    && m.len() == 1 + usize::from(system.is_some())
+                    && system.is_none_or(|s| m[0]["content"] == s)
+            })
+            .unwrap();
+        serde_json::from_value(case["ids"].clone()).unwrap()
+    };
+    for (system, user) in [
+        (None, "Hi!"),
+        (Some(" You are a pirate. "), "Where is the gold?"),
+    ] {
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            model.to_str().unwrap().into(),
+            "--template".into(),
+            "chat".into(),
+            "--prompt".into(),
+            user.into(),
+            "--max-new-tokens".into(),
+            "2".into(),
+            "--json".into(),
+        ];
+        if let Some(system) = system {
+            args.extend(["--system".to_string(), system.to_string()]);
+        }
+        let output = peft().args(&args).output().unwrap();
+        assert_success(&output);
+        let line: serde_json::Value =
+            serde_json::from_slice(output.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+        let ids: Vec<u64> = serde_json::from_value(line["prompt_ids"].clone()).unwrap();
+        assert_eq!(ids, expected(system, user), "system {system:?}");
+    }
+    let data = small_dataset(&dir);
+    let output = dir.join("run");
+    let mut args = train_args(&data, &output, "lora");
+    args.extend(
+        [
+            "--model",
+            model.to_str().unwrap(),
+            "--template",
+            "chat",
+            "--system",
+            "Answer briefly.",
+            "--max-steps",
+            "3",
+        ]
+        .map(String::from),
+    );
+    let trained = peft().args(&args).output().unwrap();
+    assert_success(&trained);
+    assert!(output.join("adapter/adapter_model.safetensors").is_file());
+    let eval = |template: &str| {
+        let out = peft()
+            .args([
+                "eval",
+                "--model",
+                model.to_str().unwrap(),
+                "--adapter",
+                output.to_str().unwrap(),
+                "--data",
+                output.join("validation.json").to_str().unwrap(),
+                "--template",
+                template,
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert_success(&out);
+        let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        line["tokens"].as_u64().unwrap()
+    };
+    // The chat format scores the assistant turns (their end-of-turn tokens included), which
+    // differ in length from the Alpaca responses with EOS.
+    assert_ne!(eval("chat"), eval("alpaca"));
+    // `--template chat` on a model without a template says so.
+    let stories = peft()
+        .args(["generate", "--template", "chat", "--prompt", "Hi"])
+        .output()
+        .unwrap();
+    assert!(!stories.status.success());
+    let err = String::from_utf8_lossy(&stories.stderr);
+    assert!(err.contains("ships no chat template"), "{err}");
+}

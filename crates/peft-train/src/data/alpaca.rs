@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use peft_llama::LlamaTokenizer;
+use peft_llama::{ChatMessage, ChatTemplate, LlamaTokenizer};
 
 use super::example::{Example, TokenizedDataset};
 use super::json_records::{read_objects, FieldReader};
@@ -176,8 +176,124 @@ pub fn tokenize_alpaca(
     ))
 }
 
-/// Tokenizes every record with [`tokenize_alpaca`]; records left without a target by
-/// truncation are listed in [`TokenizedDataset::without_targets`] (by index) instead of kept.
+/// How an instruction record becomes a prompt and a response to train on.
+#[derive(Debug, Clone)]
+pub enum InstructionFormat {
+    /// The Stanford Alpaca template, as the paper trains ([`tokenize_alpaca`]).
+    Alpaca,
+    /// The model's own chat template: an optional system turn, the instruction (with its input
+    /// after a blank line) as the user's turn, the output as the assistant's; the loss is on the
+    /// assistant's turn only, its end-of-turn tokens included ([`tokenize_chat`]).
+    Chat {
+        /// The model's template.
+        template: ChatTemplate,
+        /// The system turn; without one, whatever the template does by default.
+        system: Option<String>,
+    },
+}
+
+/// The user's turn of a record: the instruction, and its input after a blank line.
+pub fn instruction_message(record: &AlpacaRecord) -> String {
+    if record.input.is_empty() {
+        record.instruction.clone()
+    } else {
+        format!("{}\n\n{}", record.instruction, record.input)
+    }
+}
+
+/// Tokenizes one record as a conversation in the model's chat template, as
+/// `apply_chat_template` does: the prompt is the conversation up to the assistant's turn with
+/// the generation prompt, the example the whole conversation; labels are
+/// [`IGNORE_INDEX`](super::IGNORE_INDEX) over the prompt's tokens. No EOS is appended: the
+/// template closes the assistant's turn itself. Cut to `max_seq_len` from the start.
+///
+/// # Errors
+/// `max_seq_len` is 0; the template fails, or renders the conversation so that it does not
+/// begin with the prompt (the prompt could not be masked); the tokenizer fails.
+pub fn tokenize_chat(
+    record: &AlpacaRecord,
+    tokenizer: &LlamaTokenizer,
+    template: &ChatTemplate,
+    system: Option<&str>,
+    max_seq_len: usize,
+) -> Result<Example> {
+    if max_seq_len == 0 {
+        return Err(TrainError::config("max_seq_len", "must be at least 1"));
+    }
+    let failed = |source| TrainError::Tokenizer {
+        what: "a chat-template example".into(),
+        source,
+    };
+    let mut messages: Vec<ChatMessage> = system
+        .map(|text| ChatMessage::new("system", text))
+        .into_iter()
+        .collect();
+    messages.push(ChatMessage::new("user", instruction_message(record)));
+    let prompt = template.render(&messages, true).map_err(failed)?;
+    messages.push(ChatMessage::new("assistant", record.output.clone()));
+    let full = template.render(&messages, false).map_err(failed)?;
+    if !full.starts_with(&prompt) {
+        return Err(TrainError::config(
+            "template",
+            "the chat template renders the conversation without its generation prompt as a \
+             prefix, so the prompt cannot be told from the response",
+        ));
+    }
+    let prompt_len = tokenizer.encode(&prompt, false).map_err(failed)?.len();
+    let input_ids = tokenizer.encode(&full, false).map_err(failed)?;
+    Ok(Example::response_only(
+        input_ids,
+        prompt_len,
+        None,
+        max_seq_len,
+    ))
+}
+
+/// Tokenizes one record in `format`.
+///
+/// # Errors
+/// As [`tokenize_alpaca`] or [`tokenize_chat`].
+pub fn tokenize_instruction(
+    record: &AlpacaRecord,
+    tokenizer: &LlamaTokenizer,
+    format: &InstructionFormat,
+    max_seq_len: usize,
+) -> Result<Example> {
+    match format {
+        InstructionFormat::Alpaca => tokenize_alpaca(record, tokenizer, max_seq_len),
+        InstructionFormat::Chat { template, system } => {
+            tokenize_chat(record, tokenizer, template, system.as_deref(), max_seq_len)
+        }
+    }
+}
+
+/// Tokenizes every record in `format`; records left without a target by truncation are listed
+/// in [`TokenizedDataset::without_targets`] (by index) instead of kept.
+///
+/// # Errors
+/// As [`tokenize_instruction`], naming the record.
+pub fn tokenize_instruction_records(
+    records: &[AlpacaRecord],
+    tokenizer: &LlamaTokenizer,
+    format: &InstructionFormat,
+    max_seq_len: usize,
+) -> Result<TokenizedDataset> {
+    let mut dataset = TokenizedDataset::default();
+    for (index, record) in records.iter().enumerate() {
+        let example =
+            tokenize_instruction(record, tokenizer, format, max_seq_len).map_err(|e| match e {
+                TrainError::Tokenizer { source, .. } => TrainError::Tokenizer {
+                    what: format!("Alpaca record {index}"),
+                    source,
+                },
+                other => other,
+            })?;
+        dataset.push(RecordLocation::Index(index), example);
+    }
+    Ok(dataset)
+}
+
+/// Tokenizes every record with [`tokenize_alpaca`] (see [`tokenize_instruction_records`]).
 ///
 /// # Errors
 /// As [`tokenize_alpaca`], naming the record.
@@ -186,18 +302,7 @@ pub fn tokenize_alpaca_records(
     tokenizer: &LlamaTokenizer,
     max_seq_len: usize,
 ) -> Result<TokenizedDataset> {
-    let mut dataset = TokenizedDataset::default();
-    for (index, record) in records.iter().enumerate() {
-        let example = tokenize_alpaca(record, tokenizer, max_seq_len).map_err(|e| match e {
-            TrainError::Tokenizer { source, .. } => TrainError::Tokenizer {
-                what: format!("Alpaca record {index}"),
-                source,
-            },
-            other => other,
-        })?;
-        dataset.push(RecordLocation::Index(index), example);
-    }
-    Ok(dataset)
+    tokenize_instruction_records(records, tokenizer, &InstructionFormat::Alpaca, max_seq_len)
 }
 
 #[cfg(test)]
@@ -211,6 +316,54 @@ mod tests {
     fn tokenizer() -> LlamaTokenizer {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260k");
         LlamaTokenizer::from_dir(dir).expect("the vendored stories260k tokenizer loads")
+    }
+
+    #[test]
+    fn chat_examples_train_on_the_assistant_turn_only() {
+        let gguf =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gguf/tiny-bpe.gguf");
+        let tokenizer = LlamaTokenizer::load(&gguf).unwrap();
+        let template = ChatTemplate::from_model(&gguf, &tokenizer)
+            .unwrap()
+            .unwrap();
+        let record = AlpacaRecord::new("Add the numbers.", "2 and 3", "The sum is 5.");
+        let end = tokenizer.encode("<|im_end|>", false).unwrap()[0];
+        for system in [None, Some("Be terse.")] {
+            let example = tokenize_chat(&record, &tokenizer, &template, system, 512).unwrap();
+            let mut messages: Vec<ChatMessage> = system
+                .map(|s| ChatMessage::new("system", s))
+                .into_iter()
+                .collect();
+            messages.push(ChatMessage::new("user", "Add the numbers.\n\n2 and 3"));
+            let prompt = template.encode(&tokenizer, &messages, true).unwrap();
+            messages.push(ChatMessage::new("assistant", "The sum is 5."));
+            let full = template.encode(&tokenizer, &messages, false).unwrap();
+            assert_eq!(example.input_ids, full);
+            let masked = example
+                .labels
+                .iter()
+                .take_while(|&&l| l == IGNORE_INDEX)
+                .count();
+            assert_eq!(masked, prompt.len());
+            assert!(example.labels[masked..]
+                .iter()
+                .zip(&full[masked..])
+                .all(|(&l, &id)| l == i64::from(id)));
+            // The template's end of turn is a target; no EOS is added after it.
+            assert!(example.labels.contains(&i64::from(end)));
+            assert_eq!(full.iter().filter(|&&id| id == end).count(), 3);
+            let text = tokenizer.decode(&full[masked..]).unwrap();
+            assert!(text.starts_with("The sum is 5."), "{text:?}");
+        }
+        // A template whose conversation does not begin with its prompt is refused.
+        let odd = ChatTemplate::new(
+            "{% if add_generation_prompt %}A{% else %}B{% endif %}",
+            "odd",
+        );
+        let err = tokenize_chat(&record, &tokenizer, &odd, None, 64)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("generation prompt"), "{err}");
     }
 
     #[test]
