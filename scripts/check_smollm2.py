@@ -3,13 +3,15 @@
 
     scripts/get_smollm2.sh                       # the GGUF into $PEFT_CACHE (default ~/.cache/peft-rs)
     cargo build --release -p peft-cli
-    /opt/pyref/bin/python scripts/check_smollm2.py [path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
+    /opt/pyref/bin/python scripts/check_smollm2.py [path/to/SmolLM2-135M-Instruct.Q4_1.gguf] [ADAPTER_DIR ...]
 
 transformers dequantises the GGUF with gguf-py (``from_pretrained(..., gguf_file=...)``) and is the reference
 for logits (float32 here and there) and greedy generation. Its GGUF tokenizer converter does not know
 llama.cpp's ``smollm`` pre-tokenizer and leaves out the digit split that SmolLM2's own tokenizer.json has
 (``Digits(individual_digits=True)`` before byte-level BPE); the reference tokenizer here is transformers' with
 that split restored, and the script also reports on which strings the unmodified converter differs.
+Each ADAPTER_DIR (a PEFT directory `peft train` saved on the GGUF base, e.g. from scripts/smollm2_recipe.sh) is
+loaded by HF PEFT onto the transformers model and its logits compared with `peft logits --adapter`.
 Prints a JSON summary (what docs/real-models.md quotes).
 """
 
@@ -30,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("PEFT_CACHE", Path.home() / ".cache" / "peft-rs"))
 GGUF = Path(sys.argv[1]) if len(sys.argv) > 1 else CACHE / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTERS = [Path(a) for a in sys.argv[2:]]
 PEFT = ROOT / "target" / "release" / "peft"
 
 TEXTS = [
@@ -96,14 +99,29 @@ def main():
     for i, r in enumerate(batch):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
-    with tempfile.TemporaryDirectory() as tmp:
-        inp, outp = Path(tmp) / "in.safetensors", Path(tmp) / "out.safetensors"
-        save_file({"input_ids": ids, "attention_mask": mask}, str(inp))
-        subprocess.run([str(PEFT), "logits", "--model", str(GGUF), "--input", str(inp), "--output", str(outp)], check=True)
-        ours = load_file(str(outp))["logits"]
+    def peft_logits(extra):
+        with tempfile.TemporaryDirectory() as tmp:
+            inp, outp = Path(tmp) / "in.safetensors", Path(tmp) / "out.safetensors"
+            save_file({"input_ids": ids, "attention_mask": mask}, str(inp))
+            args = [str(PEFT), "logits", "--model", str(GGUF), "--input", str(inp), "--output", str(outp)]
+            subprocess.run(args + extra, check=True)
+            return load_file(str(outp))["logits"]
+
+    ours = peft_logits([])
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
+    from peft import PeftModel
+
+    for adapter in ADAPTERS:
+        base = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32).eval()
+        adapted = PeftModel.from_pretrained(base, adapter).eval()
+        with torch.no_grad():
+            reference = adapted(input_ids=ids, attention_mask=mask).logits
+        got = peft_logits(["--adapter", str(adapter)])
+        moved = float((reference[real] - want[real]).abs().max())
+        summary[f"adapter {adapter.parent.name}: HF PEFT vs peft max abs diff"] = float((got[real] - reference[real]).abs().max())
+        summary[f"adapter {adapter.parent.name}: moves logits by"] = moved
     diff = (ours[real] - want[real]).abs()
     summary["logits_max_abs_diff"] = float(diff.max())
     summary["logits_max_abs_value"] = float(want[real].abs().max())

@@ -364,7 +364,7 @@ pub fn run(mut args: TrainArgs) -> AnyResult<()> {
     )?;
     <Training as burn::tensor::backend::Backend>::seed(&device, args.seed);
     let adapter = args.adapter.init_for(&base, &tokenizer)?;
-    let before = Before::measure(&args, &base, &validation, &tokenizer)?;
+    let before = Before::measure(&args, &base, &validation)?;
     let (adapter, summary) = fit(
         &args,
         &data,
@@ -433,7 +433,6 @@ impl Before {
         args: &TrainArgs,
         base: &peft_llama::Llama<Training>,
         validation: &[Example],
-        _tokenizer: &LlamaTokenizer,
     ) -> AnyResult<Self> {
         if args.resume || validation.is_empty() {
             return Ok(Self {
