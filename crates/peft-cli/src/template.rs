@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use peft_llama::{ChatMessage, ChatTemplate, LlamaTokenizer};
+use peft_llama::{ChatTemplate, LlamaTokenizer};
 use peft_train::InstructionFormat;
 
 use crate::AnyResult;
@@ -112,15 +112,7 @@ impl PromptBuilder {
         match (&self.chat, self.template) {
             (Some(chat), _) => {
                 let record = peft_train::AlpacaRecord::new(prompt, input, "");
-                let mut messages: Vec<ChatMessage> = self
-                    .system
-                    .iter()
-                    .map(|s| ChatMessage::new("system", s.clone()))
-                    .collect();
-                messages.push(ChatMessage::new(
-                    "user",
-                    peft_train::instruction_message(&record),
-                ));
+                let messages = peft_train::chat_prompt_messages(&record, self.system.as_deref());
                 let text = chat.render(&messages, true)?;
                 let ids = tokenizer.encode(&text, false)?;
                 Ok((text, ids))

@@ -55,7 +55,11 @@ fn optional_f64(file: &GgufFile, key: &str) -> Result<Option<f64>> {
     }
 }
 
-fn token_id(file: &GgufFile, key: &str) -> Result<Option<u32>> {
+/// A token id the metadata gives under `key` (`tokenizer.ggml.bos_token_id`), if any.
+///
+/// # Errors
+/// A value that is not a non-negative integer.
+pub(crate) fn token_id(file: &GgufFile, key: &str) -> Result<Option<u32>> {
     Ok(optional_u64(file, key)?.and_then(|id| u32::try_from(id).ok()))
 }
 

@@ -85,14 +85,9 @@ impl LlamaTokenizer {
         let inner: Tokenizer = json.to_string().parse().map_err(|e| {
             LlamaError::Tokenizer(format!("{}: GGUF tokenizer: {e}", file.path().display()))
         })?;
-        let id = |key: &str| {
-            file.get(key)
-                .and_then(peft_io::gguf::GgufValue::as_u64)
-                .and_then(|id| u32::try_from(id).ok())
-        };
         Ok(Self {
-            bos: id("tokenizer.ggml.bos_token_id"),
-            eos: id("tokenizer.ggml.eos_token_id"),
+            bos: crate::gguf::token_id(file, "tokenizer.ggml.bos_token_id")?,
+            eos: crate::gguf::token_id(file, "tokenizer.ggml.eos_token_id")?,
             inner,
         })
     }

@@ -16,9 +16,9 @@ mod split;
 pub(crate) mod test_files;
 
 pub use alpaca::{
-    alpaca_prompt, instruction_message, load_alpaca, tokenize_alpaca, tokenize_alpaca_records,
-    tokenize_chat, tokenize_instruction, tokenize_instruction_records, AlpacaRecord,
-    InstructionFormat, PROMPT_WITHOUT_INPUT, PROMPT_WITH_INPUT,
+    alpaca_prompt, chat_prompt_messages, instruction_message, load_alpaca, tokenize_alpaca,
+    tokenize_alpaca_records, tokenize_chat, tokenize_instruction, tokenize_instruction_records,
+    AlpacaRecord, InstructionFormat, PROMPT_WITHOUT_INPUT, PROMPT_WITH_INPUT,
 };
 pub use batching::{Batch, BatchFeatures, BatchStrategy, Batcher, BatchingConfig};
 pub use example::{Example, TokenizedDataset, DEFAULT_MAX_SEQ_LEN, IGNORE_INDEX};

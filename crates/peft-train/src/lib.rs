@@ -45,11 +45,11 @@ pub mod trainer;
 
 pub use checkpoint::{Checkpoint, CheckpointDir, TrainPosition};
 pub use data::{
-    alpaca_prompt, instruction_message, load_alpaca, load_pretokenized, split_validation,
-    tokenize_alpaca, tokenize_alpaca_records, tokenize_chat, tokenize_instruction,
-    tokenize_instruction_records, AlpacaRecord, Batch, BatchFeatures, BatchStrategy, Batcher,
-    BatchingConfig, Example, InstructionFormat, TokenizedDataset, DEFAULT_MAX_SEQ_LEN,
-    IGNORE_INDEX, PROMPT_WITHOUT_INPUT, PROMPT_WITH_INPUT,
+    alpaca_prompt, chat_prompt_messages, instruction_message, load_alpaca, load_pretokenized,
+    split_validation, tokenize_alpaca, tokenize_alpaca_records, tokenize_chat,
+    tokenize_instruction, tokenize_instruction_records, AlpacaRecord, Batch, BatchFeatures,
+    BatchStrategy, Batcher, BatchingConfig, Example, InstructionFormat, TokenizedDataset,
+    DEFAULT_MAX_SEQ_LEN, IGNORE_INDEX, PROMPT_WITHOUT_INPUT, PROMPT_WITH_INPUT,
 };
 pub use error::{RecordLocation, Result, TrainError};
 pub use fit::{fit, FitConfig, FitSummary};

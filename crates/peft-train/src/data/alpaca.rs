@@ -201,6 +201,17 @@ pub fn instruction_message(record: &AlpacaRecord) -> String {
     }
 }
 
+/// The conversation a record opens in a chat template: the system turn if any, then the user's
+/// turn ([`instruction_message`]); the assistant's turn is the record's output.
+pub fn chat_prompt_messages(record: &AlpacaRecord, system: Option<&str>) -> Vec<ChatMessage> {
+    let mut messages: Vec<ChatMessage> = system
+        .map(|text| ChatMessage::new("system", text))
+        .into_iter()
+        .collect();
+    messages.push(ChatMessage::new("user", instruction_message(record)));
+    messages
+}
+
 /// Tokenizes one record as a conversation in the model's chat template, as
 /// `apply_chat_template` does: the prompt is the conversation up to the assistant's turn with
 /// the generation prompt, the example the whole conversation; labels are
@@ -224,11 +235,7 @@ pub fn tokenize_chat(
         what: "a chat-template example".into(),
         source,
     };
-    let mut messages: Vec<ChatMessage> = system
-        .map(|text| ChatMessage::new("system", text))
-        .into_iter()
-        .collect();
-    messages.push(ChatMessage::new("user", instruction_message(record)));
+    let mut messages = chat_prompt_messages(record, system);
     let prompt = template.render(&messages, true).map_err(failed)?;
     messages.push(ChatMessage::new("assistant", record.output.clone()));
     let full = template.render(&messages, false).map_err(failed)?;
