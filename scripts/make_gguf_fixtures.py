@@ -3,7 +3,7 @@
 
 Run from the repository root with the fixture environment plus `gguf` and `sentencepiece`:
 
-    /opt/pyref/bin/pip install gguf==0.19.0 sentencepiece==0.2.1
+    /opt/pyref/bin/pip install gguf==0.19.0 sentencepiece==0.2.3
     /opt/pyref/bin/python scripts/make_gguf_fixtures.py
 
 Writes ``fixtures/gguf/`` (see its README): every random value is seeded, so a rerun is byte-identical
