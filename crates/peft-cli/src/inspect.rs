@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use peft_core::{detect_format, AdapterFormat};
 use peft_llama::weights::TensorMap;
-use peft_llama::{Llama, LlamaLoader};
+use peft_llama::{ChatTemplate, Llama, LlamaLoader};
 
 use crate::backend::{device, Inference};
 use crate::model_args::default_model_dir;
@@ -75,7 +75,17 @@ fn inspect_model(dir: &Path) -> AnyResult<()> {
             "separate output head"
         }
     );
-    println!("template     {}", chat_template_presence(dir));
+    let gguf = peft_llama::weights::is_gguf(dir)
+        .then(|| peft_io::gguf::GgufFile::open(dir))
+        .transpose()?;
+    let template = match &gguf {
+        Some(file) => ChatTemplate::from_gguf(file),
+        None => ChatTemplate::locate(dir)?,
+    };
+    match template {
+        Some(template) => println!("template     chat template ({})", template.origin()),
+        None => println!("template     none (use --template alpaca or none)"),
+    }
     let targets: Vec<String> = c
         .linear_sites()
         .into_iter()
@@ -85,8 +95,7 @@ fn inspect_model(dir: &Path) -> AnyResult<()> {
     println!("targets      {} (LoRA target_modules)", targets.join(", "));
     println!("parameters   {}", c.num_parameters());
     println!("dtype        {:?}", model.dtype());
-    if peft_llama::weights::is_gguf(dir) {
-        let file = peft_io::gguf::GgufFile::open(dir)?;
+    if let Some(file) = &gguf {
         let mut kinds = std::collections::BTreeMap::<String, usize>::new();
         for tensor in &file.tensors {
             *kinds.entry(format!("{:?}", tensor.kind)).or_default() += 1;
@@ -100,28 +109,6 @@ fn inspect_model(dir: &Path) -> AnyResult<()> {
     }
     println!("loaded       every tensor matched the configuration (none missing, none unexpected)");
     Ok(())
-}
-
-/// Where the model keeps a chat template, if anywhere.
-fn chat_template_presence(dir: &Path) -> String {
-    if peft_llama::weights::is_gguf(dir) {
-        let file = peft_io::gguf::GgufFile::open(dir).ok();
-        return match file.as_ref().and_then(peft_llama::gguf::chat_template) {
-            Some(_) => "chat template (GGUF tokenizer.chat_template)".into(),
-            None => "none (use --template alpaca or none)".into(),
-        };
-    }
-    if dir.join("chat_template.jinja").is_file() {
-        return "chat template (chat_template.jinja)".into();
-    }
-    let in_config = peft_io::files::read_json(&dir.join("tokenizer_config.json"))
-        .ok()
-        .is_some_and(|config| config.get("chat_template").is_some_and(|t| !t.is_null()));
-    if in_config {
-        "chat template (tokenizer_config.json)".into()
-    } else {
-        "none (use --template alpaca or none)".into()
-    }
 }
 
 fn inspect_adapter(path: &Path) -> AnyResult<()> {

@@ -65,13 +65,13 @@ pub fn instruction_format(
     }
 }
 
-/// The prompt ids of `prompt` for generation under `template`: as given, in the Alpaca
-/// template, or as the user's turn of a conversation (after `system`, if given) with the chat
-/// template's generation prompt, as `apply_chat_template(..., add_generation_prompt=True)`.
+/// The prompt ids of `prompt` for generation under `template`: as given, or as training
+/// formats an instruction ([`instruction_format`]): in the Alpaca template, or as the user's turn
+/// of a conversation (after `system`, if given) with the chat template's generation prompt, as
+/// `apply_chat_template(..., add_generation_prompt=True)`.
 pub struct PromptBuilder {
-    template: Template,
-    chat: Option<ChatTemplate>,
-    system: Option<String>,
+    /// `None` for `--template none`.
+    format: Option<InstructionFormat>,
 }
 
 impl PromptBuilder {
@@ -85,18 +85,17 @@ impl PromptBuilder {
         model: &Path,
         tokenizer: &LlamaTokenizer,
     ) -> AnyResult<Self> {
-        if system.is_some() && template != Template::Chat {
-            return Err("--system needs --template chat".into());
-        }
-        let chat = match template {
-            Template::Chat => Some(chat_template(model, tokenizer)?),
-            _ => None,
+        let format = match (template, &system) {
+            (Template::None, None) => None,
+            (Template::None, Some(_)) => return Err("--system needs --template chat".into()),
+            _ => Some(instruction_format(
+                template,
+                system.as_deref(),
+                model,
+                tokenizer,
+            )?),
         };
-        Ok(Self {
-            template,
-            chat,
-            system,
-        })
+        Ok(Self { format })
     }
 
     /// The text the model is prompted with and its ids.
@@ -109,20 +108,20 @@ impl PromptBuilder {
         input: &str,
         tokenizer: &LlamaTokenizer,
     ) -> AnyResult<(String, Vec<u32>)> {
-        match (&self.chat, self.template) {
-            (Some(chat), _) => {
-                let record = peft_train::AlpacaRecord::new(prompt, input, "");
-                let messages = peft_train::chat_prompt_messages(&record, self.system.as_deref());
-                let text = chat.render(&messages, true)?;
-                let ids = tokenizer.encode(&text, false)?;
-                Ok((text, ids))
-            }
-            (None, Template::Alpaca) => {
+        match &self.format {
+            None => Ok((prompt.to_string(), tokenizer.encode(prompt, true)?)),
+            Some(InstructionFormat::Alpaca) => {
                 let text = alpaca(prompt, input);
                 let ids = tokenizer.encode(&text, true)?;
                 Ok((text, ids))
             }
-            (None, _) => Ok((prompt.to_string(), tokenizer.encode(prompt, true)?)),
+            Some(InstructionFormat::Chat { template, system }) => {
+                let record = peft_train::AlpacaRecord::new(prompt, input, "");
+                let messages = peft_train::chat_prompt_messages(&record, system.as_deref());
+                let text = template.render(&messages, true)?;
+                let ids = tokenizer.encode(&text, false)?;
+                Ok((text, ids))
+            }
         }
     }
 }

@@ -378,14 +378,15 @@ pub fn run(mut args: TrainArgs) -> AnyResult<()> {
     let adapter_dir = args.output.join("adapter");
     let format = save_adapter(&adapter, &base, &adapter_dir, None)?;
     report(&summary, &adapter_dir, &format!("{format:?}"));
-    before.compare(&args, &base, &adapter, &validation, &tokenizer)?;
+    before.compare(&args, &base, &adapter, &summary, &validation, &tokenizer)?;
     Ok(())
 }
 
 /// What the run is measured against: the base model's held-out loss and its completion of the
 /// first held-out prompt, before any step.
 struct Before {
-    loss: Option<f64>,
+    /// Loss and response-token count of the base model on the held-out examples.
+    loss: Option<(f64, usize)>,
     sample: Option<Vec<u32>>,
 }
 
@@ -441,7 +442,7 @@ impl Before {
             });
         }
         let base = base.valid();
-        let (loss, _) = peft_train::evaluate_base(&base, validation, &Self::batching(args))?;
+        let loss = peft_train::evaluate_base(&base, validation, &Self::batching(args))?;
         let sample = match (args.sample_tokens, Self::sample_prompt(validation)) {
             (0, _) | (_, None) => None,
             (_, Some(prompt)) => Some(Self::complete::<peft_core::AnyAdapter<_>>(
@@ -454,12 +455,14 @@ impl Before {
         })
     }
 
-    /// Prints the held-out loss and the sample completion before and after training.
+    /// Prints the held-out loss before and after training (the trainer's final validation, on
+    /// the same examples) and the sample completion before and after.
     fn compare<A>(
         &self,
         args: &TrainArgs,
         base: &peft_llama::Llama<Training>,
         adapter: &A,
+        summary: &TrainSummary,
         validation: &[Example],
         tokenizer: &LlamaTokenizer,
     ) -> AnyResult<()>
@@ -467,13 +470,9 @@ impl Before {
         A: AutodiffModule<Training>,
         A::InnerModule: peft_core::Adapter<crate::backend::Inference>,
     {
-        let Some(before) = self.loss else {
+        let (Some((before, tokens)), Some(after)) = (self.loss, summary.val_loss) else {
             return Ok(());
         };
-        let base = base.valid();
-        let adapter = adapter.valid();
-        let (after, tokens) =
-            peft_train::evaluate(&base, Some(&adapter), validation, &Self::batching(args))?;
         println!(
             "held-out loss over {tokens} response tokens of {} records: {before:.4} before \
              training, {after:.4} after ({:+.1} %)",
@@ -481,6 +480,7 @@ impl Before {
             100.0 * (after - before) / before
         );
         if let (Some(sample), Some(prompt)) = (&self.sample, Self::sample_prompt(validation)) {
+            let (base, adapter) = (base.valid(), adapter.valid());
             let after = Self::complete(args, &base, Some(&adapter), &prompt)?;
             let text = |ids: &[u32]| -> AnyResult<String> {
                 Ok(tokenizer.decode(ids)?.trim().replace('\n', " "))

@@ -377,6 +377,15 @@ impl<R: Read> Bounded<R> {
     fn u8(&mut self, what: &str) -> std::result::Result<u8, String> {
         Ok(self.bytes::<1>(what)?[0])
     }
+    fn bool(&mut self, what: &str) -> std::result::Result<bool, String> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(format!(
+                "metadata `{what}`: bool byte {b} is neither 0 nor 1"
+            )),
+        }
+    }
     fn u16(&mut self, what: &str) -> std::result::Result<u16, String> {
         Ok(u16::from_le_bytes(self.bytes(what)?))
     }
@@ -437,15 +446,7 @@ fn read_value<R: Read>(
         4 => GgufValue::Uint(u64::from(r.u32(key)?)),
         5 => GgufValue::Int(i64::from(r.u32(key)? as i32)),
         6 => GgufValue::Float(f64::from(f32::from_bits(r.u32(key)?))),
-        7 => GgufValue::Bool(match r.u8(key)? {
-            0 => false,
-            1 => true,
-            b => {
-                return Err(format!(
-                    "metadata `{key}`: bool byte {b} is neither 0 nor 1"
-                ))
-            }
-        }),
+        7 => GgufValue::Bool(r.bool(key)?),
         8 => GgufValue::String(r.string(key)?),
         9 => GgufValue::Array(read_array(r, key, depth + 1)?),
         10 => GgufValue::Uint(r.u64(key)?),
@@ -487,17 +488,7 @@ fn read_array<R: Read>(
         4 => collect!(U32, r.u32(key)?),
         5 => collect!(I32, r.u32(key)? as i32),
         6 => collect!(F32, f32::from_bits(r.u32(key)?)),
-        7 => collect!(
-            Bool,
-            match r.u8(key)? {
-                0 => false,
-                1 => true,
-                b =>
-                    return Err(format!(
-                        "metadata `{key}`: bool byte {b} is neither 0 nor 1"
-                    )),
-            }
-        ),
+        7 => collect!(Bool, r.bool(key)?),
         8 => collect!(String, r.string(key)?),
         9 => collect!(Array, read_array(r, key, depth + 1)?),
         10 => collect!(U64, r.u64(key)?),

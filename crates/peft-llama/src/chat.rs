@@ -153,6 +153,11 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// Where the template came from (a file, or a GGUF file's metadata).
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
     /// The template a model ships, if it ships one: a GGUF file's `tokenizer.chat_template`, or
     /// a directory's `chat_template.jinja` or `tokenizer_config.json` `chat_template` (a string,
     /// or a list of named templates of which `default` is taken). The special tokens are the
@@ -161,37 +166,47 @@ impl ChatTemplate {
     /// # Errors
     /// An unreadable file or a malformed `tokenizer_config.json`.
     pub fn from_model(path: impl AsRef<Path>, tokenizer: &LlamaTokenizer) -> Result<Option<Self>> {
-        let path = path.as_ref();
-        let found = if crate::weights::is_gguf(path) {
-            let file = peft_io::gguf::GgufFile::open(path)?;
-            crate::gguf::chat_template(&file).map(|t| (t, format!("{} (GGUF)", path.display())))
-        } else if path.join("chat_template.jinja").is_file() {
-            let file = path.join("chat_template.jinja");
-            let text = std::fs::read_to_string(&file).map_err(|e| LlamaError::io(&file, e))?;
-            Some((text, file.display().to_string()))
-        } else {
-            let file = path.join("tokenizer_config.json");
-            if file.is_file() {
-                let config = peft_io::files::read_json(&file)?;
-                let origin = file.display().to_string();
-                match config.get("chat_template") {
-                    Some(serde_json::Value::String(text)) => Some((text.clone(), origin)),
-                    Some(serde_json::Value::Array(named)) => named
-                        .iter()
-                        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                        .and_then(|t| t.get("template")?.as_str())
-                        .map(|text| (text.to_string(), origin)),
-                    _ => None,
-                }
-            } else {
-                None
-            }
-        };
         let token = |id: Option<u32>| id.and_then(|id| tokenizer.token(id));
-        Ok(found.map(|(source, origin)| {
-            Self::new(source, origin)
-                .with_special_tokens(token(tokenizer.bos_id()), token(tokenizer.eos_id()))
+        Ok(Self::locate(path)?.map(|template| {
+            template.with_special_tokens(token(tokenizer.bos_id()), token(tokenizer.eos_id()))
         }))
+    }
+
+    /// The template a model ships (see [`ChatTemplate::from_model`]), without its special
+    /// tokens.
+    ///
+    /// # Errors
+    /// An unreadable file or a malformed `tokenizer_config.json`.
+    pub fn locate(path: impl AsRef<Path>) -> Result<Option<Self>> {
+        let path = path.as_ref();
+        if crate::weights::is_gguf(path) {
+            return Ok(Self::from_gguf(&peft_io::gguf::GgufFile::open(path)?));
+        }
+        let jinja = path.join("chat_template.jinja");
+        if jinja.is_file() {
+            let text = std::fs::read_to_string(&jinja).map_err(|e| LlamaError::io(&jinja, e))?;
+            return Ok(Some(Self::new(text, jinja.display().to_string())));
+        }
+        let file = path.join("tokenizer_config.json");
+        if !file.is_file() {
+            return Ok(None);
+        }
+        let config = peft_io::files::read_json(&file)?;
+        let text = match config.get("chat_template") {
+            Some(serde_json::Value::String(text)) => Some(text.as_str()),
+            Some(serde_json::Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str()),
+            _ => None,
+        };
+        Ok(text.map(|text| Self::new(text, file.display().to_string())))
+    }
+
+    /// The template a GGUF file carries (`tokenizer.chat_template`), without special tokens.
+    pub fn from_gguf(file: &peft_io::gguf::GgufFile) -> Option<Self> {
+        crate::gguf::chat_template(file)
+            .map(|text| Self::new(text, format!("{} (GGUF)", file.path().display())))
     }
 
     fn environment(&self) -> Environment<'_> {
