@@ -78,6 +78,10 @@ pub enum CheckpointError {
         /// What is wrong, naming the tensor.
         message: String,
     },
+    /// A matrix cannot be quantized or held in a quantized format (wrong shape for the format's
+    /// blocks, non-finite values, a format that cannot be produced).
+    #[error("quantization: {0}")]
+    Quantization(String),
 }
 
 /// Shorthand for results of this crate.

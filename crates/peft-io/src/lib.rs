@@ -22,6 +22,7 @@ pub mod error;
 pub mod files;
 pub mod gguf;
 pub mod pickle_check;
+pub mod quant;
 pub mod scratch;
 pub mod tensor_map;
 pub mod torch_pickle;

@@ -15,7 +15,7 @@ use crate::error::{CheckpointError, Result};
 /// the end can be reported as unexpected.
 pub struct TensorMap {
     origin: String,
-    tensors: BTreeMap<String, (TensorSnapshot, PathBuf)>,
+    pub(crate) tensors: BTreeMap<String, (TensorSnapshot, PathBuf)>,
 }
 
 impl TensorMap {
