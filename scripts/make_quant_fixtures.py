@@ -20,7 +20,9 @@ It writes ``fixtures/quant/``:
 * ``tiny-gqa-nf4.safetensors``: ``fixtures/tiny-gqa/model`` loaded by transformers with
   ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
   bnb_4bit_compute_dtype=float32)`` on the CPU (every decoder linear in NF4; embeddings, norms and
-  the tied head dense), and its logits [2, 7, 128] on ``fixtures/tiny-gqa/inputs.safetensors``:
+  the tied head dense), and its logits [2, 7, 128] on ``fixtures/tiny-gqa/inputs.safetensors``
+  (each NF4 weight dequantized by bitsandbytes' flattened reference kernel and multiplied in f32:
+  see ``flat_dequantize_4bit`` for its CPU kernels' error on narrow rows):
   ``base_logits``, and with PEFT loading ``fixtures/tiny-gqa/adapters/lora`` (``lora_logits``) and
   ``.../adaption_prompt`` (``adaption_prompt_logits``) over the quantized model.
 
@@ -43,6 +45,8 @@ import transformers
 from gguf import quants
 from peft import PeftModel
 from safetensors.numpy import save_file
+from bitsandbytes.backends.default import ops as default_ops
+from bitsandbytes.backends.utils import _get_4bit_code
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -73,6 +77,8 @@ def blocks() -> dict[str, np.ndarray]:
     codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[: weight.numel()]
     absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
     dequantized = bnbf.dequantize_4bit(packed, state)
+    # Rows of 128 are whole blocks: the C++ CPU kernel and the flattened reference agree here.
+    assert torch.equal(dequantized, flat_dequantize_4bit(packed, state))
     q8 = quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q8_0)
     q8_back = quants.dequantize(q8, gguf.GGMLQuantizationType.Q8_0)
     return {
@@ -84,6 +90,26 @@ def blocks() -> dict[str, np.ndarray]:
         "q8_0_blocks": np.ascontiguousarray(q8).reshape(-1),
         "q8_0_dequantized": q8_back.astype(np.float32),
     }
+
+
+def flat_dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None, quant_type="nf4"):
+    """bitsandbytes' own pure-PyTorch NF4 dequantization (its "default" backend kernel): blocks over
+    the flattened matrix, as quantize_4bit makes them.
+
+    bitsandbytes 0.50.2's C++ CPU kernel (``cdequantize_blockwise_cpu_nf4_fp32``) takes the matrix as
+    ``[rows, cols]`` and finds a value's block from its row and column; for rows narrower than a block
+    (tiny-gqa's 48- and 80-wide projections) it reads the wrong block maxima (every value of the first
+    64 columns of each row scaled by block 0's). Its CUDA kernel and its default kernel work on the
+    flattened matrix; this reference uses the default one. ``blocks()`` checks that both CPU paths
+    agree where rows are whole blocks.
+    """
+    qs = quant_state
+    maxima = qs.absmax
+    if qs.nested:
+        maxima = bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    code = _get_4bit_code(qs.quant_type, A.device)
+    flat = A.view(torch.uint8).reshape(-1)
+    return default_ops._dequantize_4bit_compute(flat, maxima.float(), code, qs.blocksize, qs.shape, qs.dtype)
 
 
 def tiny_gqa() -> dict[str, np.ndarray]:
@@ -103,10 +129,18 @@ def tiny_gqa() -> dict[str, np.ndarray]:
         model.eval()
         linears = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
         assert len(linears) == 7 * model.config.num_hidden_layers
-        for linear in linears:
-            # On a CPU with AVX512-BF16, bitsandbytes' inference path repacks the weight for a bf16
-            # kernel; the reference is the f32 dequantize-and-multiply path.
-            linear.support_avx512bf16_for_cpu = False
+        # bitsandbytes' CPU product kernels are wrong for rows narrower than a block (see
+        # flat_dequantize_4bit), so each NF4 linear is replaced by a dense linear holding what
+        # bitsandbytes' reference kernel dequantizes from its NF4 weight: bitsandbytes' quantization,
+        # multiplied in f32 as its compute dtype says.
+        for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]:
+            dense = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(flat_dequantize_4bit(linear.weight.data, linear.weight.quant_state))
+                if linear.bias is not None:
+                    dense.bias.copy_(linear.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
         return model
 
     def logits(model) -> np.ndarray:

@@ -262,6 +262,21 @@ impl<B: Backend> Lora<B> {
         };
         // Every site is looked up before any weight changes, so a failure leaves the model as
         // it was.
+        let sites = model.linear_sites();
+        if let Some(site) = self.modules.iter().find_map(|m| {
+            sites
+                .iter()
+                .find(|s| s.path == m.site.path && s.quantized.is_some())
+        }) {
+            return Err(PeftError::Incompatible(format!(
+                "cannot merge LoRA into `{}`: its weight is held quantized ({}), and merging \
+                 would have to re-quantize it (a second rounding that changes what the adapter \
+                 was trained against). Merge into the dense checkpoint instead (load it without \
+                 quantization), or keep the adapter separate",
+                site.path,
+                site.quantized.as_deref().unwrap_or_default()
+            )));
+        }
         if let Some(module) = self
             .modules
             .iter()

@@ -74,6 +74,9 @@ pub struct LinearSite {
     pub out_features: usize,
     /// Whether this is the model's output head (left out of `all-linear`, as in PEFT).
     pub output_head: bool,
+    /// The format of the site's weight when it is held quantized (`nf4`, `q4_k`, ...): adapters
+    /// attach to it like any other, but nothing can be merged into it.
+    pub quantized: Option<String>,
 }
 
 impl LinearSite {
@@ -92,6 +95,7 @@ impl LinearSite {
             in_features,
             out_features,
             output_head: false,
+            quantized: None,
         }
     }
 
@@ -104,12 +108,19 @@ impl LinearSite {
             in_features,
             out_features,
             output_head: false,
+            quantized: None,
         }
     }
 
     /// Marks the site as the model's output head.
     pub fn as_output_head(mut self) -> Self {
         self.output_head = true;
+        self
+    }
+
+    /// Marks the site's weight as held quantized in `format` (its name, e.g. `nf4`).
+    pub fn quantized_as(mut self, format: impl Into<String>) -> Self {
+        self.quantized = Some(format.into());
         self
     }
 }
@@ -144,8 +155,9 @@ pub trait AdaptableModel<B: Backend> {
     fn linear_sites(&self) -> Vec<LinearSite>;
 
     /// The linear layer at `path` (one of [`AdaptableModel::linear_sites`]), for merging an
-    /// adapter into its weight; `None` for an unknown path. Its weight is `[in, out]`, as Burn's
-    /// [`Linear`] stores it.
+    /// adapter into its weight; `None` for an unknown path or a site whose weight is held
+    /// quantized ([`LinearSite::quantized`]). Its weight is `[in, out]`, as Burn's [`Linear`]
+    /// stores it.
     fn linear_mut(&mut self, path: &str) -> Option<&mut Linear<B>>;
 
     /// The insertion points the forward pass calls (an adapter needing another is refused).

@@ -690,6 +690,14 @@ impl GgufFile {
     /// # Errors
     /// The file changed or became unreadable since it was opened.
     pub fn read_f32(&self, tensor: &GgufTensor) -> Result<Vec<f32>> {
+        Ok(dequantize(tensor.kind, &self.read_bytes(tensor)?))
+    }
+
+    /// Reads a tensor's data as the file stores it (its blocks, for a quantized type).
+    ///
+    /// # Errors
+    /// The file changed or became unreadable since it was opened.
+    pub fn read_bytes(&self, tensor: &GgufTensor) -> Result<Vec<u8>> {
         let io = |e| CheckpointError::io(&self.path, e);
         let mut file = File::open(&self.path).map_err(io)?;
         file.seek(SeekFrom::Start(self.data_start + tensor.offset))
@@ -697,7 +705,7 @@ impl GgufFile {
         // n_bytes was checked against the file's length when it was opened.
         let mut bytes = vec![0u8; tensor.n_bytes as usize];
         file.read_exact(&mut bytes).map_err(io)?;
-        Ok(dequantize(tensor.kind, &bytes))
+        Ok(bytes)
     }
 }
 

@@ -282,6 +282,37 @@ impl QuantizedMatrix {
         })
     }
 
+    /// The matrix with its rows reordered: row `i` of the result is row `order[i]` of this
+    /// one (undoing llama.cpp's query/key row permutation on blocks as they are).
+    ///
+    /// # Errors
+    /// `order` not a permutation of the rows, or an NF4 matrix (whose blocks span rows).
+    pub fn permute_rows(self, order: &[usize]) -> Result<Self> {
+        let QuantFormat::Ggml(kind) = self.format else {
+            return Err(CheckpointError::Quantization(
+                "NF4 blocks span rows; permute the dense weight before quantizing".into(),
+            ));
+        };
+        let mut seen = vec![false; self.rows];
+        let is_permutation = order.len() == self.rows
+            && order
+                .iter()
+                .all(|&r| r < self.rows && !std::mem::replace(&mut seen[r], true));
+        if !is_permutation {
+            return Err(CheckpointError::Quantization(format!(
+                "a row order of {} entries is not a permutation of {} rows",
+                order.len(),
+                self.rows
+            )));
+        }
+        let row_bytes = self.cols / kind.block_values() * kind.block_bytes();
+        let mut data = Vec::with_capacity(self.data.len());
+        for &row in order {
+            data.extend_from_slice(&self.data[row * row_bytes..(row + 1) * row_bytes]);
+        }
+        Ok(Self { data, ..self })
+    }
+
     /// The format.
     pub fn format(&self) -> QuantFormat {
         self.format
@@ -626,6 +657,25 @@ mod tests {
         assert!(err.to_string().contains("288 bytes"), "{err}");
         let err = QuantFormat::parse_target("int3").unwrap_err();
         assert!(err.to_string().contains("nf4 or q8_0"), "{err}");
+    }
+
+    #[test]
+    fn ggml_rows_permute_as_whole_blocks_and_bad_orders_are_refused() {
+        let (rows, cols) = (4, 64);
+        let values = sample(rows * cols, 11);
+        let q = QuantizedMatrix::quantize_q8_0(&values, rows, cols).unwrap();
+        let dense = q.dequantize();
+        let permuted = q.clone().permute_rows(&[2, 0, 3, 1]).unwrap().dequantize();
+        for (i, &row) in [2, 0, 3, 1].iter().enumerate() {
+            assert_eq!(
+                permuted[i * cols..(i + 1) * cols],
+                dense[row * cols..(row + 1) * cols]
+            );
+        }
+        let err = q.clone().permute_rows(&[0, 0, 1, 2]).unwrap_err();
+        assert!(err.to_string().contains("not a permutation"), "{err}");
+        let nf4 = QuantizedMatrix::quantize_nf4(&values, rows, cols).unwrap();
+        assert!(nf4.permute_rows(&[0, 1, 2, 3]).is_err());
     }
 
     #[test]

@@ -16,6 +16,8 @@ use crate::error::{CheckpointError, Result};
 pub struct TensorMap {
     origin: String,
     pub(crate) tensors: BTreeMap<String, (TensorSnapshot, PathBuf)>,
+    /// The GGUF source of tensors added by [`TensorMap::add_gguf`], for taking their blocks.
+    gguf: BTreeMap<String, (std::rc::Rc<crate::gguf::GgufFile>, crate::gguf::GgufTensor)>,
 }
 
 impl TensorMap {
@@ -24,6 +26,7 @@ impl TensorMap {
         Self {
             origin: origin.into(),
             tensors: BTreeMap::new(),
+            gguf: BTreeMap::new(),
         }
     }
 
@@ -155,7 +158,58 @@ impl TensorMap {
             burn::module::ParamId::new(),
         );
         let path = file.path().to_path_buf();
-        self.insert(name, snapshot, &path)
+        self.insert(name.clone(), snapshot, &path)?;
+        self.gguf.insert(name, (file.clone(), tensor.clone()));
+        Ok(())
+    }
+
+    /// Takes a GGUF tensor of a quantized block type (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) as a
+    /// [`QuantizedMatrix`](crate::quant::QuantizedMatrix) `expected` = `[rows, cols]` holding
+    /// the file's blocks; `Ok(None)` (and the tensor left in place) for any other tensor.
+    ///
+    /// # Errors
+    /// A shape other than `expected`, an unreadable file, or blocks that dequantize to a
+    /// non-finite value (checked a range of rows at a time).
+    pub fn take_gguf_blocks(
+        &mut self,
+        key: &str,
+        expected: [usize; 2],
+    ) -> Result<Option<crate::quant::QuantizedMatrix>> {
+        use crate::gguf::GgmlType;
+        let Some((file, tensor)) = self.gguf.get(key) else {
+            return Ok(None);
+        };
+        if matches!(tensor.kind, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+            return Ok(None);
+        }
+        if tensor.shape != expected {
+            return Err(CheckpointError::ShapeMismatch {
+                origin: self.origin.clone(),
+                key: key.into(),
+                expected: expected.to_vec(),
+                found: tensor.shape.clone(),
+            });
+        }
+        let [rows, cols] = expected;
+        let bytes = file.read_bytes(tensor)?;
+        let matrix = crate::quant::QuantizedMatrix::from_ggml(tensor.kind, rows, cols, bytes)
+            .map_err(|e| CheckpointError::WeightFile {
+                path: file.path().into(),
+                message: format!("tensor '{}': {e}", tensor.name),
+            })?;
+        let per_check = (1 << 20) / cols + 1;
+        for start in (0..rows).step_by(per_check) {
+            let range = start..(start + per_check).min(rows);
+            if matrix.dequantize_rows(range).iter().any(|v| !v.is_finite()) {
+                return Err(CheckpointError::NonFinite {
+                    origin: self.origin.clone(),
+                    key: key.into(),
+                });
+            }
+        }
+        self.gguf.remove(key);
+        self.tensors.remove(key);
+        Ok(Some(matrix))
     }
 
     fn insert(&mut self, name: String, snapshot: TensorSnapshot, path: &Path) -> Result<()> {
@@ -187,6 +241,7 @@ impl TensorMap {
     /// Removes a tensor without reading it (for tensors a format carries but the model derives).
     pub fn discard(&mut self, key: &str) {
         self.tensors.remove(key);
+        self.gguf.remove(key);
     }
 
     /// Takes a tensor, checks its shape and values, and returns it as f32 in row-major order.
@@ -194,6 +249,7 @@ impl TensorMap {
     /// # Errors
     /// Missing, mis-shaped, unreadable, or non-finite.
     pub fn take_f32(&mut self, key: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        self.gguf.remove(key);
         let (snapshot, path) =
             self.tensors
                 .remove(key)

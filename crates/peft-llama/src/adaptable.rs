@@ -12,7 +12,8 @@ use peft_core::{
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::generate::{generate, Generation, GenerationConfig};
-use crate::model::{sites, Llama, TokenBatch};
+use crate::model::{sites, DecoderLayer, Llama, TokenBatch};
+use peft_ops::quant::FrozenLinear;
 
 /// The module path of the decoder layers, as Hugging Face's `LlamaForCausalLM` names them.
 pub const LAYERS_PATH: &str = "model.layers";
@@ -65,29 +66,66 @@ impl LlamaConfig {
     }
 }
 
+/// The projection of `layer` at `name` (a path inside the layer, [`sites`]).
+fn projection<'a, B: Backend>(
+    layer: &'a DecoderLayer<B>,
+    name: &str,
+) -> Option<&'a FrozenLinear<B>> {
+    Some(match name {
+        sites::Q_PROJ => &layer.self_attn.q_proj,
+        sites::K_PROJ => &layer.self_attn.k_proj,
+        sites::V_PROJ => &layer.self_attn.v_proj,
+        sites::O_PROJ => &layer.self_attn.o_proj,
+        sites::GATE_PROJ => &layer.mlp.gate_proj,
+        sites::UP_PROJ => &layer.mlp.up_proj,
+        sites::DOWN_PROJ => &layer.mlp.down_proj,
+        _ => return None,
+    })
+}
+
+fn projection_mut<'a, B: Backend>(
+    layer: &'a mut DecoderLayer<B>,
+    name: &str,
+) -> Option<&'a mut FrozenLinear<B>> {
+    Some(match name {
+        sites::Q_PROJ => &mut layer.self_attn.q_proj,
+        sites::K_PROJ => &mut layer.self_attn.k_proj,
+        sites::V_PROJ => &mut layer.self_attn.v_proj,
+        sites::O_PROJ => &mut layer.self_attn.o_proj,
+        sites::GATE_PROJ => &mut layer.mlp.gate_proj,
+        sites::UP_PROJ => &mut layer.mlp.up_proj,
+        sites::DOWN_PROJ => &mut layer.mlp.down_proj,
+        _ => return None,
+    })
+}
+
 impl<B: Backend> AdaptableModel<B> for Llama<B> {
     fn geometry(&self) -> ModelGeometry {
         self.config.geometry()
     }
 
     fn linear_sites(&self) -> Vec<LinearSite> {
-        self.config.linear_sites()
+        self.config
+            .linear_sites()
+            .into_iter()
+            .map(|site| {
+                let format = site
+                    .layer
+                    .and_then(|layer| projection(&self.layers[layer], &site.name))
+                    .and_then(FrozenLinear::quant_format);
+                match format {
+                    Some(format) => site.quantized_as(format.name()),
+                    None => site,
+                }
+            })
+            .collect()
     }
 
     fn linear_mut(&mut self, path: &str) -> Option<&mut Linear<B>> {
         let rest = path.strip_prefix(LAYERS_PATH)?.strip_prefix('.')?;
         let (index, name) = rest.split_once('.')?;
         let layer = self.layers.get_mut(index.parse::<usize>().ok()?)?;
-        Some(match name {
-            sites::Q_PROJ => &mut layer.self_attn.q_proj,
-            sites::K_PROJ => &mut layer.self_attn.k_proj,
-            sites::V_PROJ => &mut layer.self_attn.v_proj,
-            sites::O_PROJ => &mut layer.self_attn.o_proj,
-            sites::GATE_PROJ => &mut layer.mlp.gate_proj,
-            sites::UP_PROJ => &mut layer.mlp.up_proj,
-            sites::DOWN_PROJ => &mut layer.mlp.down_proj,
-            _ => return None,
-        })
+        projection_mut(layer, name)?.dense_mut()
     }
 
     fn insertion_points(&self) -> &'static [InsertionPoint] {

@@ -90,6 +90,10 @@ pub enum LlamaError {
         /// What the template engine said.
         message: String,
     },
+    /// Weights that cannot be quantized or held quantized, or an operation a quantized base
+    /// does not support.
+    #[error("quantization: {0}")]
+    Quantization(String),
 }
 
 impl From<peft_io::CheckpointError> for LlamaError {
@@ -124,6 +128,7 @@ impl From<peft_io::CheckpointError> for LlamaError {
                 found,
             },
             E::NonFinite { origin, key } => Self::NonFinite { origin, key },
+            E::Quantization(message) => Self::Quantization(message),
         }
     }
 }

@@ -32,6 +32,7 @@ pub use error::{LlamaError, Result};
 pub use generate::{generate, Generation, GenerationConfig};
 pub use model::{Attention, DecoderLayer, Llama, Mlp, RmsNorm, TokenBatch};
 pub use peft_core::{LayerHooks, NoHooks};
+pub use peft_ops::quant::{FrozenLinear, QuantFormat};
 pub use rope::RotaryEmbedding;
 pub use tokenizer::LlamaTokenizer;
-pub use weights::{LlamaLoader, WeightDtype};
+pub use weights::{LlamaLoader, Quantization, WeightDtype};

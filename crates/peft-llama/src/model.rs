@@ -5,6 +5,7 @@ use burn::nn::Linear;
 use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 
 use peft_core::{LayerHooks, Site};
+use peft_ops::quant::{FrozenLinear, QuantFormat};
 use peft_ops::tensor::{cast_to, linear_rows, mask_value, matmul, repeat_kv};
 
 use crate::cache::KvCache;
@@ -68,13 +69,13 @@ fn norm_heads<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 4>) -> Tensor<
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     /// `[hidden, heads · head_dim]`
-    pub q_proj: Linear<B>,
+    pub q_proj: FrozenLinear<B>,
     /// `[hidden, kv_heads · head_dim]`
-    pub k_proj: Linear<B>,
+    pub k_proj: FrozenLinear<B>,
     /// `[hidden, kv_heads · head_dim]`
-    pub v_proj: Linear<B>,
+    pub v_proj: FrozenLinear<B>,
     /// `[heads · head_dim, hidden]`
-    pub o_proj: Linear<B>,
+    pub o_proj: FrozenLinear<B>,
     /// Query heads.
     pub num_heads: usize,
     /// Key/value heads.
@@ -118,9 +119,9 @@ impl<B: Backend> Attention<B> {
     /// the key norm where the layer has one (Qwen3), so that they live where the layer's own
     /// keys do.
     pub fn project_key_values(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let keys = Self::split_heads(linear_rows(&self.k_proj, x.clone()), self.num_kv_heads);
+        let keys = Self::split_heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
         let keys = norm_heads(&self.k_norm, keys);
-        let values = Self::split_heads(linear_rows(&self.v_proj, x), self.num_kv_heads);
+        let values = Self::split_heads(self.v_proj.forward(x), self.num_kv_heads);
         (keys, values)
     }
 
@@ -134,12 +135,8 @@ impl<B: Backend> Attention<B> {
         cache: Option<&mut crate::cache::LayerKv<B>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
-        let project = |linear: &Linear<B>, name| {
-            hooks.adapt_linear(
-                Site::in_layer(layer, name),
-                &x,
-                linear_rows(linear, x.clone()),
-            )
+        let project = |linear: &FrozenLinear<B>, name| {
+            hooks.adapt_linear(Site::in_layer(layer, name), &x, linear.forward(x.clone()))
         };
         let queries = Self::split_heads(project(&self.q_proj, sites::Q_PROJ), self.num_heads);
         let keys = Self::split_heads(project(&self.k_proj, sites::K_PROJ), self.num_kv_heads);
@@ -181,7 +178,7 @@ impl<B: Backend> Attention<B> {
         hooks.adapt_linear(
             Site::in_layer(layer, sites::O_PROJ),
             &output,
-            linear_rows(&self.o_proj, output.clone()),
+            self.o_proj.forward(output.clone()),
         )
     }
 }
@@ -190,11 +187,11 @@ impl<B: Backend> Attention<B> {
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     /// `[hidden, intermediate]`
-    pub gate_proj: Linear<B>,
+    pub gate_proj: FrozenLinear<B>,
     /// `[hidden, intermediate]`
-    pub up_proj: Linear<B>,
+    pub up_proj: FrozenLinear<B>,
     /// `[intermediate, hidden]`
-    pub down_proj: Linear<B>,
+    pub down_proj: FrozenLinear<B>,
 }
 
 impl<B: Backend> Mlp<B> {
@@ -208,18 +205,18 @@ impl<B: Backend> Mlp<B> {
         let gate = hooks.adapt_linear(
             Site::in_layer(layer, sites::GATE_PROJ),
             &x,
-            linear_rows(&self.gate_proj, x.clone()),
+            self.gate_proj.forward(x.clone()),
         );
         let up = hooks.adapt_linear(
             Site::in_layer(layer, sites::UP_PROJ),
             &x,
-            linear_rows(&self.up_proj, x.clone()),
+            self.up_proj.forward(x.clone()),
         );
         let hidden = peft_ops::blocks::swiglu(gate, up);
         hooks.adapt_linear(
             Site::in_layer(layer, sites::DOWN_PROJ),
             &hidden,
-            linear_rows(&self.down_proj, hidden.clone()),
+            self.down_proj.forward(hidden.clone()),
         )
     }
 }
@@ -296,6 +293,107 @@ impl<B: Backend> Llama<B> {
     /// The floating-point type of the frozen weights.
     pub fn dtype(&self) -> DType {
         self.embed_tokens.val().dtype()
+    }
+
+    /// Every decoder projection, in layer order (q, k, v, o, gate, up, down).
+    pub fn projections(&self) -> impl Iterator<Item = &FrozenLinear<B>> {
+        self.layers.iter().flat_map(|layer| {
+            let (attention, mlp) = (&layer.self_attn, &layer.mlp);
+            [
+                &attention.q_proj,
+                &attention.k_proj,
+                &attention.v_proj,
+                &attention.o_proj,
+                &mlp.gate_proj,
+                &mlp.up_proj,
+                &mlp.down_proj,
+            ]
+        })
+    }
+
+    /// Quantizes every decoder projection to `format` (QLoRA's frozen base); embeddings, norms
+    /// and the output head stay dense. Projections already in `format` (from a GGUF file) are
+    /// kept as they are.
+    ///
+    /// # Errors
+    /// A projection the format cannot hold (Q8_0 needs widths that are multiples of 32), or one
+    /// already quantized to another format. The model is consumed either way.
+    pub fn quantize(mut self, format: QuantFormat) -> Result<Self> {
+        let q = |linear: FrozenLinear<B>| linear.quantize(format);
+        self.layers = self
+            .layers
+            .into_iter()
+            .map(|layer| -> Result<DecoderLayer<B>> {
+                let (attention, mlp) = (layer.self_attn, layer.mlp);
+                Ok(DecoderLayer {
+                    self_attn: Attention {
+                        q_proj: q(attention.q_proj)?,
+                        k_proj: q(attention.k_proj)?,
+                        v_proj: q(attention.v_proj)?,
+                        o_proj: q(attention.o_proj)?,
+                        ..attention
+                    },
+                    mlp: Mlp {
+                        gate_proj: q(mlp.gate_proj)?,
+                        up_proj: q(mlp.up_proj)?,
+                        down_proj: q(mlp.down_proj)?,
+                    },
+                    ..layer
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(self)
+    }
+
+    /// The model with every quantized projection replaced by a dense one holding its
+    /// dequantized values (in the model's dtype): what a LoRA can be merged into, and the dense
+    /// twin a quantized model is compared with.
+    pub fn dequantize(mut self) -> Self {
+        let (device, dtype) = (self.device(), self.dtype());
+        let dense = |linear: FrozenLinear<B>| FrozenLinear::Dense(linear.to_dense(&device, dtype));
+        self.layers = self
+            .layers
+            .into_iter()
+            .map(|layer| {
+                let (attention, mlp) = (layer.self_attn, layer.mlp);
+                DecoderLayer {
+                    self_attn: Attention {
+                        q_proj: dense(attention.q_proj),
+                        k_proj: dense(attention.k_proj),
+                        v_proj: dense(attention.v_proj),
+                        o_proj: dense(attention.o_proj),
+                        ..attention
+                    },
+                    mlp: Mlp {
+                        gate_proj: dense(mlp.gate_proj),
+                        up_proj: dense(mlp.up_proj),
+                        down_proj: dense(mlp.down_proj),
+                    },
+                    ..layer
+                }
+            })
+            .collect();
+        self
+    }
+
+    /// Bytes the decoder projections' weights take (quantized: blocks and scales; dense: values
+    /// in their dtype).
+    pub fn projection_bytes(&self) -> usize {
+        self.projections()
+            .map(|p| match p {
+                FrozenLinear::Dense(linear) => {
+                    linear.weight.val().shape().num_elements() * self.dtype().size()
+                }
+                FrozenLinear::Quantized(linear) => linear.weight.0.storage_bytes(),
+            })
+            .sum()
+    }
+
+    /// The format of the quantized projections: `None` when every projection is dense, the
+    /// format when all are quantized to one, and the first when they differ (a GGUF file may
+    /// mix block types).
+    pub fn quant_format(&self) -> Option<QuantFormat> {
+        self.projections().find_map(FrozenLinear::quant_format)
     }
 
     /// Positions, RoPE tables and the attention mask for `tokens` following `cache`.
@@ -542,6 +640,9 @@ impl LlamaConfig {
                 bias,
             }
         };
+        let frozen = |input: usize, output: usize, bias: bool| {
+            FrozenLinear::Dense(linear(input, output, bias))
+        };
         let norm = |width: usize| RmsNorm {
             weight: Param::from_tensor(cast_to(Tensor::ones([width], device), dtype))
                 .set_require_grad(false),
@@ -552,10 +653,10 @@ impl LlamaConfig {
         let layers = (0..self.num_hidden_layers)
             .map(|layer| DecoderLayer {
                 self_attn: Attention {
-                    q_proj: linear(d, self.query_width(), qkv_bias),
-                    k_proj: linear(d, self.kv_width(), qkv_bias),
-                    v_proj: linear(d, self.kv_width(), qkv_bias),
-                    o_proj: linear(self.query_width(), d, self.o_proj_bias),
+                    q_proj: frozen(d, self.query_width(), qkv_bias),
+                    k_proj: frozen(d, self.kv_width(), qkv_bias),
+                    v_proj: frozen(d, self.kv_width(), qkv_bias),
+                    o_proj: frozen(self.query_width(), d, self.o_proj_bias),
                     num_heads: self.num_attention_heads,
                     num_kv_heads: self.num_key_value_heads,
                     head_dim: self.head_dim,
@@ -564,9 +665,9 @@ impl LlamaConfig {
                     sliding: self.is_sliding(layer),
                 },
                 mlp: Mlp {
-                    gate_proj: linear(d, f, mlp_bias),
-                    up_proj: linear(d, f, mlp_bias),
-                    down_proj: linear(f, d, mlp_bias),
+                    gate_proj: frozen(d, f, mlp_bias),
+                    up_proj: frozen(d, f, mlp_bias),
+                    down_proj: frozen(f, d, mlp_bias),
                 },
                 input_layernorm: norm(d),
                 post_attention_layernorm: norm(d),

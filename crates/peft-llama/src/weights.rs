@@ -7,6 +7,7 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 pub use peft_io::{transpose, TensorMap};
+use peft_ops::quant::{FrozenLinear, QuantFormat, QuantizedLinear, QuantizedMatrix};
 
 use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
@@ -48,22 +49,59 @@ impl std::str::FromStr for WeightDtype {
     }
 }
 
-/// Reorders the rows of a Meta-layout query/key weight `[heads · head_dim, in]` (rotary pairs
-/// interleaved) into Hugging Face's rotate-half layout (first halves, then second halves).
-pub fn meta_to_hf_rows(values: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+/// The Meta-layout row of each row of a Hugging Face-layout query/key weight
+/// `[heads · head_dim, in]`: rotary pairs interleaved (Meta, llama.cpp) versus first halves then
+/// second halves (Hugging Face's rotate-half).
+pub fn meta_to_hf_order(heads: usize, head_dim: usize) -> Vec<usize> {
     let half = head_dim / 2;
-    let mut out = vec![0.0; values.len()];
+    let mut order = vec![0; heads * head_dim];
     for head in 0..heads {
         for pair in 0..half {
             for component in 0..2 {
-                let meta_row = head * head_dim + 2 * pair + component;
-                let hf_row = head * head_dim + component * half + pair;
-                out[hf_row * cols..(hf_row + 1) * cols]
-                    .copy_from_slice(&values[meta_row * cols..(meta_row + 1) * cols]);
+                order[head * head_dim + component * half + pair] =
+                    head * head_dim + 2 * pair + component;
             }
         }
     }
+    order
+}
+
+/// Reorders the rows of a Meta-layout query/key weight `[heads · head_dim, in]` (rotary pairs
+/// interleaved) into Hugging Face's rotate-half layout (first halves, then second halves).
+pub fn meta_to_hf_rows(values: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(values.len());
+    for meta_row in meta_to_hf_order(heads, head_dim) {
+        out.extend_from_slice(&values[meta_row * cols..(meta_row + 1) * cols]);
+    }
     out
+}
+
+/// How the loader stores the decoder's projections (attention q/k/v/o, feed-forward
+/// gate/up/down); embeddings, norms and the output head are always dense.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantization {
+    /// Dense, in the loader's dtype (GGUF blocks dequantized).
+    #[default]
+    Dense,
+    /// A GGUF file's quantized blocks kept as the file holds them (Q8_0, Q4_0, Q4_1, Q4_K,
+    /// Q5_K, Q6_K); its dense tensors stay dense.
+    KeepGguf,
+    /// Quantized to this format on load (NF4 or Q8_0); a GGUF file's quantized blocks are kept
+    /// as they are rather than quantized a second time.
+    To(QuantFormat),
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "none" | "dense" => Ok(Self::Dense),
+            "gguf" => Ok(Self::KeepGguf),
+            other => QuantFormat::parse_target(other)
+                .map(Self::To)
+                .map_err(|_| format!("unknown quantization `{other}` (nf4, q8_0, gguf, none)")),
+        }
+    }
 }
 
 /// Naming convention of a checkpoint.
@@ -88,6 +126,7 @@ pub fn is_gguf(path: &Path) -> bool {
 pub struct LlamaLoader {
     dir: PathBuf,
     dtype: WeightDtype,
+    quantization: Quantization,
 }
 
 fn key_for(layout: CheckpointLayout, hf: &str) -> String {
@@ -128,6 +167,7 @@ struct Builder<'a, B: Backend> {
     config: &'a LlamaConfig,
     device: &'a B::Device,
     dtype: DType,
+    quantization: Quantization,
 }
 
 impl<B: Backend> Builder<'_, B> {
@@ -153,7 +193,37 @@ impl<B: Backend> Builder<'_, B> {
         })
     }
 
-    /// A projection stored PyTorch-style `[out, in]`: kept in that memory layout and used
+    /// A weight `[out, in]` as row-major f32 host values, its query/key rows in Hugging Face's
+    /// order.
+    fn weight_values(
+        &mut self,
+        hf: &str,
+        out: usize,
+        inp: usize,
+        rotary_heads: Option<usize>,
+    ) -> Result<Vec<f32>> {
+        let weight_key = format!("{hf}.weight");
+        let mut values = self
+            .tensors
+            .take_f32(&key_for(self.layout, &weight_key), &[out, inp])?;
+        if let (CheckpointLayout::Meta | CheckpointLayout::Gguf, Some(heads)) =
+            (self.layout, rotary_heads)
+        {
+            values = meta_to_hf_rows(&values, heads, self.config.head_dim, inp);
+        }
+        Ok(values)
+    }
+
+    fn bias(&mut self, hf: &str, out: usize, bias: bool) -> Result<Option<Param<Tensor<B, 1>>>> {
+        if !bias {
+            return Ok(None);
+        }
+        let bias_key = key_for(self.layout, &format!("{hf}.bias"));
+        let values = self.tensors.take_f32(&bias_key, &[out])?;
+        Ok(Some(self.param(values, [out])))
+    }
+
+    /// A dense projection stored PyTorch-style `[out, in]`: kept in that memory layout and used
     /// through a transposed view (`[in, out]` to Burn), which Burn's CUDA matmul runs faster
     /// than a row-major `[in, out]` copy (gate/up projections of LLaMA-7B 4.9 → 3.1 ms on an
     /// H100, `examples/op_profile.rs`); loading no longer transposes on the host.
@@ -165,27 +235,57 @@ impl<B: Backend> Builder<'_, B> {
         rotary_heads: Option<usize>,
         bias: bool,
     ) -> Result<Linear<B>> {
-        let weight_key = format!("{hf}.weight");
-        let mut values = self
-            .tensors
-            .take_f32(&key_for(self.layout, &weight_key), &[out, inp])?;
-        if let (CheckpointLayout::Meta | CheckpointLayout::Gguf, Some(heads)) =
-            (self.layout, rotary_heads)
-        {
-            values = meta_to_hf_rows(&values, heads, self.config.head_dim, inp);
-        }
+        let values = self.weight_values(hf, out, inp, rotary_heads)?;
         let weight = self.tensor(values, [out, inp]).transpose();
-        let bias = if bias {
-            let bias_key = key_for(self.layout, &format!("{hf}.bias"));
-            let values = self.tensors.take_f32(&bias_key, &[out])?;
-            Some(self.param(values, [out]))
-        } else {
-            None
-        };
         Ok(Linear {
             weight: Param::from_tensor(weight).set_require_grad(false),
-            bias,
+            bias: self.bias(hf, out, bias)?,
         })
+    }
+
+    /// A decoder projection, dense or quantized as the loader's [`Quantization`] says. A
+    /// quantized weight is quantized from host values, never held dense on the device.
+    fn projection(
+        &mut self,
+        hf: &str,
+        out: usize,
+        inp: usize,
+        rotary_heads: Option<usize>,
+        bias: bool,
+    ) -> Result<FrozenLinear<B>> {
+        if self.quantization != Quantization::Dense && self.layout == CheckpointLayout::Gguf {
+            let key = key_for(self.layout, &format!("{hf}.weight"));
+            if let Some(matrix) = self.tensors.take_gguf_blocks(&key, [out, inp])? {
+                let matrix = match rotary_heads {
+                    Some(heads) => {
+                        matrix.permute_rows(&meta_to_hf_order(heads, self.config.head_dim))?
+                    }
+                    None => matrix,
+                };
+                return Ok(FrozenLinear::Quantized(QuantizedLinear::new(
+                    matrix,
+                    self.bias(hf, out, bias)?,
+                )));
+            }
+        }
+        match self.quantization {
+            Quantization::To(format) => {
+                let values = self.weight_values(hf, out, inp, rotary_heads)?;
+                let matrix = QuantizedMatrix::quantize(format, &values, out, inp)
+                    .map_err(|e| LlamaError::Quantization(format!("{hf}.weight: {e}")))?;
+                Ok(FrozenLinear::Quantized(QuantizedLinear::new(
+                    matrix,
+                    self.bias(hf, out, bias)?,
+                )))
+            }
+            Quantization::Dense | Quantization::KeepGguf => Ok(FrozenLinear::Dense(self.linear(
+                hf,
+                out,
+                inp,
+                rotary_heads,
+                bias,
+            )?)),
+        }
     }
 
     fn build(mut self) -> Result<Llama<B>> {
@@ -204,22 +304,22 @@ impl<B: Backend> Builder<'_, B> {
                     .transpose()
             };
             let self_attn = Attention {
-                q_proj: self.linear(
+                q_proj: self.projection(
                     &p("self_attn.q_proj"),
                     c.query_width(),
                     d,
                     Some(c.num_attention_heads),
                     qkv_bias,
                 )?,
-                k_proj: self.linear(
+                k_proj: self.projection(
                     &p("self_attn.k_proj"),
                     c.kv_width(),
                     d,
                     Some(c.num_key_value_heads),
                     qkv_bias,
                 )?,
-                v_proj: self.linear(&p("self_attn.v_proj"), c.kv_width(), d, None, qkv_bias)?,
-                o_proj: self.linear(
+                v_proj: self.projection(&p("self_attn.v_proj"), c.kv_width(), d, None, qkv_bias)?,
+                o_proj: self.projection(
                     &p("self_attn.o_proj"),
                     d,
                     c.query_width(),
@@ -235,9 +335,9 @@ impl<B: Backend> Builder<'_, B> {
             };
             let f = c.intermediate_size;
             let mlp = Mlp {
-                gate_proj: self.linear(&p("mlp.gate_proj"), f, d, None, mlp_bias)?,
-                up_proj: self.linear(&p("mlp.up_proj"), f, d, None, mlp_bias)?,
-                down_proj: self.linear(&p("mlp.down_proj"), d, f, None, mlp_bias)?,
+                gate_proj: self.projection(&p("mlp.gate_proj"), f, d, None, mlp_bias)?,
+                up_proj: self.projection(&p("mlp.up_proj"), f, d, None, mlp_bias)?,
+                down_proj: self.projection(&p("mlp.down_proj"), d, f, None, mlp_bias)?,
             };
             layers.push(DecoderLayer {
                 self_attn,
@@ -274,7 +374,16 @@ impl LlamaLoader {
         Self {
             dir: dir.into(),
             dtype: WeightDtype::F32,
+            quantization: Quantization::Dense,
         }
+    }
+
+    /// Stores the decoder's projections as `quantization` says (QLoRA-style frozen base:
+    /// `Quantization::To(QuantFormat::Nf4)`); embeddings, norms and the output head stay dense
+    /// in the loader's dtype.
+    pub fn with_quantization(mut self, quantization: Quantization) -> Self {
+        self.quantization = quantization;
+        self
     }
 
     /// Converts the weights to `dtype` on load.
@@ -373,6 +482,7 @@ impl LlamaLoader {
             config: &config,
             device,
             dtype: self.dtype.dtype(),
+            quantization: self.quantization,
         }
         .build()?;
         tensors.finish()?;
@@ -427,17 +537,14 @@ pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<(String, Vec<usize>, Vec<
             .into_vec::<f32>()
             .expect("float tensor data converts to f32")
     }
-    // A linear's weight, then its bias if it has one.
+    // A linear's weight (dequantized if quantized), then its bias if it has one.
     let linear =
-        |out: &mut Vec<(String, Vec<usize>, Vec<f32>)>, name: String, linear: &Linear<B>| {
-            let [inp, width] = linear.weight.dims();
-            out.push((
-                format!("{name}.weight"),
-                vec![width, inp],
-                transpose(&host(linear.weight.val()), inp, width),
-            ));
-            if let Some(bias) = &linear.bias {
-                out.push((format!("{name}.bias"), vec![width], host(bias.val())));
+        |out: &mut Vec<(String, Vec<usize>, Vec<f32>)>, name: String, linear: &FrozenLinear<B>| {
+            let (weight, bias) = linear.host_weight();
+            let (rows, cols) = (linear.out_features(), linear.in_features());
+            out.push((format!("{name}.weight"), vec![rows, cols], weight));
+            if let Some(bias) = bias {
+                out.push((format!("{name}.bias"), vec![rows], bias));
             }
         };
     let norm = |name: String, norm: &RmsNorm<B>| {
@@ -474,7 +581,11 @@ pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<(String, Vec<usize>, Vec<
     }
     out.push(norm("model.norm.weight".into(), &model.norm));
     if let Some(head) = &model.lm_head {
-        linear(&mut out, "lm_head".into(), head);
+        linear(
+            &mut out,
+            "lm_head".into(),
+            &FrozenLinear::Dense(head.clone()),
+        );
     }
     out
 }

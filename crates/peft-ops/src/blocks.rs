@@ -170,19 +170,22 @@ macro_rules! on_known_autodiff {
         }
     }};
 }
+pub(crate) use on_known_autodiff;
 
 /// A float tensor of `Autodiff<X>` as a primitive.
-fn prim<X: Backend, const D: usize>(t: Tensor<Autodiff<X>, D>) -> FloatTensor<Autodiff<X>> {
+pub(crate) fn prim<X: Backend, const D: usize>(
+    t: Tensor<Autodiff<X>, D>,
+) -> FloatTensor<Autodiff<X>> {
     t.into_primitive().tensor()
 }
 
 /// A primitive of `X` as a tensor.
-fn tensor<X: Backend, const D: usize>(p: FloatTensor<X>) -> Tensor<X, D> {
+pub(crate) fn tensor<X: Backend, const D: usize>(p: FloatTensor<X>) -> Tensor<X, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
 
 /// The primitive of a float tensor.
-fn raw<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+pub(crate) fn raw<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
@@ -340,7 +343,7 @@ fn rotary_values<X: Backend>(
 
 /// `out` as the output of the node `op` whose inputs are `parents`; `state()` is what its
 /// backward pass reads, built only when one of them needs a gradient.
-fn record<X: Backend, N: Backward<X, K>, const K: usize>(
+pub(crate) fn record<X: Backend, N: Backward<X, K>, const K: usize>(
     op: N,
     parents: [&FloatTensor<Autodiff<X>>; K],
     state: impl FnOnce() -> N::State,

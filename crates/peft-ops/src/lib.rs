@@ -6,6 +6,8 @@
 //!   single autodiff nodes (hand-written CUDA kernels inside on the CUDA backend), with the
 //!   chains of tensor operations they replace in [`blocks::composed`] as the reference;
 //! - [`dispatch`]: the run-time check of which backend a generic `B` is;
+//! - [`quant`]: frozen linear layers whose weight stays quantized (NF4, Q8_0, GGUF blocks),
+//!   differentiable with respect to their input, and [`quant::FrozenLinear`];
 //! - [`options`]: the switches of the CUDA fast paths (typed; `PEFT_*` variables as defaults).
 //!
 //! Every function is generic over `B: Backend` and gives the same values on every backend; the
@@ -29,6 +31,7 @@ pub mod dispatch;
 #[cfg(feature = "cuda")]
 pub mod kernels;
 pub mod options;
+pub mod quant;
 pub mod tensor;
 
 pub use tensor::{cast_to, linear_rows, matmul, repeat_kv, upcast};

@@ -13,3 +13,4 @@ mod families;
 mod gguf;
 mod hostile_inputs;
 mod parity;
+mod quantized;
