@@ -318,8 +318,24 @@ impl<B: Backend> Llama<B> {
     /// # Errors
     /// A projection the format cannot hold (Q8_0 needs widths that are multiples of 32), or one
     /// already quantized to another format. The model is consumed either way.
-    pub fn quantize(mut self, format: QuantFormat) -> Result<Self> {
-        let q = |linear: FrozenLinear<B>| linear.quantize(format);
+    pub fn quantize(self, format: QuantFormat) -> Result<Self> {
+        self.try_map_projections(|linear| Ok(linear.quantize(format)?))
+    }
+
+    /// The model with every quantized projection replaced by a dense one holding its
+    /// dequantized values (in the model's dtype): what a LoRA can be merged into, and the dense
+    /// twin a quantized model is compared with.
+    pub fn dequantize(self) -> Self {
+        let (device, dtype) = (self.device(), self.dtype());
+        self.try_map_projections(|linear| Ok(FrozenLinear::Dense(linear.to_dense(&device, dtype))))
+            .unwrap_or_else(|e| unreachable!("dequantizing cannot fail: {e}"))
+    }
+
+    /// The model with `f` applied to every decoder projection, layer by layer.
+    fn try_map_projections(
+        mut self,
+        mut f: impl FnMut(FrozenLinear<B>) -> Result<FrozenLinear<B>>,
+    ) -> Result<Self> {
         self.layers = self
             .layers
             .into_iter()
@@ -327,53 +343,22 @@ impl<B: Backend> Llama<B> {
                 let (attention, mlp) = (layer.self_attn, layer.mlp);
                 Ok(DecoderLayer {
                     self_attn: Attention {
-                        q_proj: q(attention.q_proj)?,
-                        k_proj: q(attention.k_proj)?,
-                        v_proj: q(attention.v_proj)?,
-                        o_proj: q(attention.o_proj)?,
+                        q_proj: f(attention.q_proj)?,
+                        k_proj: f(attention.k_proj)?,
+                        v_proj: f(attention.v_proj)?,
+                        o_proj: f(attention.o_proj)?,
                         ..attention
                     },
                     mlp: Mlp {
-                        gate_proj: q(mlp.gate_proj)?,
-                        up_proj: q(mlp.up_proj)?,
-                        down_proj: q(mlp.down_proj)?,
+                        gate_proj: f(mlp.gate_proj)?,
+                        up_proj: f(mlp.up_proj)?,
+                        down_proj: f(mlp.down_proj)?,
                     },
                     ..layer
                 })
             })
             .collect::<Result<_>>()?;
         Ok(self)
-    }
-
-    /// The model with every quantized projection replaced by a dense one holding its
-    /// dequantized values (in the model's dtype): what a LoRA can be merged into, and the dense
-    /// twin a quantized model is compared with.
-    pub fn dequantize(mut self) -> Self {
-        let (device, dtype) = (self.device(), self.dtype());
-        let dense = |linear: FrozenLinear<B>| FrozenLinear::Dense(linear.to_dense(&device, dtype));
-        self.layers = self
-            .layers
-            .into_iter()
-            .map(|layer| {
-                let (attention, mlp) = (layer.self_attn, layer.mlp);
-                DecoderLayer {
-                    self_attn: Attention {
-                        q_proj: dense(attention.q_proj),
-                        k_proj: dense(attention.k_proj),
-                        v_proj: dense(attention.v_proj),
-                        o_proj: dense(attention.o_proj),
-                        ..attention
-                    },
-                    mlp: Mlp {
-                        gate_proj: dense(mlp.gate_proj),
-                        up_proj: dense(mlp.up_proj),
-                        down_proj: dense(mlp.down_proj),
-                    },
-                    ..layer
-                }
-            })
-            .collect();
-        self
     }
 
     /// Bytes the decoder projections' weights take (quantized: blocks and scales; dense: values

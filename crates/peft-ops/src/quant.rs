@@ -186,6 +186,14 @@ impl<X: Backend> Backward<X, 1> for QuantizedProductNode<X> {
     }
 }
 
+/// A tensor's values as row-major f32 on the host.
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .unwrap_or_else(|e| unreachable!("float data converts to f32: {e:?}"))
+}
+
 /// A frozen projection as a model holds it: dense (Burn's [`Linear`], weight `[in, out]`) or
 /// quantized.
 #[derive(Module, Debug)]
@@ -254,12 +262,6 @@ impl<B: Backend> FrozenLinear<B> {
     /// The weight `[out, in]` as row-major f32 host values (dequantized if quantized), and the
     /// bias: for saving and inspection, not for products.
     pub fn host_weight(&self) -> (Vec<f32>, Option<Vec<f32>>) {
-        fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-            t.into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .unwrap_or_else(|e| unreachable!("float data converts to f32: {e:?}"))
-        }
         match self {
             Self::Dense(linear) => (
                 host(linear.weight.val().transpose()),
@@ -307,7 +309,7 @@ impl<B: Backend> FrozenLinear<B> {
             ))),
             Self::Dense(linear) => {
                 let [inp, out] = linear.weight.dims();
-                let values = Self::Dense(linear.clone()).host_weight().0;
+                let values = host(linear.weight.val().transpose());
                 let matrix = QuantizedMatrix::quantize(format, &values, out, inp)?;
                 Ok(Self::Quantized(QuantizedLinear::new(matrix, linear.bias)))
             }
