@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use peft_core::{load_adapter, AnyAdapter};
 use peft_llama::PrefixFromTokens;
-use peft_llama::{Llama, LlamaLoader, LlamaTokenizer, WeightDtype};
+use peft_llama::{Llama, LlamaLoader, LlamaTokenizer, Quantization, WeightDtype};
 
 use crate::backend::{device, Inference};
 use crate::AnyResult;
@@ -15,7 +15,7 @@ pub fn default_model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260k")
 }
 
-/// `--model` and `--dtype`.
+/// `--model`, `--dtype` and `--quantize`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Model directory (Hugging Face or Meta layout) or a GGUF file (llama.cpp, Ollama);
@@ -25,7 +25,15 @@ pub struct ModelArgs {
     /// Dtype of the frozen weights: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: WeightDtype,
+    #[arg(long, default_value = "none", help = QUANTIZE_HELP)]
+    pub quantize: Quantization,
 }
+
+/// `--quantize`'s help, shared by every command that loads a model.
+pub const QUANTIZE_HELP: &str = "How the decoder's projections are held: none (dense, in \
+    --dtype), nf4 (4-bit NormalFloat with double quantization, QLoRA's format) or q8_0 \
+    (llama.cpp's 8-bit blocks), quantized on load; gguf keeps a GGUF file's quantized blocks as \
+    they are. Embeddings, norms and the output head stay dense";
 
 impl ModelArgs {
     /// The model directory or GGUF file.
@@ -35,9 +43,14 @@ impl ModelArgs {
 
     /// Loads the model for inference.
     pub fn load(&self) -> AnyResult<Llama<Inference>> {
-        Ok(LlamaLoader::new(self.dir())
+        Ok(self.loader().load(&device())?)
+    }
+
+    /// The loader the flags describe.
+    pub fn loader(&self) -> LlamaLoader {
+        LlamaLoader::new(self.dir())
             .with_dtype(self.dtype)
-            .load(&device())?)
+            .with_quantization(self.quantize)
     }
 }
 

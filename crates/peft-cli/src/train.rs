@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use peft_core::save_adapter;
-use peft_llama::{LlamaLoader, LlamaTokenizer, WeightDtype};
+use peft_llama::{LlamaLoader, LlamaTokenizer, Quantization, WeightDtype};
 use peft_train::{
     load_alpaca, load_pretokenized, split_validation, tokenize_instruction_records,
     train_data_parallel, AdamWConfig, BatchStrategy, BatchingConfig, Example, InstructionFormat,
@@ -43,6 +43,8 @@ pub struct TrainArgs {
     /// Dtype of the frozen base weights (adapter and optimiser state stay f32).
     #[arg(long, default_value = "f32")]
     dtype: WeightDtype,
+    #[arg(long, default_value = "none", help = crate::model_args::QUANTIZE_HELP)]
+    quantize: Quantization,
     /// Training data: Alpaca `.json`/`.jsonl`, or pre-tokenized `.jsonl` (`input_ids`, `labels`).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -241,6 +243,11 @@ pub fn load_examples(
         }
         let train = tokenize_instruction_records(&train, tokenizer, format, max_seq_len)?;
         let validation = tokenize_instruction_records(&validation, tokenizer, format, max_seq_len)?;
+        if val_size == 0 {
+            // Nothing held out (`peft eval`): the records in file order, indices listed.
+            warn_skipped(path, "records", &train, max_seq_len, true);
+            return Ok((train.examples, validation.examples));
+        }
         // Their indices are within the split, not the file, so they are not listed.
         warn_skipped(path, "training records", &train, max_seq_len, false);
         warn_skipped(path, "validation records", &validation, max_seq_len, false);
@@ -307,8 +314,19 @@ pub fn run(mut args: TrainArgs) -> AnyResult<()> {
     };
     // Not Copy on every backend (CUDA devices are not).
     let device = devices.first().cloned().ok_or("no device")?;
-    let loader = LlamaLoader::new(&model_dir).with_dtype(args.dtype);
+    let loader = LlamaLoader::new(&model_dir)
+        .with_dtype(args.dtype)
+        .with_quantization(args.quantize);
     let base = loader.load::<Training>(&device)?;
+    if let Some(format) = base.quant_format() {
+        eprintln!(
+            "frozen base: decoder projections held as {} ({:.1} MiB; embeddings, norms and \
+             output head dense in {:?})",
+            format.name(),
+            base.projection_bytes() as f64 / (1 << 20) as f64,
+            base.dtype(),
+        );
+    }
     // The same frozen model on every further device.
     let replicas = devices[1..]
         .iter()
@@ -317,7 +335,6 @@ pub fn run(mut args: TrainArgs) -> AnyResult<()> {
     let tokenizer = LlamaTokenizer::load(&model_dir)?;
     if let Some(vision_dir) = &args.vision_model {
         let (adapter, prepared) = crate::visual::prepare(crate::visual::VisualData {
-            model_dir: &model_dir,
             vision_dir,
             data: &data,
             choice: &args.adapter,
@@ -339,7 +356,7 @@ pub fn run(mut args: TrainArgs) -> AnyResult<()> {
             &prepared.validation,
         )?;
         let adapter = adapter.valid();
-        let base_eval = loader.load::<crate::backend::Inference>(&device)?;
+        let base_eval = base.valid();
         prepared.report_accuracy(&base_eval, &adapter, &tokenizer)?;
         let adapter_dir = args.output.join("adapter");
         peft_vision::save_multimodal(&adapter, &base_eval, &adapter_dir)?;

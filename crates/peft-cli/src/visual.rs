@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-use peft_llama::{generate, GenerationConfig, Llama, LlamaLoader, LlamaTokenizer};
+use burn::module::AutodiffModule;
+use peft_llama::{generate, GenerationConfig, Llama, LlamaTokenizer};
 use peft_train::{split_validation, Example};
 use peft_vision::{
     choice_accuracy, image_features, load_multimodal, load_visual_qa, visual_examples,
@@ -18,7 +19,6 @@ use crate::AnyResult;
 
 /// What `peft train --vision-model` needs besides the trainer's flags.
 pub struct VisualData<'a> {
-    pub model_dir: &'a Path,
     pub vision_dir: &'a Path,
     pub data: &'a Path,
     pub choice: &'a AdapterChoice,
@@ -63,7 +63,7 @@ pub fn prepare(args: VisualData<'_>) -> AnyResult<(MultimodalAdaptionPrompt<Trai
         feature_layers,
     );
     config.check_vision(&vision.config)?;
-    let base_eval = LlamaLoader::new(args.model_dir).load::<Inference>(&device)?;
+    let base_eval = args.base.valid();
     let probe = config.init::<Inference>(&base_eval, &device)?;
     let features = image_features(&records, &vision, &probe, 64)?;
     let examples = visual_examples(

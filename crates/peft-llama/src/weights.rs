@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use peft_io::CheckpointError;
 pub use peft_io::{transpose, TensorMap};
 use peft_ops::quant::{FrozenLinear, QuantFormat, QuantizedLinear, QuantizedMatrix};
 
@@ -271,8 +272,13 @@ impl<B: Backend> Builder<'_, B> {
         match self.quantization {
             Quantization::To(format) => {
                 let values = self.weight_values(hf, out, inp, rotary_heads)?;
-                let matrix = QuantizedMatrix::quantize(format, &values, out, inp)
-                    .map_err(|e| LlamaError::Quantization(format!("{hf}.weight: {e}")))?;
+                let matrix =
+                    QuantizedMatrix::quantize(format, &values, out, inp).map_err(|e| match e {
+                        CheckpointError::Quantization(message) => {
+                            LlamaError::Quantization(format!("{hf}.weight: {message}"))
+                        }
+                        other => other.into(),
+                    })?;
                 Ok(FrozenLinear::Quantized(QuantizedLinear::new(
                     matrix,
                     self.bias(hf, out, bias)?,
@@ -473,8 +479,16 @@ impl LlamaLoader {
     /// Loads the model onto `device`.
     ///
     /// # Errors
-    /// Unreadable files, and every missing, unexpected, mis-shaped or non-finite tensor.
+    /// Unreadable files, every missing, unexpected, mis-shaped or non-finite tensor, and
+    /// [`Quantization::KeepGguf`] for a checkpoint that is not a GGUF file.
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<Llama<B>> {
+        if self.quantization == Quantization::KeepGguf && self.layout()? != CheckpointLayout::Gguf {
+            return Err(LlamaError::Quantization(format!(
+                "{}: keeping GGUF blocks needs a .gguf file; quantize a dense checkpoint with \
+                 nf4 or q8_0 instead",
+                self.dir.display()
+            )));
+        }
         let (config, mut tensors, layout) = self.read()?;
         let model = Builder {
             tensors: &mut tensors,

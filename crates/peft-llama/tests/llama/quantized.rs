@@ -186,10 +186,21 @@ fn formats_that_cannot_hold_a_weight_are_refused_by_name() {
         err.contains("model.layers.0.self_attn.q_proj.weight") && err.contains("blocks of 32"),
         "{err}"
     );
+    assert!(
+        !err.contains("quantization: quantization"),
+        "one prefix: {err}"
+    );
     let model = tiny_gqa(Quantization::Dense);
     let err = model
         .quantize(QuantFormat::Ggml(peft_io::gguf::GgmlType::Q8_0))
         .unwrap_err()
         .to_string();
     assert!(err.contains("blocks of 32") && err.contains("48"), "{err}");
+    // Keeping GGUF blocks asks for a GGUF file.
+    let err = LlamaLoader::new(fixtures().join("tiny-gqa").join("model"))
+        .with_quantization(Quantization::KeepGguf)
+        .load::<B>(&Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs a .gguf file"), "{err}");
 }
