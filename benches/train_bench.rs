@@ -27,7 +27,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 use clap::{Parser, Subcommand, ValueEnum};
 use peft_core::{Adapter, AdaptionPromptConfig, LoraConfig, PrefixTuningConfig};
-use peft_llama::{generate, GenerationConfig, Llama, LlamaConfig, TokenBatch};
+use peft_llama::{generate, GenerationConfig, Llama, LlamaConfig, Quantization, TokenBatch};
 use peft_train::{causal_lm_loss, AdamWConfig, Batch, DataParallel};
 
 #[cfg(feature = "cuda")]
@@ -61,6 +61,33 @@ struct Args {
     /// Devices for data-parallel training (replicas on devices 0..N).
     #[arg(long, global = true, default_value_t = 1)]
     devices: usize,
+    /// Hold the decoder projections quantized (`nf4`, `q8_0`; QLoRA's frozen base), each
+    /// quantized as it is created so no dense copy of the model ever exists.
+    #[arg(long, global = true, default_value = "none")]
+    quantize: Quantization,
+    /// Keep only this many decoder layers of the preset (a shallower model of the same width,
+    /// e.g. to fit a dense baseline in memory).
+    #[arg(long, global = true)]
+    layers: Option<usize>,
+}
+
+/// The frozen base the flags describe: random weights, dense or quantized layer by layer.
+fn base_model<Bk: Backend>(args: &Args, config: &LlamaConfig, device: &Bk::Device) -> Llama<Bk> {
+    match args.quantize {
+        Quantization::To(format) => config
+            .init_quantized::<Bk>(device, args.dtype.dtype(), format)
+            .expect("the preset's widths suit the format"),
+        Quantization::Dense => config.init::<Bk>(device, args.dtype.dtype()),
+        Quantization::KeepGguf => panic!("--quantize gguf needs a GGUF file; use nf4 or q8_0"),
+    }
+}
+
+/// The process's peak resident memory in bytes (Linux `VmHWM`), if the system reports it.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[derive(Subcommand, Debug)]
@@ -188,6 +215,7 @@ where
     });
     report_with(
         args,
+        base.projection_bytes(),
         name,
         trainable,
         seconds,
@@ -206,7 +234,7 @@ where
             let device = device_of(index);
             // The same random weights on every device.
             B::seed(&device, 0);
-            base.config.init::<B>(&device, args.dtype.dtype())
+            base_model::<B>(args, &base.config, &device)
         })
         .collect();
     let mut parallel = DataParallel::<B, A>::start(&base.device(), replicas).expect("replicas");
@@ -244,6 +272,7 @@ where
     let in_step = timed.iter().sum::<f64>() / timed.len().max(1) as f64;
     report_with(
         args,
+        base.projection_bytes(),
         name,
         trainable,
         seconds,
@@ -269,8 +298,23 @@ fn device_of(index: usize) -> burn::tensor::Device<B> {
     }
 }
 
-fn report(args: &Args, name: &str, trainable: usize, seconds: f64, loss: f32) {
-    report_with(args, name, trainable, seconds, loss, serde_json::json!({}));
+fn report(
+    args: &Args,
+    projection_bytes: usize,
+    name: &str,
+    trainable: usize,
+    seconds: f64,
+    loss: f32,
+) {
+    report_with(
+        args,
+        projection_bytes,
+        name,
+        trainable,
+        seconds,
+        loss,
+        serde_json::json!({}),
+    );
 }
 
 /// Which product the projections and attention use: cuBLAS (CUDA build, unless `PEFT_CUBLAS=0`
@@ -283,9 +327,28 @@ fn matmul_route() -> &'static str {
     "burn"
 }
 
+/// The storage and memory fields every line carries: the quantization, the layers, the
+/// projections' bytes as stored and the process's peak resident memory (host; device memory is
+/// sampled from outside, see `scripts/gpu_bench.sh`).
+fn memory_fields(args: &Args, projection_bytes: usize, line: &mut serde_json::Value) {
+    let quantize = match args.quantize {
+        Quantization::To(format) => format.name(),
+        _ => "none".into(),
+    };
+    if let Some(line) = line.as_object_mut() {
+        line.insert("quantize".into(), quantize.into());
+        if let Some(layers) = args.layers {
+            line.insert("layers".into(), layers.into());
+        }
+        line.insert("projection_bytes".into(), projection_bytes.into());
+        line.insert("peak_rss_bytes".into(), peak_rss_bytes().into());
+    }
+}
+
 /// One JSON line; `extra`'s fields are added to the common ones.
 fn report_with(
     args: &Args,
+    projection_bytes: usize,
     name: &str,
     trainable: usize,
     seconds: f64,
@@ -301,6 +364,7 @@ fn report_with(
         "tokens_per_second": tokens / seconds, "last_loss": loss,
         "backend": Inner::name(&Default::default()), "matmul": matmul_route(),
     });
+    memory_fields(args, projection_bytes, &mut line);
     if let (Some(line), serde_json::Value::Object(extra)) = (line.as_object_mut(), extra) {
         line.extend(extra);
     }
@@ -309,18 +373,20 @@ fn report_with(
 
 fn main() {
     let args = Args::parse();
-    let config = if args.preset == "tiny" {
+    let mut config = if args.preset == "tiny" {
         LlamaConfig::new(512, 64, 172, 5, 8, 4, 8).with_tie_word_embeddings(true)
     } else {
         LlamaConfig::preset(&args.preset).expect("known preset")
     };
+    if let Some(layers) = args.layers {
+        config.num_hidden_layers = layers;
+    }
     let device = Default::default();
-    let dtype = args.dtype.dtype();
     let layers = adapted_layers(&config);
     let prompt_config = AdaptionPromptConfig::new().with_adapter_layers(layers);
     match &args.what {
         What::Train { method } => {
-            let base = config.init::<B>(&device, dtype);
+            let base = base_model::<B>(&args, &config, &device);
             match method {
                 Method::AdaptionPrompt => {
                     let adapter = prompt_config.init::<B>(&base, &device).unwrap();
@@ -340,7 +406,7 @@ fn main() {
             }
         }
         What::Forward => {
-            let base = config.init::<Inner>(&device, dtype);
+            let base = base_model::<Inner>(&args, &config, &device);
             let adapter = prompt_config.init::<Inner>(&base, &device).unwrap();
             let (tokens, _) = token_batch(&config, args.batch, args.seq);
             let seconds = time((), args.warmup, args.steps, |()| {
@@ -350,13 +416,20 @@ fn main() {
                 drop(logits);
                 Inner::sync(&device).expect("device sync");
             });
-            report(&args, "forward/adaption-prompt", 0, seconds, f32::NAN);
+            report(
+                &args,
+                base.projection_bytes(),
+                "forward/adaption-prompt",
+                0,
+                seconds,
+                f32::NAN,
+            );
         }
         What::Decode {
             prompt_tokens,
             new_tokens,
         } => {
-            let base = config.init::<Inner>(&device, dtype);
+            let base = base_model::<Inner>(&args, &config, &device);
             let adapter = prompt_config.init::<Inner>(&base, &device).unwrap();
             let (tokens, _) = token_batch(&config, 1, *prompt_tokens);
             let generation = GenerationConfig {
@@ -375,17 +448,16 @@ fn main() {
                 .expect("generation");
                 assert_eq!(out[0].generated_ids.len(), *new_tokens);
             });
-            println!(
-                "{}",
-                serde_json::json!({
-                    "bench": "decode/adaption-prompt", "preset": args.preset,
-                    "dtype": format!("{:?}", args.dtype), "batch": 1,
-                    "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-                    "ms_per_token": seconds * 1e3 / *new_tokens as f64,
-                    "tokens_per_second": *new_tokens as f64 / seconds,
-                    "backend": Inner::name(&device), "matmul": matmul_route(),
-                })
-            );
+            let mut line = serde_json::json!({
+                "bench": "decode/adaption-prompt", "preset": args.preset,
+                "dtype": format!("{:?}", args.dtype), "batch": 1,
+                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+                "ms_per_token": seconds * 1e3 / *new_tokens as f64,
+                "tokens_per_second": *new_tokens as f64 / seconds,
+                "backend": Inner::name(&device), "matmul": matmul_route(),
+            });
+            memory_fields(&args, base.projection_bytes(), &mut line);
+            println!("{line}");
         }
     }
 }

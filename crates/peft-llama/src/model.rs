@@ -606,6 +606,34 @@ impl LlamaConfig {
     /// `initializer_range`, norms at 1) in `dtype`, created directly on `device`: for benchmarks
     /// and tests where no checkpoint exists. Every parameter is frozen, as a base model is.
     pub fn init<B: Backend>(&self, device: &B::Device, dtype: DType) -> Llama<B> {
+        match self.random(device, dtype, None) {
+            Ok(model) => model,
+            Err(_) => unreachable!("only quantizing a projection can fail"),
+        }
+    }
+
+    /// [`LlamaConfig::init`] with every decoder projection quantized to `format` as it is
+    /// created, so that no more than one projection is ever dense: a 7B-shaped QLoRA base fits
+    /// where its dense weights would not. Embeddings, norms and the output head are dense in
+    /// `dtype`.
+    ///
+    /// # Errors
+    /// A projection the format cannot hold (Q8_0 needs widths that are multiples of 32).
+    pub fn init_quantized<B: Backend>(
+        &self,
+        device: &B::Device,
+        dtype: DType,
+        format: QuantFormat,
+    ) -> Result<Llama<B>> {
+        self.random(device, dtype, Some(format))
+    }
+
+    fn random<B: Backend>(
+        &self,
+        device: &B::Device,
+        dtype: DType,
+        format: Option<QuantFormat>,
+    ) -> Result<Llama<B>> {
         use burn::tensor::Distribution;
         let weight = |shape: [usize; 2]| {
             let tensor = Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 0.02), device);
@@ -625,8 +653,12 @@ impl LlamaConfig {
                 bias,
             }
         };
-        let frozen = |input: usize, output: usize, bias: bool| {
-            FrozenLinear::Dense(linear(input, output, bias))
+        let frozen = |input: usize, output: usize, bias: bool| -> Result<FrozenLinear<B>> {
+            let dense = FrozenLinear::Dense(linear(input, output, bias));
+            match format {
+                Some(format) => Ok(dense.quantize(format)?),
+                None => Ok(dense),
+            }
         };
         let norm = |width: usize| RmsNorm {
             weight: Param::from_tensor(cast_to(Tensor::ones([width], device), dtype))
@@ -636,29 +668,31 @@ impl LlamaConfig {
         let (d, f) = (self.hidden_size, self.intermediate_size);
         let (qkv_bias, mlp_bias) = (self.attention_bias, self.mlp_bias);
         let layers = (0..self.num_hidden_layers)
-            .map(|layer| DecoderLayer {
-                self_attn: Attention {
-                    q_proj: frozen(d, self.query_width(), qkv_bias),
-                    k_proj: frozen(d, self.kv_width(), qkv_bias),
-                    v_proj: frozen(d, self.kv_width(), qkv_bias),
-                    o_proj: frozen(self.query_width(), d, self.o_proj_bias),
-                    num_heads: self.num_attention_heads,
-                    num_kv_heads: self.num_key_value_heads,
-                    head_dim: self.head_dim,
-                    q_norm: self.qk_norm.then(|| norm(self.head_dim)),
-                    k_norm: self.qk_norm.then(|| norm(self.head_dim)),
-                    sliding: self.is_sliding(layer),
-                },
-                mlp: Mlp {
-                    gate_proj: frozen(d, f, mlp_bias),
-                    up_proj: frozen(d, f, mlp_bias),
-                    down_proj: frozen(f, d, mlp_bias),
-                },
-                input_layernorm: norm(d),
-                post_attention_layernorm: norm(d),
+            .map(|layer| -> Result<DecoderLayer<B>> {
+                Ok(DecoderLayer {
+                    self_attn: Attention {
+                        q_proj: frozen(d, self.query_width(), qkv_bias)?,
+                        k_proj: frozen(d, self.kv_width(), qkv_bias)?,
+                        v_proj: frozen(d, self.kv_width(), qkv_bias)?,
+                        o_proj: frozen(self.query_width(), d, self.o_proj_bias)?,
+                        num_heads: self.num_attention_heads,
+                        num_kv_heads: self.num_key_value_heads,
+                        head_dim: self.head_dim,
+                        q_norm: self.qk_norm.then(|| norm(self.head_dim)),
+                        k_norm: self.qk_norm.then(|| norm(self.head_dim)),
+                        sliding: self.is_sliding(layer),
+                    },
+                    mlp: Mlp {
+                        gate_proj: frozen(d, f, mlp_bias)?,
+                        up_proj: frozen(d, f, mlp_bias)?,
+                        down_proj: frozen(f, d, mlp_bias)?,
+                    },
+                    input_layernorm: norm(d),
+                    post_attention_layernorm: norm(d),
+                })
             })
-            .collect();
-        Llama {
+            .collect::<Result<_>>()?;
+        Ok(Llama {
             embed_tokens: weight([self.vocab_size, d]),
             layers,
             norm: norm(d),
@@ -666,6 +700,6 @@ impl LlamaConfig {
             config: self.clone(),
             rope: RotaryEmbedding::new(self),
             name_or_path: None,
-        }
+        })
     }
 }

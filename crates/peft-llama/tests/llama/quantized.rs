@@ -204,3 +204,45 @@ fn formats_that_cannot_hold_a_weight_are_refused_by_name() {
         .to_string();
     assert!(err.contains("needs a .gguf file"), "{err}");
 }
+
+/// `LlamaConfig::init_quantized` (projections quantized as they are drawn, for 7B-shaped
+/// benchmarks that do not fit dense) is the dense random model quantized afterwards.
+#[test]
+fn a_random_model_quantized_while_drawn_is_the_dense_one_quantized_after() {
+    use burn::tensor::backend::Backend;
+    let config = peft_llama::LlamaConfig::new(40, 64, 96, 2, 4, 2, 8);
+    let device = Default::default();
+    for format in [
+        QuantFormat::Nf4,
+        QuantFormat::Ggml(peft_io::gguf::GgmlType::Q8_0),
+    ] {
+        B::seed(&device, 9);
+        let drawn = config
+            .init_quantized::<B>(&device, burn::tensor::DType::F32, format)
+            .unwrap();
+        B::seed(&device, 9);
+        let after = config
+            .init::<B>(&device, burn::tensor::DType::F32)
+            .quantize(format)
+            .unwrap();
+        assert_eq!(drawn.quant_format(), Some(format));
+        assert_eq!(drawn.projection_bytes(), after.projection_bytes());
+        let tokens = TokenBatch::from_rows(&[vec![1, 5, 9, 33, 7]]).unwrap();
+        assert_eq!(
+            host(drawn.forward(&tokens, &NoHooks, None).unwrap()),
+            host(after.forward(&tokens, &NoHooks, None).unwrap()),
+            "{format:?}"
+        );
+    }
+    // Widths a format cannot hold are an error, not a panic.
+    let narrow = peft_llama::LlamaConfig::new(40, 48, 96, 2, 4, 2, 8);
+    let err = narrow
+        .init_quantized::<B>(
+            &device,
+            burn::tensor::DType::F32,
+            QuantFormat::Ggml(peft_io::gguf::GgmlType::Q8_0),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("blocks of 32"), "{err}");
+}
