@@ -90,6 +90,17 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// The peak resident memory of building the model (its transient copies included), read once
+/// the model is built; the peak is then reset (Linux `clear_refs` 5) so that the reported
+/// `peak_rss_bytes` is that of the measured work with the model in memory.
+static LOAD_PEAK_RSS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+
+fn start_measuring_peak() {
+    LOAD_PEAK_RSS.get_or_init(peak_rss_bytes);
+    // Best effort: without it the peak includes the build's transient copies.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 #[derive(Subcommand, Debug)]
 enum What {
     /// Training steps (forward, backward, AdamW on the adapter).
@@ -342,6 +353,8 @@ fn memory_fields(args: &Args, projection_bytes: usize, line: &mut serde_json::Va
         }
         line.insert("projection_bytes".into(), projection_bytes.into());
         line.insert("peak_rss_bytes".into(), peak_rss_bytes().into());
+        let load_peak = LOAD_PEAK_RSS.get().copied().flatten();
+        line.insert("load_peak_rss_bytes".into(), load_peak.into());
     }
 }
 
@@ -387,6 +400,7 @@ fn main() {
     match &args.what {
         What::Train { method } => {
             let base = base_model::<B>(&args, &config, &device);
+            start_measuring_peak();
             match method {
                 Method::AdaptionPrompt => {
                     let adapter = prompt_config.init::<B>(&base, &device).unwrap();
@@ -407,6 +421,7 @@ fn main() {
         }
         What::Forward => {
             let base = base_model::<Inner>(&args, &config, &device);
+            start_measuring_peak();
             let adapter = prompt_config.init::<Inner>(&base, &device).unwrap();
             let (tokens, _) = token_batch(&config, args.batch, args.seq);
             let seconds = time((), args.warmup, args.steps, |()| {
@@ -430,6 +445,7 @@ fn main() {
             new_tokens,
         } => {
             let base = base_model::<Inner>(&args, &config, &device);
+            start_measuring_peak();
             let adapter = prompt_config.init::<Inner>(&base, &device).unwrap();
             let (tokens, _) = token_batch(&config, 1, *prompt_tokens);
             let generation = GenerationConfig {
