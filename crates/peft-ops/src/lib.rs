@@ -25,6 +25,8 @@
 #![warn(missing_docs)]
 
 pub mod blocks;
+#[cfg(feature = "ndarray")]
+mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cublas;
 pub mod dispatch;

@@ -21,10 +21,16 @@ pub fn linear_rows<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B,
 }
 
 /// `a.matmul(b)`; on the CUDA backend, products with the same leading dimensions go to cuBLAS
-/// (see `cublas.rs`, built with the `cuda` feature).
+/// (see `cublas.rs`, built with the `cuda` feature), and on the CPU backend f32 products read
+/// transposed operands in place instead of copying them (see `cpu.rs`).
 pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "cuda")]
     let (a, b) = match crate::cublas::matmul(a, b) {
+        Ok(product) => return product,
+        Err(operands) => operands,
+    };
+    #[cfg(feature = "ndarray")]
+    let (a, b) = match crate::cpu::matmul(a, b) {
         Ok(product) => return product,
         Err(operands) => operands,
     };
