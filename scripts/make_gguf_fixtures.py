@@ -43,7 +43,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,8 +132,9 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama(path: Path, cfg: dict, weights: dict, types: dict, tokenizer: dict, rng):
-    writer = gguf.GGUFWriter(str(path), arch="llama")
+def write_llama(path: Path, cfg: dict, weights: dict, types: dict, tokenizer: dict, rng, arch: str = "llama"):
+    """A GGUF file of `arch` as llama.cpp's converter writes it: Q/K rows permuted for `llama` only."""
+    writer = gguf.GGUFWriter(str(path), arch=arch)
     writer.add_name(cfg["name"])
     writer.add_block_count(cfg["layers"])
     writer.add_context_length(cfg["ctx"])
@@ -144,7 +145,11 @@ def write_llama(path: Path, cfg: dict, weights: dict, types: dict, tokenizer: di
     writer.add_rope_freq_base(cfg["theta"])
     writer.add_layer_norm_rms_eps(cfg["eps"])
     writer.add_vocab_size(cfg["vocab"])
-    writer.add_rope_dimension_count(cfg["hidden"] // cfg["heads"])
+    head_dim = cfg.get("head_dim", cfg["hidden"] // cfg["heads"])
+    writer.add_rope_dimension_count(head_dim)
+    if "head_dim" in cfg:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
     writer.add_tokenizer_model(tokenizer["model"])
     if "pre" in tokenizer:
@@ -178,15 +183,20 @@ def write_llama(path: Path, cfg: dict, weights: dict, types: dict, tokenizer: di
         "mlp.down_proj.weight": "ffn_down.weight",
         "input_layernorm.weight": "attn_norm.weight",
         "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.bias": "attn_v.bias",
+        "self_attn.q_norm.weight": "attn_q_norm.weight",
+        "self_attn.k_norm.weight": "attn_k_norm.weight",
     }
     for key, value in weights.items():
         value = value.astype(np.float32)
         if key.startswith("model.layers."):
             _, _, layer, rest = key.split(".", 3)
             name = f"blk.{layer}.{per_layer[rest]}"
-            if rest == "self_attn.q_proj.weight":
+            if arch == "llama" and rest == "self_attn.q_proj.weight":
                 value = permute(value, cfg["heads"])
-            elif rest == "self_attn.k_proj.weight":
+            elif arch == "llama" and rest == "self_attn.k_proj.weight":
                 value = permute(value, cfg["kv_heads"])
             kind = types.get(rest, Q.F32)
         else:
@@ -301,11 +311,79 @@ def bpe_model(rng):
         "mlp.down_proj.weight": Q.Q4_K,
     }
     write_llama(OUT / "tiny-bpe.gguf", cfg, weights, types, tokenizer, rng)
+    return bpe, tokenizer
+
+
+# Qwen2's pre-tokenizer split (its tokenizer.json; llama.cpp's `qwen2`): Llama-3's, digits one by one.
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def qwen_models(bpe, bpe_tokenizer):
+    """Random 2-layer Qwen2 (q/k/v biases, tied head) and Qwen3 (q/k norms, head width 128 apart from
+    hidden / heads, own head) in llama.cpp's layout (no Q/K permutation), with the trained BPE under
+    Qwen2's pre-tokenizer (`tokenizer.ggml.pre = qwen2`). transformers 5.24 reads no head width from a
+    Qwen3 GGUF (`attention.key_length` is not mapped) and takes Qwen3's default, 128: so does this one."""
+    own = Tokenizer.from_str(bpe.to_str())
+    own.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    own.save(str(OUT / "qwen-bpe.tokenizer.json"))
+    tokenizer = dict(bpe_tokenizer, pre="qwen2")
+    v, d, f, heads, kv_heads = len(tokenizer["tokens"]), 64, 128, 4, 2
+    for arch, seed, head_dim in (("qwen2", 3005, 16), ("qwen3", 3006, 128)):
+        g = np.random.default_rng(seed)
+        q, kv = heads * head_dim, kv_heads * head_dim
+        weights = {"model.embed_tokens.weight": g.standard_normal((v, d)) * 0.2, "model.norm.weight": 1 + 0.1 * g.standard_normal(d)}
+        for i in range(2):
+            p = f"model.layers.{i}."
+            weights.update(
+                {
+                    p + "self_attn.q_proj.weight": g.standard_normal((q, d)) * 0.3,
+                    p + "self_attn.k_proj.weight": g.standard_normal((kv, d)) * 0.3,
+                    p + "self_attn.v_proj.weight": g.standard_normal((kv, d)),
+                    p + "self_attn.o_proj.weight": g.standard_normal((d, q)) * 0.1,
+                    p + "mlp.gate_proj.weight": g.standard_normal((f, d)) * 0.1,
+                    p + "mlp.up_proj.weight": g.standard_normal((f, d)) * 0.1,
+                    p + "mlp.down_proj.weight": g.standard_normal((d, f)) * 0.3,
+                    p + "input_layernorm.weight": 1 + 0.1 * g.standard_normal(d),
+                    p + "post_attention_layernorm.weight": 1 + 0.1 * g.standard_normal(d),
+                }
+            )
+            if arch == "qwen2":
+                for name, width in (("q", q), ("k", kv), ("v", kv)):
+                    weights[p + f"self_attn.{name}_proj.bias"] = 0.5 * g.standard_normal(width)
+            else:
+                for name in ("q", "k"):
+                    weights[p + f"self_attn.{name}_norm.weight"] = 1 + 0.2 * g.standard_normal(head_dim)
+        if arch == "qwen3":
+            weights["lm_head.weight"] = g.standard_normal((v, d))
+        cfg = dict(name=f"tiny-{arch}", layers=2, ctx=64, hidden=d, inter=f, heads=heads, kv_heads=kv_heads, theta=1000000.0, eps=1e-6, vocab=v, head_dim=head_dim)
+        types = {
+            "model.embed_tokens.weight": Q.F16,
+            "lm_head.weight": Q.Q8_0,
+            "self_attn.q_proj.weight": Q.Q8_0,
+            "self_attn.k_proj.weight": Q.Q4_0,
+            "self_attn.v_proj.weight": Q.Q4_1,
+            "self_attn.o_proj.weight": Q.F16,
+            "mlp.gate_proj.weight": Q.Q8_0,
+            "mlp.up_proj.weight": Q.Q4_0,
+            "mlp.down_proj.weight": Q.Q8_0,
+        }
+        write_llama(OUT / f"tiny-{arch}.gguf", cfg, weights, types, tokenizer, np.random.default_rng(seed + 100), arch=arch)
 
 
 def references():
     expected, cases = {}, {}
-    for name, own in (("stories-spm", STORIES / "tokenizer.json"), ("tiny-bpe", OUT / "tiny-bpe.tokenizer.json")):
+    models = (
+        ("stories-spm", STORIES / "tokenizer.json"),
+        ("tiny-bpe", OUT / "tiny-bpe.tokenizer.json"),
+        ("tiny-qwen2", OUT / "qwen-bpe.tokenizer.json"),
+        ("tiny-qwen3", OUT / "qwen-bpe.tokenizer.json"),
+    )
+    for name, own in models:
         model = AutoModelForCausalLM.from_pretrained(OUT, gguf_file=f"{name}.gguf", dtype=F64, attn_implementation="eager").eval()
         hf_tok = AutoTokenizer.from_pretrained(OUT, gguf_file=f"{name}.gguf")
         reference = Tokenizer.from_file(str(own))
@@ -339,7 +417,8 @@ def main():
     torch.manual_seed(0)
     blocks_file()
     stories_model(np.random.default_rng(3002))
-    bpe_model(np.random.default_rng(3004))
+    bpe, bpe_tokenizer = bpe_model(np.random.default_rng(3004))
+    qwen_models(bpe, bpe_tokenizer)
     references()
     files = {str(p.relative_to(OUT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(OUT.iterdir()) if p.is_file()}
     versions = {"gguf": gguf.__version__ if hasattr(gguf, "__version__") else "0.19.0", "torch": torch.__version__}

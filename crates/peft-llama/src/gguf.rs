@@ -10,11 +10,28 @@ use std::collections::BTreeMap;
 use peft_io::gguf::{GgufArray, GgufFile, GgufValue};
 use serde_json::{json, Value};
 
-use crate::config::LlamaConfig;
+use crate::config::{Family, LlamaConfig};
 use crate::error::{LlamaError, Result};
 
-/// The GGUF architectures this crate loads.
-pub const ARCHITECTURES: [&str; 1] = ["llama"];
+/// The GGUF architectures this crate loads: `llama` (LLaMA 1/2/3, Mistral, SmolLM2, TinyLlama as
+/// llama.cpp converts them), `qwen2` (Qwen2/2.5) and `qwen3`.
+pub const ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "qwen3"];
+
+/// The family of a supported GGUF architecture.
+fn family(arch: &str) -> Family {
+    match arch {
+        "qwen2" => Family::Qwen2,
+        "qwen3" => Family::Qwen3,
+        _ => Family::Llama,
+    }
+}
+
+/// Whether llama.cpp stored this architecture's query and key rows permuted for its
+/// interleaved RoPE (its converter does so for `llama` only; Qwen's rows are as in the
+/// Hugging Face checkpoint, rotated by halves).
+pub fn permutes_query_key_rows(config: &LlamaConfig) -> bool {
+    config.family == Family::Llama
+}
 
 fn origin(file: &GgufFile) -> String {
     file.path().display().to_string()
@@ -134,6 +151,11 @@ impl LlamaConfig {
             ));
         }
         let eos = token_id(file, "tokenizer.ggml.eos_token_id")?;
+        let family = family(arch);
+        // Qwen2 has q/k/v biases and no output bias; a `llama` file may carry LLaMA's
+        // `attention_bias` (all four) and `mlp_bias`. The tensors say which.
+        let has = |name: &str| file.tensor(name).is_some();
+        let qkv_bias = has("blk.0.attn_q.bias");
         let config = LlamaConfig::new(
             vocab_size,
             hidden,
@@ -150,7 +172,12 @@ impl LlamaConfig {
         .with_max_position_embeddings(optional_u64(file, &key("context_length"))?.unwrap_or(2048))
         .with_tie_word_embeddings(file.tensor("output.weight").is_none())
         .with_bos_token_id(token_id(file, "tokenizer.ggml.bos_token_id")?)
-        .with_eos_token_ids(eos.into_iter().collect());
+        .with_eos_token_ids(eos.into_iter().collect())
+        .with_family(family)
+        .with_attention_bias(qkv_bias)
+        .with_o_proj_bias(has("blk.0.attn_output.bias"))
+        .with_mlp_bias(has("blk.0.ffn_up.bias"))
+        .with_qk_norm(family == Family::Qwen3 || has("blk.0.attn_q_norm.weight"));
         config.validate(&origin(file))?;
         Ok(config)
     }
@@ -172,6 +199,8 @@ pub fn gguf_name(hf: &str) -> String {
             "mlp.down_proj" => "ffn_down",
             "input_layernorm" => "attn_norm",
             "post_attention_layernorm" => "ffn_norm",
+            "self_attn.q_norm" => "attn_q_norm",
+            "self_attn.k_norm" => "attn_k_norm",
             other => other,
         };
         return format!("blk.{index}.{name}.{suffix}");
@@ -195,6 +224,15 @@ pub fn chat_template(file: &GgufFile) -> Option<String> {
 /// Pre-tokenizer splits by `tokenizer.ggml.pre`, as llama.cpp applies them.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A regex split (isolating each match) followed by the byte-level mapping.
+fn split_then_bytes(pattern: &str) -> Value {
+    json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+        byte_level(false)]})
+}
+
 fn byte_level(use_regex: bool) -> Value {
     json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
 }
@@ -208,14 +246,13 @@ fn byte_level_pre_tokenizer(file: &GgufFile) -> Result<Value> {
         // llama.cpp's `smollm`: every digit alone, then GPT-2's split (as SmolLM's tokenizer.json).
         "smollm" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-        "llama3" | "llama-v3" | "llama-bpe" => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated",
-             "invert": false},
-            byte_level(false)]}),
+        "llama3" | "llama-v3" | "llama-bpe" => split_then_bytes(LLAMA3_SPLIT),
+        // Qwen2's split: as Llama-3's, but digits one at a time.
+        "qwen2" => split_then_bytes(QWEN2_SPLIT),
         other => {
             return Err(LlamaError::Tokenizer(format!(
                 "{}: GGUF pre-tokenizer `{other}` is not supported (supported: default, gpt-2, \
-                 smollm, llama-bpe/llama3)",
+                 smollm, llama-bpe/llama3, qwen2)",
                 origin(file)
             )))
         }

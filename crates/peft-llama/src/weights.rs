@@ -207,20 +207,38 @@ impl<B: Backend> Builder<'_, B> {
         let mut values = self
             .tensors
             .take_f32(&key_for(self.layout, &weight_key), &[out, inp])?;
-        if let (CheckpointLayout::Meta | CheckpointLayout::Gguf, Some(heads)) =
-            (self.layout, rotary_heads)
-        {
+        if let (true, Some(heads)) = (self.rows_permuted(), rotary_heads) {
             values = meta_to_hf_rows(&values, heads, self.config.head_dim, inp);
         }
         Ok(values)
     }
 
-    fn bias(&mut self, hf: &str, out: usize, bias: bool) -> Result<Option<Param<Tensor<B, 1>>>> {
+    /// Whether the checkpoint holds query/key rows in Meta's interleaved order: Meta's own
+    /// files, and GGUF files of the architectures llama.cpp permutes.
+    fn rows_permuted(&self) -> bool {
+        match self.layout {
+            CheckpointLayout::Meta => true,
+            CheckpointLayout::Gguf => crate::gguf::permutes_query_key_rows(self.config),
+            CheckpointLayout::HuggingFace => false,
+        }
+    }
+
+    /// The bias of a projection, if it has one; a query/key bias in its rows' order.
+    fn bias(
+        &mut self,
+        hf: &str,
+        out: usize,
+        bias: bool,
+        rotary_heads: Option<usize>,
+    ) -> Result<Option<Param<Tensor<B, 1>>>> {
         if !bias {
             return Ok(None);
         }
         let bias_key = key_for(self.layout, &format!("{hf}.bias"));
-        let values = self.tensors.take_f32(&bias_key, &[out])?;
+        let mut values = self.tensors.take_f32(&bias_key, &[out])?;
+        if let (true, Some(heads)) = (self.rows_permuted(), rotary_heads) {
+            values = meta_to_hf_rows(&values, heads, self.config.head_dim, 1);
+        }
         Ok(Some(self.param(values, [out])))
     }
 
@@ -240,7 +258,7 @@ impl<B: Backend> Builder<'_, B> {
         let weight = self.tensor(values, [out, inp]).transpose();
         Ok(Linear {
             weight: Param::from_tensor(weight).set_require_grad(false),
-            bias: self.bias(hf, out, bias)?,
+            bias: self.bias(hf, out, bias, rotary_heads)?,
         })
     }
 
@@ -257,7 +275,7 @@ impl<B: Backend> Builder<'_, B> {
         if self.quantization != Quantization::Dense && self.layout == CheckpointLayout::Gguf {
             let key = key_for(self.layout, &format!("{hf}.weight"));
             if let Some(matrix) = self.tensors.take_gguf_blocks(&key, [out, inp])? {
-                let matrix = match rotary_heads {
+                let matrix = match rotary_heads.filter(|_| self.rows_permuted()) {
                     Some(heads) => {
                         matrix.permute_rows(&meta_to_hf_order(heads, self.config.head_dim))?
                     }
@@ -265,7 +283,7 @@ impl<B: Backend> Builder<'_, B> {
                 };
                 return Ok(FrozenLinear::Quantized(QuantizedLinear::new(
                     matrix,
-                    self.bias(hf, out, bias)?,
+                    self.bias(hf, out, bias, rotary_heads)?,
                 )));
             }
         }
@@ -281,7 +299,7 @@ impl<B: Backend> Builder<'_, B> {
                     })?;
                 Ok(FrozenLinear::Quantized(QuantizedLinear::new(
                     matrix,
-                    self.bias(hf, out, bias)?,
+                    self.bias(hf, out, bias, rotary_heads)?,
                 )))
             }
             Quantization::Dense | Quantization::KeepGguf => Ok(FrozenLinear::Dense(self.linear(

@@ -1,14 +1,16 @@
 //! GGUF checkpoints (fixtures from `scripts/make_gguf_fixtures.py`, written by llama.cpp's Python
 //! `gguf` package) against `transformers` loading the same files: logits (rtol 1e-4 / atol 1e-4,
 //! f32 against float64 references), greedy tokens, and the tokenizers built from the metadata
-//! against the reference tokenizers (SentencePiece from stories260k, a byte-level BPE).
+//! against the reference tokenizers (SentencePiece from stories260k, a byte-level BPE, the same
+//! BPE under Qwen2's pre-tokenizer). Architectures `llama` (Q/K rows permuted by llama.cpp),
+//! `qwen2` (q/k/v biases, tied head) and `qwen3` (q/k norms, head width 128 of a 64-wide model).
 
 use crate::common::{assert_close, fixtures, Fixture};
 
 use burn::backend::NdArray;
 use peft_io::gguf::GgufFile;
 use peft_llama::{
-    generate, GenerationConfig, Llama, LlamaLoader, LlamaTokenizer, NoHooks, TokenBatch,
+    generate, Family, GenerationConfig, Llama, LlamaLoader, LlamaTokenizer, NoHooks, TokenBatch,
 };
 use std::path::PathBuf;
 
@@ -27,9 +29,24 @@ fn load(name: &str) -> Llama<B> {
 #[test]
 fn gguf_models_match_transformers_logits_and_greedy_tokens() {
     let expected = Fixture::open(gguf("expected.safetensors"));
-    for (name, tied) in [("stories-spm", true), ("tiny-bpe", false)] {
+    for (name, tied) in [
+        ("stories-spm", true),
+        ("tiny-bpe", false),
+        ("tiny-qwen2", true),
+        ("tiny-qwen3", false),
+    ] {
         let model = load(name);
         assert_eq!(model.config.tie_word_embeddings, tied, "{name}");
+        let c = &model.config;
+        match name {
+            "tiny-qwen2" => assert!(
+                c.family == Family::Qwen2 && c.attention_bias && !c.o_proj_bias && !c.qk_norm
+            ),
+            "tiny-qwen3" => assert!(
+                c.family == Family::Qwen3 && c.qk_norm && c.head_dim == 128 && !c.attention_bias
+            ),
+            _ => assert!(c.family == Family::Llama && !c.attention_bias && !c.qk_norm),
+        }
         let (ids, shape) = expected.i64(&format!("{name}.input_ids"));
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         let tokens = TokenBatch {
@@ -64,7 +81,7 @@ fn gguf_tokenizers_encode_as_the_reference_tokenizers() {
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(gguf("tokenizer_cases.json")).unwrap())
             .unwrap();
-    for name in ["stories-spm", "tiny-bpe"] {
+    for name in ["stories-spm", "tiny-bpe", "tiny-qwen2", "tiny-qwen3"] {
         let tokenizer = LlamaTokenizer::load(gguf(&format!("{name}.gguf"))).unwrap();
         let case = &cases[name];
         let ids = case["ids"].as_object().unwrap();
