@@ -172,6 +172,7 @@ def write_llama(path: Path, cfg: dict, weights: dict, types: dict, tokenizer: di
         "model.embed_tokens.weight": "token_embd.weight",
         "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight",
+        "rope_freqs.weight": "rope_freqs.weight",
     }
     per_layer = {
         "self_attn.q_proj.weight": "attn_q.weight",
@@ -375,7 +376,78 @@ def qwen_models(bpe, bpe_tokenizer):
         write_llama(OUT / f"tiny-{arch}.gguf", cfg, weights, types, tokenizer, np.random.default_rng(seed + 100), arch=arch)
 
 
-def references():
+def llama3_rope_factors(head_dim: int, theta: float, scaling: dict) -> np.ndarray:
+    """llama.cpp's `rope_freqs.weight` for Llama-3 scaling: the divisor of each inverse frequency."""
+    factors = []
+    for i in range(head_dim // 2):
+        wavelen = 2 * np.pi * theta ** (2 * i / head_dim)
+        low = scaling["original_max_position_embeddings"] / scaling["low_freq_factor"]
+        high = scaling["original_max_position_embeddings"] / scaling["high_freq_factor"]
+        if wavelen < high:
+            factors.append(1.0)
+        elif wavelen > low:
+            factors.append(scaling["factor"])
+        else:
+            smooth = (scaling["original_max_position_embeddings"] / wavelen - scaling["low_freq_factor"]) / (
+                scaling["high_freq_factor"] - scaling["low_freq_factor"]
+            )
+            factors.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def llama3_model(bpe_tokenizer):
+    """A random 2-layer Llama-3-style model whose RoPE is scaled as Llama-3.1 scales it, written as
+    llama.cpp writes such files: no scaling metadata, the per-frequency divisors as `rope_freqs.weight`.
+    transformers ignores that tensor when it loads a GGUF, so the reference is transformers' LlamaForCausalLM
+    built from the same float32 weights with `rope_scaling = llama3` in its config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    v, d, f, heads, kv_heads, head_dim, theta = len(bpe_tokenizer["tokens"]), 64, 128, 4, 2, 16, 10000.0
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
+    g = np.random.default_rng(3007)
+    weights = {"model.embed_tokens.weight": g.standard_normal((v, d)) * 0.2, "model.norm.weight": 1 + 0.1 * g.standard_normal(d)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        weights.update(
+            {
+                p + "self_attn.q_proj.weight": g.standard_normal((heads * head_dim, d)) * 0.4,
+                p + "self_attn.k_proj.weight": g.standard_normal((kv_heads * head_dim, d)) * 0.4,
+                p + "self_attn.v_proj.weight": g.standard_normal((kv_heads * head_dim, d)),
+                p + "self_attn.o_proj.weight": g.standard_normal((d, heads * head_dim)) * 0.1,
+                p + "mlp.gate_proj.weight": g.standard_normal((f, d)) * 0.1,
+                p + "mlp.up_proj.weight": g.standard_normal((f, d)) * 0.1,
+                p + "mlp.down_proj.weight": g.standard_normal((d, f)) * 0.3,
+                p + "input_layernorm.weight": 1 + 0.1 * g.standard_normal(d),
+                p + "post_attention_layernorm.weight": 1 + 0.1 * g.standard_normal(d),
+            }
+        )
+    weights["lm_head.weight"] = g.standard_normal((v, d))
+    weights = {k: val.astype(np.float32) for k, val in weights.items()}
+    cfg = dict(name="tiny-llama3", layers=2, ctx=128, hidden=d, inter=f, heads=heads, kv_heads=kv_heads, theta=theta, eps=1e-5, vocab=v)
+    stored = dict(weights, **{"rope_freqs.weight": llama3_rope_factors(head_dim, theta, scaling)})
+    write_llama(OUT / "tiny-llama3.gguf", cfg, stored, {}, bpe_tokenizer, np.random.default_rng(3008))
+    config = LlamaConfig(
+        vocab_size=v, hidden_size=d, intermediate_size=f, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, rms_norm_eps=1e-5, rope_theta=theta, rope_scaling=scaling,
+        max_position_embeddings=128, tie_word_embeddings=False, attn_implementation="eager",
+    )
+    model = LlamaForCausalLM(config).to(F64).eval()
+    model.load_state_dict({k: torch.from_numpy(val).to(F64) for k, val in weights.items()}, strict=True)
+    batch = torch.from_numpy(np.random.default_rng(3009).integers(3, v, (2, 24)))
+    expected = {"tiny-llama3.input_ids": batch}
+    with torch.no_grad():
+        expected["tiny-llama3.logits"] = model(input_ids=batch).logits.float()
+        # The same weights without the scaling, to show the fixture depends on it.
+        unscaled = {"rope_type": "default", "rope_theta": theta}
+        plain = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "rope_parameters": unscaled})).to(F64).eval()
+        plain.load_state_dict(model.state_dict(), strict=True)
+        moved = float((plain(input_ids=batch).logits.float() - expected["tiny-llama3.logits"]).abs().max())
+    assert moved > 1e-2, moved
+    log(f"  tiny-llama3: scaling moves logits by up to {moved:.3f}")
+    return expected
+
+
+def references(extra=None):
     expected, cases = {}, {}
     models = (
         ("stories-spm", STORIES / "tokenizer.json"),
@@ -407,6 +479,7 @@ def references():
                 prompt = torch.cat([prompt, nxt.argmax().view(1, 1)], dim=1)
             expected[f"{name}.greedy"] = prompt[0, 8:].clone()
         log(f"  {name}: greedy {expected[f'{name}.greedy'].tolist()}")
+    expected.update(extra or {})
     save_file(expected, str(OUT / "expected.safetensors"))
     (OUT / "tokenizer_cases.json").write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n")
 
@@ -419,7 +492,7 @@ def main():
     stories_model(np.random.default_rng(3002))
     bpe, bpe_tokenizer = bpe_model(np.random.default_rng(3004))
     qwen_models(bpe, bpe_tokenizer)
-    references()
+    references(llama3_model(bpe_tokenizer))
     files = {str(p.relative_to(OUT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(OUT.iterdir()) if p.is_file()}
     versions = {"gguf": gguf.__version__ if hasattr(gguf, "__version__") else "0.19.0", "torch": torch.__version__}
     (OUT / "manifest.json").write_text(json.dumps({"versions": versions, "files": files}, indent=1, sort_keys=True) + "\n")

@@ -108,6 +108,10 @@ pub struct LlamaConfig {
     /// Llama-3 RoPE scaling, if any.
     #[config(default = "None")]
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Explicit divisors of the `head_dim / 2` RoPE inverse frequencies: llama.cpp's form of
+    /// Llama-3.1+ scaling (a GGUF file's `rope_freqs.weight`), used instead of `rope_scaling`.
+    #[config(default = "None")]
+    pub rope_freq_factors: Option<Vec<f32>>,
     /// Whether the output head shares the token embedding matrix.
     #[config(default = false)]
     pub tie_word_embeddings: bool,
@@ -329,6 +333,7 @@ impl LlamaConfig {
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: rope_theta.unwrap_or(10000.0),
             rope_scaling,
+            rope_freq_factors: None,
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(2048),
             bos_token_id: token_ids(&hf.bos_token_id, origin, "bos_token_id")?
@@ -507,6 +512,7 @@ impl LlamaConfig {
             rms_norm_eps: params.norm_eps.unwrap_or(1e-6),
             rope_theta: params.rope_theta.unwrap_or(10000.0),
             rope_scaling,
+            rope_freq_factors: None,
             tie_word_embeddings: false,
             max_position_embeddings: 2048,
             bos_token_id: Some(1),
@@ -572,6 +578,31 @@ impl LlamaConfig {
         }
         if !self.head_dim.is_multiple_of(2) {
             return Err(LlamaError::config(origin, "head_dim must be even for RoPE"));
+        }
+        if let Some(factors) = &self.rope_freq_factors {
+            if factors.len() != self.head_dim / 2 {
+                return Err(LlamaError::config(
+                    origin,
+                    format!(
+                        "{} RoPE frequency factors for a head width of {} (needs {})",
+                        factors.len(),
+                        self.head_dim,
+                        self.head_dim / 2
+                    ),
+                ));
+            }
+            if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+                return Err(LlamaError::config(
+                    origin,
+                    format!("RoPE frequency factor {bad} is not a positive finite number"),
+                ));
+            }
+            if self.rope_scaling.is_some() {
+                return Err(LlamaError::config(
+                    origin,
+                    "both RoPE scaling parameters and explicit frequency factors are given",
+                ));
+            }
         }
         // Sizes whose products overflow would wrap (or panic) in every shape computed from them.
         let d = self.hidden_size;

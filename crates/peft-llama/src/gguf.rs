@@ -143,13 +143,11 @@ impl LlamaConfig {
                 ));
             }
         }
-        if file.tensor("rope_freqs.weight").is_some() {
-            return Err(LlamaError::config(
-                origin(file),
-                "GGUF file carries per-frequency RoPE factors (rope_freqs.weight, Llama-3.1+ \
-                 scaling), which this loader does not apply yet; load the Hugging Face directory",
-            ));
-        }
+        // Llama-3.1+ scaling as llama.cpp writes it: the divisor of each inverse frequency.
+        let rope_freq_factors = match file.tensor("rope_freqs.weight") {
+            Some(tensor) => Some(file.read_f32(tensor)?),
+            None => None,
+        };
         let eos = token_id(file, "tokenizer.ggml.eos_token_id")?;
         let family = family(arch);
         // Qwen2 has q/k/v biases and no output bias; a `llama` file may carry LLaMA's
@@ -177,7 +175,8 @@ impl LlamaConfig {
         .with_attention_bias(qkv_bias)
         .with_o_proj_bias(has("blk.0.attn_output.bias"))
         .with_mlp_bias(has("blk.0.ffn_up.bias"))
-        .with_qk_norm(family == Family::Qwen3 || has("blk.0.attn_q_norm.weight"));
+        .with_qk_norm(family == Family::Qwen3 || has("blk.0.attn_q_norm.weight"))
+        .with_rope_freq_factors(rope_freq_factors);
         config.validate(&origin(file))?;
         Ok(config)
     }

@@ -28,7 +28,8 @@ fn llama3_scale(inv_freq: f64, scaling: &Llama3RopeScaling) -> f64 {
 }
 
 impl RotaryEmbedding {
-    /// Computes the frequencies for `config` (theta and optional Llama-3 scaling).
+    /// Computes the frequencies for `config` (theta and optional Llama-3 scaling, as parameters
+    /// or as explicit per-frequency divisors).
     pub fn new(config: &LlamaConfig) -> Self {
         let dim = config.head_dim;
         let inv_freq = (0..dim / 2)
@@ -38,9 +39,10 @@ impl RotaryEmbedding {
                 let exponent = ((2 * i) as f32) / dim as f32;
                 let base = 1.0f32 / (config.rope_theta as f32).powf(exponent);
 
-                match &config.rope_scaling {
-                    Some(scaling) => llama3_scale(base as f64, scaling) as f32,
-                    None => base,
+                match (&config.rope_scaling, &config.rope_freq_factors) {
+                    (_, Some(factors)) => base / factors[i],
+                    (Some(scaling), None) => llama3_scale(base as f64, scaling) as f32,
+                    (None, None) => base,
                 }
             })
             .collect();
@@ -112,5 +114,53 @@ mod tests {
         // wavelength ≈ 62832 > 8192: divided by the factor.
         let low = 1e-4;
         assert!((llama3_scale(low, &scaling) - low / 8.0).abs() < 1e-15);
+    }
+
+    /// llama.cpp's factors (`1 / ((1 - smooth) / factor + smooth)` between the bounds) divide
+    /// the frequencies into what the scaling parameters give, and bad factors are refused.
+    #[test]
+    fn explicit_frequency_factors_equal_the_llama3_parameters_they_encode() {
+        let scaling = Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        };
+        let config = LlamaConfig::new(32, 64, 64, 1, 2, 2, 32);
+        let plain = RotaryEmbedding::new(&config);
+        let scaled = RotaryEmbedding::new(&config.clone().with_rope_scaling(Some(scaling)));
+        let factors: Vec<f32> = plain
+            .inv_freq()
+            .iter()
+            .map(|&f| (f as f64 / llama3_scale(f as f64, &scaling)) as f32)
+            .collect();
+        assert!(factors.iter().any(|&f| f > 1.0 && f < 8.0), "{factors:?}");
+        let explicit = config.clone().with_rope_freq_factors(Some(factors.clone()));
+        explicit.validate("test").unwrap();
+        for (a, b) in RotaryEmbedding::new(&explicit)
+            .inv_freq()
+            .iter()
+            .zip(scaled.inv_freq())
+        {
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "{a} vs {b}");
+        }
+        let short = config
+            .clone()
+            .with_rope_freq_factors(Some(factors[1..].to_vec()));
+        assert!(short
+            .validate("test")
+            .unwrap_err()
+            .to_string()
+            .contains("needs 16"));
+        let mut zero = factors.clone();
+        zero[3] = 0.0;
+        let zero = config.clone().with_rope_freq_factors(Some(zero));
+        assert!(zero
+            .validate("test")
+            .unwrap_err()
+            .to_string()
+            .contains("factor 0"));
+        let both = explicit.with_rope_scaling(Some(scaling));
+        assert!(both.validate("test").is_err());
     }
 }

@@ -453,6 +453,8 @@ impl LlamaLoader {
                 for tensor in &file.tensors {
                     tensors.add_gguf(tensor.name.clone(), &file, tensor)?;
                 }
+                // Read into the configuration (RoPE frequency factors).
+                tensors.discard("rope_freqs.weight");
                 Ok((config, tensors, layout))
             }
             CheckpointLayout::HuggingFace => {

@@ -76,6 +76,29 @@ fn gguf_models_match_transformers_logits_and_greedy_tokens() {
     }
 }
 
+/// Llama-3.1+ scaling as llama.cpp stores it (`rope_freqs.weight`, no scaling metadata) against
+/// transformers' LlamaForCausalLM with `rope_scaling = llama3` on the same weights, over 24
+/// positions of a model whose original context is 16 (the scaling moves these logits by up to 42).
+#[test]
+fn a_gguf_with_rope_frequency_factors_matches_llama3_scaling() {
+    let expected = Fixture::open(gguf("expected.safetensors"));
+    let model = load("tiny-llama3");
+    let factors = model.config.rope_freq_factors.clone().unwrap();
+    assert_eq!(factors.len(), 8);
+    assert!(factors.iter().any(|&f| f == 8.0) && factors[factors.len() - 1] == 8.0);
+    let (ids, shape) = expected.i64("tiny-llama3.input_ids");
+    let tokens = TokenBatch {
+        ids: ids.iter().map(|&i| i as u32).collect(),
+        batch: shape[0],
+        seq: shape[1],
+        mask: None,
+    };
+    let logits = model.forward(&tokens, &NoHooks, None).unwrap();
+    let got = logits.into_data().into_vec::<f32>().unwrap();
+    let (want, _) = expected.f32("tiny-llama3.logits");
+    assert_close(&got, &want, 1e-4, 1e-4, "tiny-llama3 logits");
+}
+
 #[test]
 fn gguf_tokenizers_encode_as_the_reference_tokenizers() {
     let cases: serde_json::Value =
