@@ -1,4 +1,5 @@
-//! `peft merge`: fold a LoRA into the base weights and write a Hugging Face model directory.
+//! `peft merge`: fold a LoRA into the base weights and write a Hugging Face model directory (from
+//! a model directory or a GGUF file).
 
 use std::path::{Path, PathBuf};
 
@@ -26,13 +27,21 @@ pub fn run(args: MergeArgs) -> AnyResult<()> {
         return Err("--adapter is required".into());
     }
     let dir = args.model.dir();
-    if !dir.join("config.json").is_file() {
+    let gguf = peft_llama::weights::is_gguf(&dir);
+    if !gguf && !dir.join("config.json").is_file() {
         return Err(format!(
-            "{}: merging needs a Hugging Face model directory (config.json)",
+            "{}: merging needs a Hugging Face model directory (config.json) or a GGUF file",
             dir.display()
         )
         .into());
     }
+    // A GGUF base becomes a Hugging Face directory: everything but the weights comes from the
+    // file's metadata, checked before any work.
+    let side_files = if gguf {
+        peft_llama::gguf::hf_side_files(&peft_io::gguf::GgufFile::open(&dir)?)?
+    } else {
+        Vec::new()
+    };
     let model = args.model.load()?;
     let adapter = args.adapter.load(&model)?.expect("checked above");
     if !matches!(adapter, AnyAdapter::Lora(_)) {
@@ -51,6 +60,20 @@ pub fn run(args: MergeArgs) -> AnyResult<()> {
     }
     std::fs::create_dir_all(&args.output).map_err(|e| format!("{}: {e}", args.output.display()))?;
     save_hf_safetensors(peft.base(), &args.output.join("model.safetensors"))?;
+    for (name, text) in &side_files {
+        let path = args.output.join(name);
+        peft_io::files::write_atomic(&path, text.as_bytes())?;
+    }
+    if gguf {
+        println!(
+            "merged {} into {} (a Hugging Face directory: dequantized weights in {:?}, \
+             configuration, tokenizer and chat template from the GGUF metadata)",
+            args.adapter.adapter.as_ref().expect("checked").display(),
+            args.output.display(),
+            args.model.dtype
+        );
+        return Ok(());
+    }
     // Every file but the weights: configuration, generation settings, tokenizer files, chat
     // template, README, licence. The merged weights replace the originals.
     let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;

@@ -434,6 +434,98 @@ impl LlamaConfig {
         Ok((Some(window), sliding))
     }
 
+    /// The Hugging Face `config.json` of this configuration, which [`LlamaConfig::from_hf_json`]
+    /// and `transformers` read back as the same model (what `peft merge` writes beside the
+    /// weights of a model that came without one, e.g. from a GGUF file).
+    ///
+    /// # Errors
+    /// A configuration `config.json` cannot express: explicit RoPE frequency factors (a GGUF's
+    /// `rope_freqs.weight`), or switches its family does not have (an output-only bias, q/k
+    /// norms outside Qwen3, Qwen2 without its q/k/v biases).
+    pub fn to_hf_json(&self) -> Result<Value> {
+        let refuse = |why: &str| Err(LlamaError::config("config.json", why.to_string()));
+        if self.rope_freq_factors.is_some() {
+            return refuse(
+                "explicit RoPE frequency factors (a GGUF's rope_freqs.weight) have no \
+                 config.json form",
+            );
+        }
+        match self.family {
+            Family::Qwen2 if !self.attention_bias || self.o_proj_bias => {
+                return refuse("a Qwen2 config.json always means q/k/v biases and no output bias")
+            }
+            Family::Llama | Family::Mistral | Family::Qwen3
+                if self.attention_bias != self.o_proj_bias =>
+            {
+                return refuse("attention_bias covers the output projection too in this family")
+            }
+            _ => {}
+        }
+        if self.qk_norm != (self.family == Family::Qwen3) {
+            return refuse("q/k norms come with Qwen3 and only Qwen3");
+        }
+        let eos: Value = match self.eos_token_ids.as_slice() {
+            [one] => (*one).into(),
+            many => many.into(),
+        };
+        let mut json = serde_json::json!({
+            "architectures": [self.family.architecture()],
+            "model_type": self.family.model_type(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+        });
+        let fields = json
+            .as_object_mut()
+            .unwrap_or_else(|| unreachable!("an object"));
+        if self.family != Family::Qwen2 {
+            fields.insert("attention_bias".into(), self.attention_bias.into());
+        }
+        if self.family == Family::Llama {
+            fields.insert("mlp_bias".into(), self.mlp_bias.into());
+        }
+        if let Some(scaling) = &self.rope_scaling {
+            fields.insert(
+                "rope_scaling".into(),
+                serde_json::json!({
+                    "rope_type": "llama3",
+                    "factor": scaling.factor,
+                    "low_freq_factor": scaling.low_freq_factor,
+                    "high_freq_factor": scaling.high_freq_factor,
+                    "original_max_position_embeddings": scaling.original_max_position_embeddings,
+                }),
+            );
+        }
+        if let Some(window) = self.sliding_window {
+            fields.insert("sliding_window".into(), window.into());
+            if matches!(self.family, Family::Qwen2 | Family::Qwen3) {
+                fields.insert("use_sliding_window".into(), true.into());
+                let types: Vec<&str> = (0..self.num_hidden_layers)
+                    .map(|l| {
+                        if self.is_sliding(l) {
+                            "sliding_attention"
+                        } else {
+                            "full_attention"
+                        }
+                    })
+                    .collect();
+                fields.insert("layer_types".into(), types.into());
+            }
+        }
+        Ok(json)
+    }
+
     /// Whether `layer` attends through the sliding window.
     pub fn is_sliding(&self, layer: usize) -> bool {
         self.sliding_window.is_some() && self.sliding_window_layers.contains(&layer)
@@ -884,6 +976,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(wrong.contains("layer_types lists 1 layers"), "{wrong}");
+    }
+
+    /// Every family's configuration survives `to_hf_json` → `from_hf_json`, and what
+    /// `config.json` cannot say is refused.
+    #[test]
+    fn configurations_round_trip_through_config_json() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+        let mut seen = 0;
+        for family in ["mistral", "qwen2", "qwen3", "llama-bias"] {
+            let path = fixtures
+                .join("families")
+                .join(family)
+                .join("model/config.json");
+            let config = LlamaConfig::from_hf_file(&path).unwrap();
+            let json = config.to_hf_json().unwrap().to_string();
+            assert_eq!(
+                LlamaConfig::from_hf_json(&json, family).unwrap(),
+                config,
+                "{family}"
+            );
+            seen += 1;
+        }
+        assert_eq!(seen, 4);
+        let llama3 = LlamaConfig::new(32, 64, 64, 2, 4, 2, 16)
+            .with_rope_scaling(Some(Llama3RopeScaling {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            }))
+            .with_eos_token_ids(vec![2, 7])
+            .with_bos_token_id(None)
+            .with_tie_word_embeddings(true);
+        let json = llama3.to_hf_json().unwrap().to_string();
+        assert_eq!(LlamaConfig::from_hf_json(&json, "llama3").unwrap(), llama3);
+        let factors = llama3
+            .clone()
+            .with_rope_scaling(None)
+            .with_rope_freq_factors(Some(vec![1.0; 8]));
+        assert!(factors
+            .to_hf_json()
+            .unwrap_err()
+            .to_string()
+            .contains("rope_freqs"));
+        let output_bias_only = llama3.with_o_proj_bias(true);
+        assert!(output_bias_only.to_hf_json().is_err());
     }
 
     #[test]

@@ -213,6 +213,53 @@ pub fn gguf_name(hf: &str) -> String {
     .to_string()
 }
 
+/// The Hugging Face files a GGUF checkpoint implies besides its weights, by file name:
+/// `config.json` ([`LlamaConfig::to_hf_json`]), `generation_config.json` (BOS/EOS ids),
+/// `tokenizer.json` (the tokenizer [`tokenizer_json`] builds) and `tokenizer_config.json`
+/// (special-token strings and the chat template). With a `model.safetensors` beside them
+/// (`weights::save_hf_safetensors`) they make a directory `transformers` and this crate load as
+/// the same model and tokenizer: what `peft merge` writes from a GGUF base.
+///
+/// # Errors
+/// Malformed metadata, an unsupported tokenizer, or a configuration `config.json` cannot
+/// express (see [`LlamaConfig::to_hf_json`]).
+pub fn hf_side_files(file: &GgufFile) -> Result<Vec<(&'static str, String)>> {
+    let config = LlamaConfig::from_gguf(file)?;
+    let tokenizer = tokenizer_json(file)?;
+    let token = |id: Option<u32>| -> Option<String> {
+        let id = id? as usize;
+        match meta(file, "tokenizer.ggml.tokens").and_then(GgufValue::as_array) {
+            Some(GgufArray::String(tokens)) => tokens.get(id).cloned(),
+            _ => None,
+        }
+    };
+    let eos = token_id(file, "tokenizer.ggml.eos_token_id")?;
+    let mut tokenizer_config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token(config.bos_token_id),
+        "eos_token": token(eos),
+        "add_bos_token": tokenizer["post_processor"].is_object(),
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": config.max_position_embeddings,
+    });
+    if let Some(template) = chat_template(file) {
+        tokenizer_config["chat_template"] = template.into();
+    }
+    let generation = json!({
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_ids,
+    });
+    let pretty = |value: &Value| {
+        serde_json::to_string_pretty(value).map_err(|e| LlamaError::Tokenizer(e.to_string()))
+    };
+    Ok(vec![
+        ("config.json", pretty(&config.to_hf_json()?)?),
+        ("generation_config.json", pretty(&generation)?),
+        ("tokenizer.json", tokenizer.to_string()),
+        ("tokenizer_config.json", pretty(&tokenizer_config)?),
+    ])
+}
+
 /// The chat template the file carries (`tokenizer.chat_template`), if any.
 pub fn chat_template(file: &GgufFile) -> Option<String> {
     meta(file, "tokenizer.chat_template")

@@ -477,6 +477,73 @@ fn a_gguf_model_generates_trains_and_evaluates_in_its_chat_template() {
     // The chat format scores the assistant turns (their end-of-turn tokens included), which
     // differ in length from the Alpaca responses with EOS.
     assert_ne!(eval("chat"), eval("alpaca"));
+
+    // Merging into the GGUF base writes a Hugging Face directory whose configuration, tokenizer
+    // and chat template come from the GGUF metadata: it scores the held-out turns as the GGUF
+    // with the adapter does.
+    let merged = dir.join("merged");
+    let result = peft()
+        .args(["merge", "--model", model.to_str().unwrap(), "--adapter"])
+        .arg(&output)
+        .arg("--output")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert_success(&result);
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(merged.join(file).is_file(), "{file} missing");
+    }
+    let chat_loss = |model: &Path, adapter: Option<&Path>| -> f64 {
+        let mut command = peft();
+        command.args(["eval", "--template", "chat", "--json", "--model"]);
+        command
+            .arg(model)
+            .arg("--data")
+            .arg(output.join("validation.json"));
+        if let Some(adapter) = adapter {
+            command.arg("--adapter").arg(adapter);
+        }
+        let out = command.output().unwrap();
+        assert_success(&out);
+        let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        line["loss"].as_f64().unwrap()
+    };
+    let (adapted, folded) = (chat_loss(&model, Some(&output)), chat_loss(&merged, None));
+    assert!(
+        (adapted - folded).abs() < 1e-4,
+        "{adapted} vs merged {folded}"
+    );
+    let base = chat_loss(&model, None);
+    assert!(
+        (base - folded).abs() > 1e-4,
+        "the merge changed nothing: {base}"
+    );
+    let prompt_ids = |model: &Path| -> serde_json::Value {
+        let out = peft()
+            .args([
+                "generate",
+                "--template",
+                "chat",
+                "--prompt",
+                "Hi!",
+                "--json",
+            ])
+            .args(["--max-new-tokens", "1", "--model"])
+            .arg(model)
+            .output()
+            .unwrap();
+        assert_success(&out);
+        let line: serde_json::Value =
+            serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+        line["prompt_ids"].clone()
+    };
+    assert_eq!(prompt_ids(&merged), prompt_ids(&model));
     // `--template chat` on a model without a template says so.
     let stories = peft()
         .args(["generate", "--template", "chat", "--prompt", "Hi"])
