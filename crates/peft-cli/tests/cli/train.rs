@@ -574,9 +574,9 @@ fn a_quantized_base_trains_evaluates_and_generates_and_merging_into_it_is_refuse
     let validation_loss = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
+        .rev()
         .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
-        .filter(|record| record["kind"] == "validation")
-        .last()
+        .find(|record| record["kind"] == "validation")
         .and_then(|record| record["val_loss"].as_f64())
         .expect("a validation record");
     let eval = |quantize: &str| -> f64 {

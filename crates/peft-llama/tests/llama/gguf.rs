@@ -85,7 +85,7 @@ fn a_gguf_with_rope_frequency_factors_matches_llama3_scaling() {
     let model = load("tiny-llama3");
     let factors = model.config.rope_freq_factors.clone().unwrap();
     assert_eq!(factors.len(), 8);
-    assert!(factors.iter().any(|&f| f == 8.0) && factors[factors.len() - 1] == 8.0);
+    assert!(factors.contains(&8.0) && factors[factors.len() - 1] == 8.0);
     let (ids, shape) = expected.i64("tiny-llama3.input_ids");
     let tokens = TokenBatch {
         ids: ids.iter().map(|&i| i as u32).collect(),
