@@ -32,9 +32,8 @@
 use std::marker::PhantomData;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::Autodiff;
 use burn::tensor::activation::sigmoid;
 use burn::tensor::backend::Backend;
@@ -42,6 +41,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
 use crate::dispatch::{cast, is, Kernel};
+use crate::graph::{prim, raw, record, tensor};
 use crate::tensor::{cast_to, upcast};
 
 /// The chains of tensor operations the nodes replace (backends without autodiff, and autodiff
@@ -171,23 +171,6 @@ macro_rules! on_known_autodiff {
     }};
 }
 pub(crate) use on_known_autodiff;
-
-/// A float tensor of `Autodiff<X>` as a primitive.
-pub(crate) fn prim<X: Backend, const D: usize>(
-    t: Tensor<Autodiff<X>, D>,
-) -> FloatTensor<Autodiff<X>> {
-    t.into_primitive().tensor()
-}
-
-/// A primitive of `X` as a tensor.
-pub(crate) fn tensor<X: Backend, const D: usize>(p: FloatTensor<X>) -> Tensor<X, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(p))
-}
-
-/// The primitive of a float tensor.
-pub(crate) fn raw<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
-}
 
 /// The single output of a kernel.
 fn single<T>(outputs: Vec<T>) -> T {
@@ -338,24 +321,6 @@ fn rotary_values<X: Backend>(
             &tensor::<X, 4>(cos),
             &tensor::<X, 4>(sin),
         )),
-    }
-}
-
-/// `out` as the output of the node `op` whose inputs are `parents`; `state()` is what its
-/// backward pass reads, built only when one of them needs a gradient.
-pub(crate) fn record<X: Backend, N: Backward<X, K>, const K: usize>(
-    op: N,
-    parents: [&FloatTensor<Autodiff<X>>; K],
-    state: impl FnOnce() -> N::State,
-    out: FloatTensor<X>,
-) -> FloatTensor<Autodiff<X>> {
-    match op
-        .prepare::<NoCheckpointing>(parents.map(|p| p.node.clone()))
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(state(), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }
 

@@ -23,8 +23,8 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use ndarray::{linalg::general_mat_mul, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, IxDyn};
 
-use crate::blocks::{prim, raw, record, tensor};
 use crate::dispatch::{cast, is};
+use crate::graph::{prim, raw, record, tensor};
 
 type Cpu = NdArray<f32>;
 

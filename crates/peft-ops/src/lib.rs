@@ -30,6 +30,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cublas;
 pub mod dispatch;
+mod graph;
 #[cfg(feature = "cuda")]
 pub mod kernels;
 pub mod options;

@@ -32,8 +32,9 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 
 pub use peft_io::quant::{QuantFormat, QuantizedMatrix};
 
-use crate::blocks::{on_known_autodiff, prim, raw, record, tensor};
+use crate::blocks::on_known_autodiff;
 use crate::dispatch::{cast, is};
+use crate::graph::{prim, raw, record, tensor};
 use crate::tensor::{cast_to, linear_rows, matmul};
 
 /// Dense values per tile of a quantized product (4 MiB in f32): 256 rows of a 4096-wide weight.
