@@ -53,7 +53,7 @@ pub use data::{
 };
 pub use error::{RecordLocation, Result, TrainError};
 pub use fit::{fit, FitConfig, FitSummary};
-pub use loss::{causal_lm_loss, CausalLmLoss};
+pub use loss::{causal_lm_loss, causal_lm_loss_of, CausalLmLoss};
 pub use metrics::{MetricsLog, StepMetrics};
 pub use optim::{
     clip_grad_norm, grad_norm, micro_batch_weights, AccumulationWeighting, AdamW, AdamWConfig,

@@ -39,7 +39,7 @@ use peft_llama::Llama;
 
 use crate::data::Batch;
 use crate::error::{Result, TrainError};
-use crate::loss::causal_lm_loss;
+use crate::loss::causal_lm_loss_of;
 
 /// One replica's share of an optimiser step: micro-batches (shards) with their loss weights.
 pub type ReplicaWork = Vec<(Batch, f64)>;
@@ -471,9 +471,8 @@ where
         let mut totals = StepTotals::default();
         for (batch, weight) in work {
             let hooks = batch.hooks(adapter, base, &base.device())?;
-            let logits = base.forward(&batch.tokens, hooks.as_ref(), None)?;
+            let loss = causal_lm_loss_of(base, &batch.tokens, hooks.as_ref(), &batch.labels)?;
             drop(hooks);
-            let loss = causal_lm_loss(logits, &batch.labels)?;
             let value: f64 = loss.loss.clone().into_scalar().elem();
             totals.loss += value * weight;
             totals.real_tokens += batch.real_tokens;

@@ -13,7 +13,7 @@ use peft_llama::Llama;
 use crate::checkpoint::{CheckpointDir, TrainPosition};
 use crate::data::{Batch, BatchingConfig, Example};
 use crate::error::{Result, TrainError};
-use crate::loss::causal_lm_loss;
+use crate::loss::causal_lm_loss_of;
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::optim::{micro_batch_weights, AccumulationWeighting, AdamWConfig};
 use crate::parallel::{DataParallel, ReplicaWork};
@@ -217,8 +217,7 @@ pub fn evaluate<B: Backend, A: Adapter<B>>(
             Some(adapter) => batch.hooks(adapter, base, &device)?,
             None => Box::new(peft_llama::NoHooks),
         };
-        let logits = base.forward(&batch.tokens, hooks.as_ref(), None)?;
-        let loss = causal_lm_loss(logits, &batch.labels)?;
+        let loss = causal_lm_loss_of(base, &batch.tokens, hooks.as_ref(), &batch.labels)?;
         let value: f64 = loss.loss.into_scalar().to_f64_lossy();
         total += value * loss.targets as f64;
         count += loss.targets;
