@@ -33,7 +33,7 @@ pub struct EvalArgs {
     /// Examples per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// Print one JSON object: loss, perplexity, tokens.
+    /// Print one JSON object: loss, perplexity, response tokens, tokens read, seconds, rate.
     #[arg(long)]
     json: bool,
 }
@@ -60,15 +60,23 @@ pub fn run(args: EvalArgs) -> AnyResult<()> {
         None,
     )?;
     let batching = BatchingConfig::new(args.batch_size).with_max_seq_len(args.max_seq_len);
+    let started = std::time::Instant::now();
     let (loss, tokens) = evaluate(&model, adapter.as_ref(), &examples, &batching)?;
+    let seconds = started.elapsed().as_secs_f64();
+    // Every token the forward passes read (prompts included, padding not): the rate PyTorch
+    // scripts report for a held-out pass.
+    let input_tokens: usize = examples.iter().map(|e| e.input_ids.len()).sum();
+    let rate = input_tokens as f64 / seconds.max(1e-9);
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens})
+            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens,
+                "input_tokens": input_tokens, "seconds": seconds, "tokens_per_second": rate})
         );
     } else {
         println!(
-            "loss {loss:.4}  perplexity {:.3}  over {tokens} response tokens",
+            "loss {loss:.4}  perplexity {:.3}  over {tokens} response tokens \
+             ({input_tokens} tokens read in {seconds:.2} s, {rate:.0} tokens/s)",
             loss.exp()
         );
     }
