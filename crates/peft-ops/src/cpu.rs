@@ -126,7 +126,15 @@ fn product(
         }
         let mut o = o.into_dimensionality::<Ix2>().ok()?;
         let (a, b) = (matrix(a.view(), &index)?, matrix(b.view(), &index)?);
-        general_mat_mul(1.0, &a, &b, 0.0, &mut o);
+        if m < n {
+            // `c = a · b` as `cᵀ = bᵀ · aᵀ` (views, same arithmetic): the GEMM packs its right
+            // operand on one thread and its left one on every thread, so the larger operand (a
+            // weight, when few rows pass through it) goes left.
+            let mut ot = o.reversed_axes();
+            general_mat_mul(1.0, &b.reversed_axes(), &a.reversed_axes(), 0.0, &mut ot);
+        } else {
+            general_mat_mul(1.0, &a, &b, 0.0, &mut o);
+        }
     }
     Some(NdArrayTensor::from(out.into_shared()))
 }
