@@ -130,17 +130,18 @@ pub mod composed {
 }
 
 /// The outputs of `kernel` on `inputs` when `X` is Burn's CUDA backend and the kernel takes
-/// them (`kernels.rs`); `None` otherwise, and always on a build without `cuda`.
+/// them (`kernels.rs`), or the CPU backend and `cpu.rs` has it; `None` otherwise.
 fn kernel<X: Backend>(kernel: Kernel, inputs: &[FloatTensor<X>]) -> Option<Vec<FloatTensor<X>>> {
     #[cfg(feature = "cuda")]
-    {
-        crate::kernels::run::<X>(kernel, inputs)
+    if let Some(outputs) = crate::kernels::run::<X>(kernel, inputs) {
+        return Some(outputs);
     }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (kernel, inputs);
-        None
+    #[cfg(feature = "ndarray")]
+    if let Some(outputs) = crate::cpu::run::<X>(kernel, inputs) {
+        return Some(outputs);
     }
+    let _ = (kernel, inputs);
+    None
 }
 
 /// Returns `$node` (an expression of the inner backend `$x`) from the enclosing function when

@@ -21,9 +21,9 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
-use ndarray::{linalg::general_mat_mul, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, IxDyn};
+use ndarray::{linalg::general_mat_mul, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, IxDyn, Zip};
 
-use crate::dispatch::{cast, is};
+use crate::dispatch::{cast, is, Kernel};
 use crate::graph::{prim, raw, record, tensor};
 
 type Cpu = NdArray<f32>;
@@ -57,8 +57,9 @@ pub(crate) fn matmul<B: Backend, const D: usize>(
     Err((a, b))
 }
 
-/// Whether this path is on: `PEFT_CPU_STRIDED=0` gives every product back to Burn (for A/B
-/// timings; the values are the same either way).
+/// Whether this path is on: `PEFT_CPU_STRIDED=0` gives every product and kernel back to Burn
+/// (for A/B timings; the products' values are the same either way, the kernels' within float
+/// rounding).
 fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("PEFT_CPU_STRIDED").map_or(true, |v| v != "0"))
@@ -137,6 +138,54 @@ fn product(
         }
     }
     Some(NdArrayTensor::from(out.into_shared()))
+}
+
+/// The outputs of `kernel` on `inputs` when `X` is the CPU backend and this module has the
+/// kernel (SwiGLU forward and backward: one pass each, one `exp` per element, where the chain of
+/// tensor operations takes five passes and three transcendental functions, Burn's sigmoid being
+/// `exp(-ln(1 + exp(-x)))`); `None` otherwise.
+pub(crate) fn run<X: Backend>(
+    kernel: Kernel,
+    inputs: &[FloatTensor<X>],
+) -> Option<Vec<FloatTensor<X>>> {
+    if !is::<X, Cpu>() || !enabled() {
+        return None;
+    }
+    let inputs: Vec<FloatTensor<Cpu>> = inputs.iter().map(|t| cast(t.clone())).collect();
+    let views = inputs.iter().map(view).collect::<Option<Vec<_>>>()?;
+    if views.iter().any(|v| v.shape() != views[0].shape()) {
+        return None;
+    }
+    let sigmoid = |g: f32| 1.0 / (1.0 + (-g).exp());
+    let outputs: Vec<ArrayD<f32>> = match (kernel, views.as_slice()) {
+        (Kernel::SwigluForward, [gate, up]) => {
+            vec![Zip::from(gate)
+                .and(up)
+                .map_collect(|&g, &u| g * sigmoid(g) * u)]
+        }
+        (Kernel::SwigluBackward, [gate, up, dy]) => {
+            let mut dgate = ArrayD::<f32>::zeros(gate.raw_dim());
+            let mut dup = ArrayD::<f32>::zeros(gate.raw_dim());
+            Zip::from(&mut dgate)
+                .and(&mut dup)
+                .and(gate)
+                .and(up)
+                .and(dy)
+                .for_each(|dg, du, &g, &u, &d| {
+                    let s = sigmoid(g);
+                    *du = d * (g * s);
+                    *dg = d * u * s * (1.0 + g * (1.0 - s));
+                });
+            vec![dgate, dup]
+        }
+        _ => return None,
+    };
+    Some(
+        outputs
+            .into_iter()
+            .map(|out| cast(NdArrayTensor::from(out.into_shared())))
+            .collect(),
+    )
 }
 
 /// The matrix of `v` at leading `index` (a leading dimension of 1 broadcast).
