@@ -21,7 +21,9 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
-use ndarray::{linalg::general_mat_mul, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, IxDyn, Zip};
+use ndarray::{
+    linalg::general_mat_mul, ArrayD, ArrayView2, ArrayViewD, Axis, Ix1, Ix2, IxDyn, Zip,
+};
 
 use crate::dispatch::{cast, is, Kernel};
 use crate::graph::{prim, raw, record, tensor};
@@ -141,23 +143,111 @@ fn product(
 }
 
 /// The outputs of `kernel` on `inputs` when `X` is the CPU backend and this module has the
-/// kernel (SwiGLU forward and backward: one pass each, one `exp` per element, where the chain of
-/// tensor operations takes five passes and three transcendental functions, Burn's sigmoid being
-/// `exp(-ln(1 + exp(-x)))`); `None` otherwise.
+/// kernel; `None` otherwise. SwiGLU forward and backward run in one pass each with one `exp`
+/// per element, where the chain of tensor operations takes five passes and three transcendental
+/// functions (Burn's sigmoid is `exp(-ln(1 + exp(-x)))`); RMSNorm forward and its input
+/// gradient in one pass per row, where the chains take five or six over the whole tensor.
 pub(crate) fn run<X: Backend>(
     kernel: Kernel,
     inputs: &[FloatTensor<X>],
 ) -> Option<Vec<FloatTensor<X>>> {
-    if !is::<X, Cpu>() || !enabled() {
+    let ours = matches!(
+        kernel,
+        Kernel::SwigluForward
+            | Kernel::SwigluBackward
+            | Kernel::RmsNormForward { .. }
+            | Kernel::RmsNormBackward
+    );
+    if !ours || !is::<X, Cpu>() || !enabled() {
         return None;
     }
     let inputs: Vec<FloatTensor<Cpu>> = inputs.iter().map(|t| cast(t.clone())).collect();
     let views = inputs.iter().map(view).collect::<Option<Vec<_>>>()?;
+    let outputs = match kernel {
+        Kernel::RmsNormForward { eps } => rms_norm_forward(&views, eps)?,
+        Kernel::RmsNormBackward => vec![rms_norm_backward(&views)?],
+        _ => swiglu(kernel, &views)?,
+    };
+    Some(
+        outputs
+            .into_iter()
+            .map(|out| cast(NdArrayTensor::from(out.into_shared())))
+            .collect(),
+    )
+}
+
+/// RMSNorm of `x` `[batch, seq, hidden]` by `weight` `[hidden]` in one pass per row: `y` and
+/// `1/rms` `[batch, seq, 1]`, as `composed::rms_norm_with_inv_rms` (f32).
+fn rms_norm_forward(views: &[ArrayViewD<'_, f32>], eps: f32) -> Option<Vec<ArrayD<f32>>> {
+    let [x, weight] = views else { return None };
+    let rank = x.ndim();
+    let hidden = *x.shape().last()?;
+    if rank != 3 || weight.shape() != [hidden] {
+        return None;
+    }
+    let weight = weight.view().into_dimensionality::<Ix1>().ok()?;
+    let mut out = ArrayD::<f32>::zeros(x.raw_dim());
+    let mut inv_shape = x.shape().to_vec();
+    inv_shape[rank - 1] = 1;
+    let mut inv = ArrayD::<f32>::zeros(IxDyn(&inv_shape));
+    Zip::from(out.lanes_mut(Axis(rank - 1)))
+        .and(inv.lanes_mut(Axis(rank - 1)))
+        .and(x.lanes(Axis(rank - 1)))
+        .for_each(|mut y, mut inv, x| {
+            // Accumulated in f64: one rounding, where the chain's f32 sum rounds at every add.
+            let sum: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+            let mean_square = (sum / hidden as f64) as f32;
+            let r = 1.0 / (mean_square + eps).sqrt();
+            inv[0] = r;
+            Zip::from(&mut y)
+                .and(&x)
+                .and(&weight)
+                .for_each(|y, &x, &w| *y = w * (x * r));
+        });
+    Some(vec![out, inv])
+}
+
+/// The input gradient of RMSNorm from `[x, weight, dy, 1/rms]`: with `x̂ = x / rms` and
+/// `g = dy ⊙ w`, `dx = (g − x̂ · mean(g ⊙ x̂)) / rms`, one pass per row.
+fn rms_norm_backward(views: &[ArrayViewD<'_, f32>]) -> Option<ArrayD<f32>> {
+    let [x, weight, dy, inv] = views else {
+        return None;
+    };
+    let rank = x.ndim();
+    let hidden = *x.shape().last()?;
+    if rank != 3 || dy.shape() != x.shape() || weight.shape() != [hidden] {
+        return None;
+    }
+    let weight = weight.view().into_dimensionality::<Ix1>().ok()?;
+    let mut dx = ArrayD::<f32>::zeros(x.raw_dim());
+    Zip::from(dx.lanes_mut(Axis(rank - 1)))
+        .and(x.lanes(Axis(rank - 1)))
+        .and(dy.lanes(Axis(rank - 1)))
+        .and(inv.lanes(Axis(rank - 1)))
+        .for_each(|mut dx, x, dy, inv| {
+            let r = inv[0];
+            let dot = Zip::from(&x)
+                .and(&dy)
+                .and(&weight)
+                .fold(0.0f64, |acc, &x, &d, &w| acc + f64::from(d * w * (x * r)))
+                / hidden as f64;
+            let dot = dot as f32;
+            Zip::from(&mut dx)
+                .and(&x)
+                .and(&dy)
+                .and(&weight)
+                .for_each(|dx, &x, &d, &w| *dx = (d * w - x * r * dot) * r);
+        });
+    Some(dx)
+}
+
+/// SwiGLU forward (`[gate, up]` → `[y]`) and backward (`[gate, up, dy]` → `[d gate, d up]`).
+fn swiglu(kernel: Kernel, views: &[ArrayViewD<'_, f32>]) -> Option<Vec<ArrayD<f32>>> {
     if views.iter().any(|v| v.shape() != views[0].shape()) {
         return None;
     }
     let sigmoid = |g: f32| 1.0 / (1.0 + (-g).exp());
-    let outputs: Vec<ArrayD<f32>> = match (kernel, views.as_slice()) {
+    let outputs: Vec<ArrayD<f32>> = match (kernel, views) {
         (Kernel::SwigluForward, [gate, up]) => {
             vec![Zip::from(gate)
                 .and(up)
@@ -180,12 +270,7 @@ pub(crate) fn run<X: Backend>(
         }
         _ => return None,
     };
-    Some(
-        outputs
-            .into_iter()
-            .map(|out| cast(NdArrayTensor::from(out.into_shared())))
-            .collect(),
-    )
+    Some(outputs)
 }
 
 /// The matrix of `v` at leading `index` (a leading dimension of 1 broadcast).
