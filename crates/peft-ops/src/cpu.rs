@@ -146,7 +146,8 @@ fn product(
 /// kernel; `None` otherwise. SwiGLU forward and backward run in one pass each with one `exp`
 /// per element, where the chain of tensor operations takes five passes and three transcendental
 /// functions (Burn's sigmoid is `exp(-ln(1 + exp(-x)))`); RMSNorm forward and its input
-/// gradient in one pass per row, where the chains take five or six over the whole tensor.
+/// gradient, and the attention softmax and its gradient, in one pass per row, where the chains
+/// take five to seven over the whole tensor.
 pub(crate) fn run<X: Backend>(
     kernel: Kernel,
     inputs: &[FloatTensor<X>],
@@ -157,6 +158,8 @@ pub(crate) fn run<X: Backend>(
             | Kernel::SwigluBackward
             | Kernel::RmsNormForward { .. }
             | Kernel::RmsNormBackward
+            | Kernel::SoftmaxForward { .. }
+            | Kernel::SoftmaxBackward { .. }
     );
     if !ours || !is::<X, Cpu>() || !enabled() {
         return None;
@@ -166,6 +169,8 @@ pub(crate) fn run<X: Backend>(
     let outputs = match kernel {
         Kernel::RmsNormForward { eps } => rms_norm_forward(&views, eps)?,
         Kernel::RmsNormBackward => vec![rms_norm_backward(&views)?],
+        Kernel::SoftmaxForward { scale } => vec![softmax_forward(&views, scale)?],
+        Kernel::SoftmaxBackward { scale } => vec![softmax_backward(&views, scale)?],
         _ => swiglu(kernel, &views)?,
     };
     Some(
@@ -239,6 +244,73 @@ fn rms_norm_backward(views: &[ArrayViewD<'_, f32>]) -> Option<ArrayD<f32>> {
                 .for_each(|dx, &x, &d, &w| *dx = (d * w - x * r * dot) * r);
         });
     Some(dx)
+}
+
+/// `softmax(scale · scores + bias)` over the last axis of `[batch, heads, queries, keys]`
+/// scores, `bias` `[batch or 1, 1, queries, keys]` (0 or `-inf`) broadcast: one pass per row.
+fn softmax_forward(views: &[ArrayViewD<'_, f32>], scale: f32) -> Option<ArrayD<f32>> {
+    let (scores, bias) = match views {
+        [scores] => (scores, None),
+        [scores, bias] => (scores, Some(bias.broadcast(scores.raw_dim())?)),
+        _ => return None,
+    };
+    if scores.ndim() != 4 {
+        return None;
+    }
+    let last = Axis(3);
+    let mut out = ArrayD::<f32>::zeros(scores.raw_dim());
+    let row = |mut p: ndarray::ArrayViewMut1<'_, f32>,
+               s: ndarray::ArrayView1<'_, f32>,
+               b: Option<ndarray::ArrayView1<'_, f32>>| {
+        match b {
+            Some(b) => Zip::from(&mut p)
+                .and(&s)
+                .and(&b)
+                .for_each(|p, &s, &b| *p = s * scale + b),
+            None => Zip::from(&mut p).and(&s).for_each(|p, &s| *p = s * scale),
+        }
+        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        p.mapv_inplace(|v| {
+            let e = (v - max).exp();
+            sum += e;
+            e
+        });
+        p.mapv_inplace(|v| v / sum);
+    };
+    match bias {
+        Some(bias) => Zip::from(out.lanes_mut(last))
+            .and(scores.lanes(last))
+            .and(bias.lanes(last))
+            .for_each(|p, s, b| row(p, s, Some(b))),
+        None => Zip::from(out.lanes_mut(last))
+            .and(scores.lanes(last))
+            .for_each(|p, s| row(p, s, None)),
+    }
+    Some(out)
+}
+
+/// `scale · p ⊙ (dp − Σ_keys dp ⊙ p)` from `[p, dp]`: one pass per row.
+fn softmax_backward(views: &[ArrayViewD<'_, f32>], scale: f32) -> Option<ArrayD<f32>> {
+    let [p, dp] = views else { return None };
+    if p.shape() != dp.shape() || p.ndim() != 4 {
+        return None;
+    }
+    let last = Axis(3);
+    let mut ds = ArrayD::<f32>::zeros(p.raw_dim());
+    Zip::from(ds.lanes_mut(last))
+        .and(p.lanes(last))
+        .and(dp.lanes(last))
+        .for_each(|mut ds, p, dp| {
+            let dot = Zip::from(&p)
+                .and(&dp)
+                .fold(0.0f32, |acc, &p, &d| acc + d * p);
+            Zip::from(&mut ds)
+                .and(&p)
+                .and(&dp)
+                .for_each(|ds, &p, &d| *ds = p * (d - dot) * scale);
+        });
+    Some(ds)
 }
 
 /// SwiGLU forward (`[gate, up]` → `[y]`) and backward (`[gate, up, dy]` → `[d gate, d up]`).
