@@ -233,11 +233,10 @@ pub fn hf_side_files(file: &GgufFile) -> Result<Vec<(&'static str, String)>> {
             _ => None,
         }
     };
-    let eos = token_id(file, "tokenizer.ggml.eos_token_id")?;
     let mut tokenizer_config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": token(config.bos_token_id),
-        "eos_token": token(eos),
+        "eos_token": token(config.eos_token_ids.first().copied()),
         "add_bos_token": tokenizer["post_processor"].is_object(),
         "clean_up_tokenization_spaces": false,
         "model_max_length": config.max_position_embeddings,

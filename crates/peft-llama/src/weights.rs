@@ -207,20 +207,22 @@ impl<B: Backend> Builder<'_, B> {
         let mut values = self
             .tensors
             .take_f32(&key_for(self.layout, &weight_key), &[out, inp])?;
-        if let (true, Some(heads)) = (self.rows_permuted(), rotary_heads) {
+        if let Some(heads) = self.permuted_heads(rotary_heads) {
             values = meta_to_hf_rows(&values, heads, self.config.head_dim, inp);
         }
         Ok(values)
     }
 
-    /// Whether the checkpoint holds query/key rows in Meta's interleaved order: Meta's own
-    /// files, and GGUF files of the architectures llama.cpp permutes.
-    fn rows_permuted(&self) -> bool {
-        match self.layout {
+    /// The heads of a query/key projection (`rotary_heads`) whose rows the checkpoint holds in
+    /// Meta's interleaved order and the loader must reorder: Meta's own files, and GGUF files of
+    /// the architectures llama.cpp permutes. `None` for every other projection and checkpoint.
+    fn permuted_heads(&self, rotary_heads: Option<usize>) -> Option<usize> {
+        let permuted = match self.layout {
             CheckpointLayout::Meta => true,
             CheckpointLayout::Gguf => crate::gguf::permutes_query_key_rows(self.config),
             CheckpointLayout::HuggingFace => false,
-        }
+        };
+        rotary_heads.filter(|_| permuted)
     }
 
     /// The bias of a projection, if it has one; a query/key bias in its rows' order.
@@ -236,7 +238,7 @@ impl<B: Backend> Builder<'_, B> {
         }
         let bias_key = key_for(self.layout, &format!("{hf}.bias"));
         let mut values = self.tensors.take_f32(&bias_key, &[out])?;
-        if let (true, Some(heads)) = (self.rows_permuted(), rotary_heads) {
+        if let Some(heads) = self.permuted_heads(rotary_heads) {
             values = meta_to_hf_rows(&values, heads, self.config.head_dim, 1);
         }
         Ok(Some(self.param(values, [out])))
@@ -275,7 +277,7 @@ impl<B: Backend> Builder<'_, B> {
         if self.quantization != Quantization::Dense && self.layout == CheckpointLayout::Gguf {
             let key = key_for(self.layout, &format!("{hf}.weight"));
             if let Some(matrix) = self.tensors.take_gguf_blocks(&key, [out, inp])? {
-                let matrix = match rotary_heads.filter(|_| self.rows_permuted()) {
+                let matrix = match self.permuted_heads(rotary_heads) {
                     Some(heads) => {
                         matrix.permute_rows(&meta_to_hf_order(heads, self.config.head_dim))?
                     }

@@ -282,9 +282,8 @@ impl<B: Backend> FrozenLinear<B> {
         match self {
             Self::Dense(linear) => linear.clone(),
             Self::Quantized(linear) => {
-                let (rows, cols) = (linear.out_features(), linear.in_features());
-                let data = TensorData::new(linear.weight.0.dequantize(), [rows, cols]);
-                let weight = cast_to(Tensor::<B, 2>::from_data(data, device), dtype);
+                let rows = linear.out_features();
+                let weight = linear.weight.tile::<B>(0..rows, device, dtype);
                 Linear {
                     weight: Param::from_tensor(weight.transpose()).set_require_grad(false),
                     bias: linear.bias.clone(),
