@@ -10,8 +10,9 @@
 //! every value, is exactly what it was; only the copies are gone.
 //!
 //! On `Autodiff<NdArray<f32>>` the product is one autodiff node whose backward pass computes
-//! `da = dy · bᵀ` and `db = aᵀ · dy` the same way (transposes are views). `PEFT_CPU_STRIDED=0`
-//! turns the path off.
+//! `da = dy · bᵀ` and `db = aᵀ · dy` the same way (transposes are views). The one-pass kernels of
+//! the blocks (SwiGLU, RMSNorm, the attention softmax, the rotary embedding) are in [`kernels`].
+//! `PEFT_CPU_STRIDED=0` turns both off.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
@@ -21,12 +22,14 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
-use ndarray::{
-    linalg::general_mat_mul, ArrayD, ArrayView2, ArrayViewD, Axis, Ix1, Ix2, IxDyn, Zip,
-};
+use ndarray::{linalg::general_mat_mul, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, IxDyn};
 
-use crate::dispatch::{cast, is, Kernel};
+use crate::dispatch::{cast, is};
 use crate::graph::{prim, raw, record, tensor};
+
+mod kernels;
+
+pub(crate) use kernels::run;
 
 type Cpu = NdArray<f32>;
 
@@ -140,209 +143,6 @@ fn product(
         }
     }
     Some(NdArrayTensor::from(out.into_shared()))
-}
-
-/// The outputs of `kernel` on `inputs` when `X` is the CPU backend and this module has the
-/// kernel; `None` otherwise. SwiGLU forward and backward run in one pass each with one `exp`
-/// per element, where the chain of tensor operations takes five passes and three transcendental
-/// functions (Burn's sigmoid is `exp(-ln(1 + exp(-x)))`); RMSNorm forward and its input
-/// gradient, and the attention softmax and its gradient, in one pass per row, where the chains
-/// take five to seven over the whole tensor.
-pub(crate) fn run<X: Backend>(
-    kernel: Kernel,
-    inputs: &[FloatTensor<X>],
-) -> Option<Vec<FloatTensor<X>>> {
-    let ours = matches!(
-        kernel,
-        Kernel::SwigluForward
-            | Kernel::SwigluBackward
-            | Kernel::RmsNormForward { .. }
-            | Kernel::RmsNormBackward
-            | Kernel::SoftmaxForward { .. }
-            | Kernel::SoftmaxBackward { .. }
-    );
-    if !ours || !is::<X, Cpu>() || !enabled() {
-        return None;
-    }
-    let inputs: Vec<FloatTensor<Cpu>> = inputs.iter().map(|t| cast(t.clone())).collect();
-    let views = inputs.iter().map(view).collect::<Option<Vec<_>>>()?;
-    let outputs = match kernel {
-        Kernel::RmsNormForward { eps } => rms_norm_forward(&views, eps)?,
-        Kernel::RmsNormBackward => vec![rms_norm_backward(&views)?],
-        Kernel::SoftmaxForward { scale } => vec![softmax_forward(&views, scale)?],
-        Kernel::SoftmaxBackward { scale } => vec![softmax_backward(&views, scale)?],
-        _ => swiglu(kernel, &views)?,
-    };
-    Some(
-        outputs
-            .into_iter()
-            .map(|out| cast(NdArrayTensor::from(out.into_shared())))
-            .collect(),
-    )
-}
-
-/// RMSNorm of `x` `[batch, seq, hidden]` by `weight` `[hidden]` in one pass per row: `y` and
-/// `1/rms` `[batch, seq, 1]`, as `composed::rms_norm_with_inv_rms` (f32).
-fn rms_norm_forward(views: &[ArrayViewD<'_, f32>], eps: f32) -> Option<Vec<ArrayD<f32>>> {
-    let [x, weight] = views else { return None };
-    let rank = x.ndim();
-    let hidden = *x.shape().last()?;
-    if rank != 3 || weight.shape() != [hidden] {
-        return None;
-    }
-    let weight = weight.view().into_dimensionality::<Ix1>().ok()?;
-    let mut out = ArrayD::<f32>::zeros(x.raw_dim());
-    let mut inv_shape = x.shape().to_vec();
-    inv_shape[rank - 1] = 1;
-    let mut inv = ArrayD::<f32>::zeros(IxDyn(&inv_shape));
-    Zip::from(out.lanes_mut(Axis(rank - 1)))
-        .and(inv.lanes_mut(Axis(rank - 1)))
-        .and(x.lanes(Axis(rank - 1)))
-        .for_each(|mut y, mut inv, x| {
-            // Accumulated in f64: one rounding, where the chain's f32 sum rounds at every add.
-            let sum: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-            let mean_square = (sum / hidden as f64) as f32;
-            let r = 1.0 / (mean_square + eps).sqrt();
-            inv[0] = r;
-            Zip::from(&mut y)
-                .and(&x)
-                .and(&weight)
-                .for_each(|y, &x, &w| *y = w * (x * r));
-        });
-    Some(vec![out, inv])
-}
-
-/// The input gradient of RMSNorm from `[x, weight, dy, 1/rms]`: with `x̂ = x / rms` and
-/// `g = dy ⊙ w`, `dx = (g − x̂ · mean(g ⊙ x̂)) / rms`, one pass per row.
-fn rms_norm_backward(views: &[ArrayViewD<'_, f32>]) -> Option<ArrayD<f32>> {
-    let [x, weight, dy, inv] = views else {
-        return None;
-    };
-    let rank = x.ndim();
-    let hidden = *x.shape().last()?;
-    if rank != 3 || dy.shape() != x.shape() || weight.shape() != [hidden] {
-        return None;
-    }
-    let weight = weight.view().into_dimensionality::<Ix1>().ok()?;
-    let mut dx = ArrayD::<f32>::zeros(x.raw_dim());
-    Zip::from(dx.lanes_mut(Axis(rank - 1)))
-        .and(x.lanes(Axis(rank - 1)))
-        .and(dy.lanes(Axis(rank - 1)))
-        .and(inv.lanes(Axis(rank - 1)))
-        .for_each(|mut dx, x, dy, inv| {
-            let r = inv[0];
-            let dot = Zip::from(&x)
-                .and(&dy)
-                .and(&weight)
-                .fold(0.0f64, |acc, &x, &d, &w| acc + f64::from(d * w * (x * r)))
-                / hidden as f64;
-            let dot = dot as f32;
-            Zip::from(&mut dx)
-                .and(&x)
-                .and(&dy)
-                .and(&weight)
-                .for_each(|dx, &x, &d, &w| *dx = (d * w - x * r * dot) * r);
-        });
-    Some(dx)
-}
-
-/// `softmax(scale · scores + bias)` over the last axis of `[batch, heads, queries, keys]`
-/// scores, `bias` `[batch or 1, 1, queries, keys]` (0 or `-inf`) broadcast: one pass per row.
-fn softmax_forward(views: &[ArrayViewD<'_, f32>], scale: f32) -> Option<ArrayD<f32>> {
-    let (scores, bias) = match views {
-        [scores] => (scores, None),
-        [scores, bias] => (scores, Some(bias.broadcast(scores.raw_dim())?)),
-        _ => return None,
-    };
-    if scores.ndim() != 4 {
-        return None;
-    }
-    let last = Axis(3);
-    let mut out = ArrayD::<f32>::zeros(scores.raw_dim());
-    let row = |mut p: ndarray::ArrayViewMut1<'_, f32>,
-               s: ndarray::ArrayView1<'_, f32>,
-               b: Option<ndarray::ArrayView1<'_, f32>>| {
-        match b {
-            Some(b) => Zip::from(&mut p)
-                .and(&s)
-                .and(&b)
-                .for_each(|p, &s, &b| *p = s * scale + b),
-            None => Zip::from(&mut p).and(&s).for_each(|p, &s| *p = s * scale),
-        }
-        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        p.mapv_inplace(|v| {
-            let e = (v - max).exp();
-            sum += e;
-            e
-        });
-        p.mapv_inplace(|v| v / sum);
-    };
-    match bias {
-        Some(bias) => Zip::from(out.lanes_mut(last))
-            .and(scores.lanes(last))
-            .and(bias.lanes(last))
-            .for_each(|p, s, b| row(p, s, Some(b))),
-        None => Zip::from(out.lanes_mut(last))
-            .and(scores.lanes(last))
-            .for_each(|p, s| row(p, s, None)),
-    }
-    Some(out)
-}
-
-/// `scale · p ⊙ (dp − Σ_keys dp ⊙ p)` from `[p, dp]`: one pass per row.
-fn softmax_backward(views: &[ArrayViewD<'_, f32>], scale: f32) -> Option<ArrayD<f32>> {
-    let [p, dp] = views else { return None };
-    if p.shape() != dp.shape() || p.ndim() != 4 {
-        return None;
-    }
-    let last = Axis(3);
-    let mut ds = ArrayD::<f32>::zeros(p.raw_dim());
-    Zip::from(ds.lanes_mut(last))
-        .and(p.lanes(last))
-        .and(dp.lanes(last))
-        .for_each(|mut ds, p, dp| {
-            let dot = Zip::from(&p)
-                .and(&dp)
-                .fold(0.0f32, |acc, &p, &d| acc + d * p);
-            Zip::from(&mut ds)
-                .and(&p)
-                .and(&dp)
-                .for_each(|ds, &p, &d| *ds = p * (d - dot) * scale);
-        });
-    Some(ds)
-}
-
-/// SwiGLU forward (`[gate, up]` → `[y]`) and backward (`[gate, up, dy]` → `[d gate, d up]`).
-fn swiglu(kernel: Kernel, views: &[ArrayViewD<'_, f32>]) -> Option<Vec<ArrayD<f32>>> {
-    if views.iter().any(|v| v.shape() != views[0].shape()) {
-        return None;
-    }
-    let sigmoid = |g: f32| 1.0 / (1.0 + (-g).exp());
-    let outputs: Vec<ArrayD<f32>> = match (kernel, views) {
-        (Kernel::SwigluForward, [gate, up]) => {
-            vec![Zip::from(gate)
-                .and(up)
-                .map_collect(|&g, &u| g * sigmoid(g) * u)]
-        }
-        (Kernel::SwigluBackward, [gate, up, dy]) => {
-            let mut dgate = ArrayD::<f32>::zeros(gate.raw_dim());
-            let mut dup = ArrayD::<f32>::zeros(gate.raw_dim());
-            Zip::from(&mut dgate)
-                .and(&mut dup)
-                .and(gate)
-                .and(up)
-                .and(dy)
-                .for_each(|dg, du, &g, &u, &d| {
-                    let s = sigmoid(g);
-                    *du = d * (g * s);
-                    *dg = d * u * s * (1.0 + g * (1.0 - s));
-                });
-            vec![dgate, dup]
-        }
-        _ => return None,
-    };
-    Some(outputs)
 }
 
 /// The matrix of `v` at leading `index` (a leading dimension of 1 broadcast).
