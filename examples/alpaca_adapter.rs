@@ -146,10 +146,10 @@ fn main() -> Result<()> {
         adapted_loss.exp()
     );
     println!(
-        "\n{} optimiser steps in {:.1} s ({:.0} tokens/s); adapter in {}\n",
+        "\n{} optimiser steps in {:.1} s ({:.0} tokens/s in the steps); adapter in {}\n",
         summary.steps,
         summary.seconds,
-        summary.tokens as f64 / summary.seconds.max(1e-9),
+        summary.tokens_per_second(),
         adapter_dir.display()
     );
     for ((instruction, before), after) in INSTRUCTIONS.iter().zip(&before).zip(&after) {
@@ -166,7 +166,7 @@ fn main() -> Result<()> {
             },
             "model": model, "data": data, "seed": args.seed, "machine": machine_description(),
             "trainable": adapter.num_trainable_parameters(), "steps": summary.steps,
-            "seconds": summary.seconds, "tokens": summary.tokens,
+            "seconds": summary.seconds, "step_seconds": summary.step_seconds, "tokens": summary.tokens,
             "base_val_loss": base_loss, "adapted_val_loss": adapted_loss,
             "val_targets": targets, "train_curve": curves.train, "val_curve": curves.validation,
             "generations": INSTRUCTIONS.iter().zip(before.iter().zip(&after)).map(|(i, (b, a))| {

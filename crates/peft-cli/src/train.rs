@@ -606,11 +606,12 @@ fn fit<A: TrainableAdapter<Training>>(
 
 fn report(summary: &TrainSummary, adapter_dir: &std::path::Path, format: &str) {
     println!(
-        "{} steps in {:.1}s ({:.0} tokens/s, {:.0} with padding); final training loss {:.4}{}; adapter ({format} format) in {}",
+        "{} steps in {:.1}s ({:.1}s in steps: {:.0} tokens/s, {:.0} with padding); final training loss {:.4}{}; adapter ({format} format) in {}",
         summary.steps,
         summary.seconds,
-        summary.tokens as f64 / summary.seconds.max(1e-9),
-        summary.padded_tokens as f64 / summary.seconds.max(1e-9),
+        summary.step_seconds,
+        summary.tokens_per_second(),
+        summary.padded_tokens_per_second(),
         summary.last_loss,
         summary.val_loss.map(|l| format!(", validation loss {l:.4}")).unwrap_or_default(),
         adapter_dir.display()

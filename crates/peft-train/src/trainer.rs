@@ -172,10 +172,26 @@ pub struct TrainSummary {
     pub resumed_from: Option<usize>,
     /// Wall time of this run in seconds.
     pub seconds: f64,
+    /// The part of [`seconds`](Self::seconds) spent in optimiser steps (forward, backward,
+    /// update): without validation, checkpoint writes and the start.
+    pub step_seconds: f64,
     /// Real (unpadded) tokens processed by this run.
     pub tokens: usize,
     /// Tokens including padding processed by this run.
     pub padded_tokens: usize,
+}
+
+impl TrainSummary {
+    /// Real tokens per second of optimiser steps ([`step_seconds`](Self::step_seconds)), the
+    /// rate training frameworks report.
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens as f64 / self.step_seconds.max(1e-9)
+    }
+
+    /// [`tokens_per_second`](Self::tokens_per_second) counting padding.
+    pub fn padded_tokens_per_second(&self) -> f64 {
+        self.padded_tokens as f64 / self.step_seconds.max(1e-9)
+    }
 }
 
 /// Receives progress as training runs (a progress bar, a test probe).
@@ -416,6 +432,7 @@ where
     let mut last_loss = f64::NAN;
     let mut tokens = 0;
     let mut padded_tokens = 0;
+    let mut step_seconds = 0.0;
     let mut val_loss = None;
 
     'epochs: while position.step < total_steps {
@@ -491,6 +508,7 @@ where
             tokens += step_tokens;
             padded_tokens += step_padded;
             let seconds = step_started.elapsed().as_secs_f64();
+            step_seconds += seconds;
             let step_metrics = StepMetrics {
                 step: position.step,
                 epoch: position.epoch as f64 + position.micro_batch as f64 / plan.len() as f64,
@@ -555,6 +573,7 @@ where
         val_loss,
         resumed_from,
         seconds: started.elapsed().as_secs_f64(),
+        step_seconds,
         tokens,
         padded_tokens,
     };
@@ -615,6 +634,41 @@ mod tests {
         assert!((rates[4] - 1e-2).abs() < 1e-12, "{rates:?}");
         assert!(rates[9] < 0.1e-2, "{rates:?}");
         assert_eq!(cut.tokens, 10 * 2 * 3);
+    }
+
+    /// The summary's rate counts the optimiser steps' time only, not validation's.
+    #[test]
+    fn the_summary_rate_is_over_the_steps_time() {
+        struct Steps(Vec<f64>, usize);
+        impl TrainObserver for Steps {
+            fn on_step(&mut self, metrics: &StepMetrics, _: usize) {
+                self.0.push(metrics.seconds);
+            }
+            fn on_validation(&mut self, _: usize, _: f64) {
+                self.1 += 1;
+            }
+        }
+        let device = Default::default();
+        let base = peft_llama::LlamaConfig::new(48, 32, 48, 4, 4, 2, 8)
+            .init::<B>(&device, burn::tensor::DType::F32);
+        let adapter: AnyAdapter<B> = LoraConfig::new().init(&base, &device).unwrap().into();
+        let config = TrainerConfig::new()
+            .with_epochs(1)
+            .with_batch_size(2)
+            .with_grad_accum(1)
+            .with_lr(Some(1e-2))
+            .with_warmup_epochs(0.0)
+            .with_eval_every(Some(1));
+        let mut observer = Steps(Vec::new(), 0);
+        let data = examples();
+        let (_, summary) =
+            train(&base, adapter, &data, &data[..4], &config, &mut observer).unwrap();
+        assert_eq!((observer.0.len(), observer.1), (3, 3));
+        let in_steps: f64 = observer.0.iter().sum();
+        assert!((summary.step_seconds - in_steps).abs() < 1e-9);
+        assert!(summary.step_seconds > 0.0 && summary.step_seconds < summary.seconds);
+        assert_eq!(summary.tokens, 36);
+        assert_eq!(summary.tokens_per_second(), 36.0 / summary.step_seconds);
     }
 
     #[test]
