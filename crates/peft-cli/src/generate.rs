@@ -81,6 +81,7 @@ pub fn run(args: GenerateArgs) -> AnyResult<()> {
         eos_token_ids: model.config.eos_token_ids.clone(),
         use_cache: true,
     };
+    let started = std::time::Instant::now();
     let results = match (&args.image, &args.vision_model) {
         (Some(image), Some(vision)) => {
             let adapter_dir = args
@@ -104,6 +105,15 @@ pub fn run(args: GenerateArgs) -> AnyResult<()> {
             generate(&model, hooks.as_ref(), &prompts, &config)?
         }
     };
+    let seconds = started.elapsed().as_secs_f64();
+    let generated: usize = results.iter().map(|r| r.generated_ids.len()).sum();
+    // On stderr: stdout carries only the generations (or their JSON lines).
+    eprintln!(
+        "{generated} tokens generated for {} prompts in {seconds:.2} s ({:.1} tokens/s, prompt \
+         reading included)",
+        results.len(),
+        generated as f64 / seconds.max(1e-9)
+    );
     for (prompt, result) in texts.iter().zip(results) {
         let completion = tokenizer.decode(&result.generated_ids)?;
         if args.json {

@@ -7,11 +7,13 @@
 //! largest matrix, the output head: 0.5 GB for LLaMA-7B), and the attention product `q · kᵀ`
 //! copied its keys. Here the product hands the views' strides to the same GEMM
 //! (`matrixmultiply`, which packs its operands from any strides), so the arithmetic, and hence
-//! every value, is exactly what it was; only the copies are gone.
+//! every value, is exactly what it was; only the copies are gone (products of five rows or more:
+//! fewer go to [`gemv`], below).
 //!
 //! On `Autodiff<NdArray<f32>>` the product is one autodiff node whose backward pass computes
 //! `da = dy · bᵀ` and `db = aᵀ · dy` the same way (transposes are views). The one-pass kernels of
-//! the blocks (SwiGLU, RMSNorm, the attention softmax, the rotary embedding) are in [`kernels`].
+//! the blocks (SwiGLU, RMSNorm, the attention softmax, the rotary embedding) are in [`kernels`];
+//! products of one to four rows (decoding) skip the GEMM's packing in [`gemv`].
 //! `PEFT_CPU_STRIDED=0` turns both off.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -27,6 +29,7 @@ use ndarray::{linalg::general_mat_mul, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2
 use crate::dispatch::{cast, is};
 use crate::graph::{prim, raw, record, tensor};
 
+mod gemv;
 mod kernels;
 
 pub(crate) use kernels::run;
@@ -132,6 +135,9 @@ fn product(
         }
         let mut o = o.into_dimensionality::<Ix2>().ok()?;
         let (a, b) = (matrix(a.view(), &index)?, matrix(b.view(), &index)?);
+        if m <= gemv::MAX_ROWS && gemv::gemv(&a, &b, &mut o) {
+            continue;
+        }
         if m < n {
             // `c = a · b` as `cᵀ = bᵀ · aᵀ` (views, same arithmetic): the GEMM packs its right
             // operand on one thread and its left one on every thread, so the larger operand (a
@@ -226,9 +232,17 @@ mod tests {
         let ours = matmul(a.clone(), kt.clone()).ok().unwrap();
         assert_eq!(values(ours), values(a.clone().matmul(kt)));
         let w = Tensor::<Cpu, 2>::random([9, 7], Distribution::Default, &device).transpose();
-        let x = Tensor::<Cpu, 2>::random([4, 7], Distribution::Default, &device);
+        let x = Tensor::<Cpu, 2>::random([5, 7], Distribution::Default, &device);
         let ours = matmul(x.clone(), w.clone()).ok().unwrap();
-        assert_eq!(values(ours), values(x.matmul(w)));
+        assert_eq!(values(ours), values(x.matmul(w.clone())));
+        // Four rows or fewer go to `gemv`: the same values within rounding.
+        let x = Tensor::<Cpu, 2>::random([2, 7], Distribution::Default, &device);
+        let ours = values(matmul(x.clone(), w.clone()).ok().unwrap());
+        let burns = values(x.matmul(w));
+        assert_eq!(ours.len(), burns.len());
+        for (o, b) in ours.iter().zip(&burns) {
+            assert!((o - b).abs() <= 1e-6 * b.abs().max(1.0), "{o} vs {b}");
+        }
         let p = Tensor::<Cpu, 4>::random([1, 3, 6, 7], Distribution::Default, &device);
         let ours = matmul(a.clone(), p.clone().swap_dims(2, 3)).ok().unwrap();
         assert_eq!(values(ours), values(a.matmul(p.swap_dims(2, 3))));

@@ -61,7 +61,7 @@ const PARALLEL_MIN: usize = 1 << 15;
 
 /// How many pieces a large kernel is cut into: `MATMUL_NUM_THREADS` when set (the knob of the
 /// products' threads), else the cores this process may use.
-fn pieces() -> usize {
+pub(super) fn pieces() -> usize {
     #[cfg(test)]
     if let Some(n) = tests::PIECES.with(std::cell::Cell::get) {
         return n;
