@@ -278,6 +278,16 @@ fn blocks_without_autodiff_match_the_chains() {
             host(composed::rotary(x.clone(), &cos, &sin)),
             tol,
         );
+        // Large enough for the CPU kernels to cut it over threads, strided as the heads view.
+        let heads = inner(random([1, 64, 4, 128], dtype, 1.0)).swap_dims(1, 2);
+        let angles = inner(random([1, 1, 64, 128], dtype, 3.0));
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        assert_close(
+            "rotary (inference, large)",
+            host(blocks::rotary(heads.clone(), &cos, &sin)),
+            host(composed::rotary(heads, &cos, &sin)),
+            tol,
+        );
         let bias = Some(inner(causal_bias(2)));
         let scores = inner(random([2, 3, 6, 7], dtype, 20.0));
         assert_close(
