@@ -9,7 +9,9 @@ records; the training records are the rest of data/alpaca_demo_small.json. Same 
 (loss on the assistant turn only), max length 128, batch 2 x 2 accumulation, 12 AdamW steps (betas 0.9/0.95,
 weight decay 0.02), linear warm-up over the first step then cosine to 0, same learning rates; adaption prompt
 K=10 on 30 layers (PEFT's form), LoRA r=8 alpha 16 on q_proj,v_proj. The order of the records differs (each
-side draws its own). Prints the held-out loss before and after, and training tokens per second.
+side draws its own). Prints the held-out loss before and after, and training tokens per second; then
+greedy decoding speed (transformers' generate, KV cache, 128 new tokens for DECODE_PROMPT, the prompt
+scripts/smollm2_recipe.sh times with `peft generate`).
 """
 
 from __future__ import annotations
@@ -114,6 +116,25 @@ def run(method: str, lr: float):
     print(json.dumps({"method": method, "lr": lr, "held_out_before": round(before, 4), "held_out_after": round(after, 4), "train_tokens_per_s": round(tokens / seconds, 1), "seconds": round(seconds, 1), "eval_tokens_per_s": round(eval_tokens / eval_seconds, 1)}))
 
 
+DECODE_PROMPT = "Write a long story about a dragon who learns to cook."
+
+
+def decode():
+    tok = AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
+    model = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32).eval()
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": DECODE_PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    for _ in range(2):
+        start = time.time()
+        with torch.no_grad():
+            out = model.generate(**prompt, max_new_tokens=128, min_new_tokens=128, do_sample=False)
+        seconds = time.time() - start
+        new = out.shape[1] - prompt["input_ids"].shape[1]
+        print(json.dumps({"decode_tokens": new, "seconds": round(seconds, 2), "decode_tokens_per_s": round(new / seconds, 1)}))
+
+
 if __name__ == "__main__":
     run("adaption-prompt", 5e-3)
     run("lora", 1e-3)
+    decode()

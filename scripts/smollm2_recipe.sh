@@ -25,3 +25,6 @@ for adapter in none adaption-prompt lora; do
   if [ "$adapter" = none ]; then extra=(); else extra=(--adapter "$out/$adapter"); fi
   "$peft" generate --model "$model" "${extra[@]}" --template chat --max-new-tokens 40 "${prompts[@]}"
 done
+# Decoding speed (tokens/s on stderr), the prompt scripts/smollm2_peft_recipe.py times in transformers.
+"$peft" generate --model "$model" --template chat --max-new-tokens 128 \
+  --prompt "Write a long story about a dragon who learns to cook." > /dev/null
