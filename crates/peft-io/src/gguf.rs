@@ -728,87 +728,115 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
 /// Dequantises whole blocks of `kind` to f32. `bytes` must hold whole blocks (a trailing
 /// partial block is ignored).
 pub fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
-    let blocks = bytes.chunks_exact(kind.block_bytes());
-    let mut out = Vec::with_capacity(blocks.len() * kind.block_values());
-    for b in blocks {
-        match kind {
-            GgmlType::F32 => out.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            GgmlType::F16 => out.push(f16_at(b, 0)),
-            GgmlType::BF16 => out.push(bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            GgmlType::Q8_0 => {
-                let d = f16_at(b, 0);
-                out.extend(b[2..34].iter().map(|&q| d * f32::from(q as i8)));
-            }
-            GgmlType::Q4_0 => {
-                let d = f16_at(b, 0);
-                let qs = &b[2..18];
-                out.extend(qs.iter().map(|&q| d * (f32::from(q & 0xF) - 8.0)));
-                out.extend(qs.iter().map(|&q| d * (f32::from(q >> 4) - 8.0)));
-            }
-            GgmlType::Q4_1 => {
-                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-                let qs = &b[4..20];
-                out.extend(qs.iter().map(|&q| d * f32::from(q & 0xF) + m));
-                out.extend(qs.iter().map(|&q| d * f32::from(q >> 4) + m));
-            }
-            GgmlType::Q4_K => {
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                let scales = &b[4..16];
-                for (chunk, qs) in b[16..144].chunks_exact(32).enumerate() {
-                    let (s1, m1) = scale_min_k4(2 * chunk, scales);
-                    let (s2, m2) = scale_min_k4(2 * chunk + 1, scales);
-                    let (d1, m1, d2, m2) = (d * s1, dmin * m1, d * s2, dmin * m2);
-                    out.extend(qs.iter().map(|&q| d1 * f32::from(q & 0xF) - m1));
-                    out.extend(qs.iter().map(|&q| d2 * f32::from(q >> 4) - m2));
-                }
-            }
-            GgmlType::Q5_K => {
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                let scales = &b[4..16];
-                let qh = &b[16..48];
-                for (chunk, ql) in b[48..176].chunks_exact(32).enumerate() {
-                    let (s1, m1) = scale_min_k4(2 * chunk, scales);
-                    let (s2, m2) = scale_min_k4(2 * chunk + 1, scales);
-                    let (d1, m1, d2, m2) = (d * s1, dmin * m1, d * s2, dmin * m2);
-                    let (u1, u2) = (1u8 << (2 * chunk), 2u8 << (2 * chunk));
-                    let high = |h: u8, u: u8| if h & u != 0 { 16.0 } else { 0.0 };
-                    out.extend(
-                        ql.iter()
-                            .zip(qh)
-                            .map(|(&q, &h)| d1 * (f32::from(q & 0xF) + high(h, u1)) - m1),
-                    );
-                    out.extend(
-                        ql.iter()
-                            .zip(qh)
-                            .map(|(&q, &h)| d2 * (f32::from(q >> 4) + high(h, u2)) - m2),
-                    );
-                }
-            }
-            GgmlType::Q6_K => {
-                let d = f16_at(b, 208);
-                let mut y = [0f32; 256];
-                for half in 0..2 {
-                    let ql = &b[half * 64..half * 64 + 64];
-                    let qh = &b[128 + half * 32..128 + half * 32 + 32];
-                    let sc = &b[192 + half * 8..192 + half * 8 + 8];
-                    let y = &mut y[half * 128..half * 128 + 128];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let value = |low: u8, shift: u32| {
-                            f32::from((low | (((qh[l] >> shift) & 3) << 4)) as i8 - 32)
-                        };
-                        let scale = |k: usize| d * f32::from(sc[is + k] as i8);
-                        y[l] = scale(0) * value(ql[l] & 0xF, 0);
-                        y[l + 32] = scale(2) * value(ql[l + 32] & 0xF, 2);
-                        y[l + 64] = scale(4) * value(ql[l] >> 4, 4);
-                        y[l + 96] = scale(6) * value(ql[l + 32] >> 4, 6);
-                    }
-                }
-                out.extend_from_slice(&y);
-            }
-        }
-    }
+    let mut out = vec![0.0; bytes.len() / kind.block_bytes() * kind.block_values()];
+    dequantize_into(kind, bytes, &mut out);
     out
+}
+
+/// [`dequantize`] into `out`, which holds exactly the values of `bytes`' whole blocks.
+///
+/// # Panics
+/// `out` of another length.
+pub fn dequantize_into(kind: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    let blocks = bytes.chunks_exact(kind.block_bytes());
+    let values = kind.block_values();
+    assert_eq!(
+        out.len(),
+        blocks.len() * values,
+        "dequantize_into: output length"
+    );
+    // One loop per kind over fixed-size blocks, so that each block's loop vectorizes.
+    let outs = out.chunks_exact_mut(values);
+    match kind {
+        GgmlType::F32 => blocks
+            .zip(outs)
+            .for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        GgmlType::F16 => blocks.zip(outs).for_each(|(b, y)| y[0] = f16_at(b, 0)),
+        GgmlType::BF16 => blocks
+            .zip(outs)
+            .for_each(|(b, y)| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        GgmlType::Q8_0 => blocks.zip(outs).for_each(|(b, y)| {
+            let d = f16_at(b, 0);
+            for (y, &q) in y.iter_mut().zip(&b[2..34]) {
+                *y = d * f32::from(q as i8);
+            }
+        }),
+        GgmlType::Q4_0 => blocks.zip(outs).for_each(|(b, y)| {
+            let d = f16_at(b, 0);
+            let (low, high) = y.split_at_mut(16);
+            for ((l, h), &q) in low.iter_mut().zip(high).zip(&b[2..18]) {
+                *l = d * (f32::from(q & 0xF) - 8.0);
+                *h = d * (f32::from(q >> 4) - 8.0);
+            }
+        }),
+        GgmlType::Q4_1 => blocks.zip(outs).for_each(|(b, y)| {
+            let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+            let (low, high) = y.split_at_mut(16);
+            for ((l, h), &q) in low.iter_mut().zip(high).zip(&b[4..20]) {
+                *l = d * f32::from(q & 0xF) + m;
+                *h = d * f32::from(q >> 4) + m;
+            }
+        }),
+        GgmlType::Q4_K => blocks.zip(outs).for_each(|(b, y)| {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let scales = &b[4..16];
+            for (chunk, (qs, y)) in b[16..144]
+                .chunks_exact(32)
+                .zip(y.chunks_exact_mut(64))
+                .enumerate()
+            {
+                let (s1, m1) = scale_min_k4(2 * chunk, scales);
+                let (s2, m2) = scale_min_k4(2 * chunk + 1, scales);
+                let (d1, m1, d2, m2) = (d * s1, dmin * m1, d * s2, dmin * m2);
+                let (low, high) = y.split_at_mut(32);
+                for ((l, h), &q) in low.iter_mut().zip(high).zip(qs) {
+                    *l = d1 * f32::from(q & 0xF) - m1;
+                    *h = d2 * f32::from(q >> 4) - m2;
+                }
+            }
+        }),
+        GgmlType::Q5_K => blocks.zip(outs).for_each(|(b, y)| {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let scales = &b[4..16];
+            let qh = &b[16..48];
+            for (chunk, (ql, y)) in b[48..176]
+                .chunks_exact(32)
+                .zip(y.chunks_exact_mut(64))
+                .enumerate()
+            {
+                let (s1, m1) = scale_min_k4(2 * chunk, scales);
+                let (s2, m2) = scale_min_k4(2 * chunk + 1, scales);
+                let (d1, m1, d2, m2) = (d * s1, dmin * m1, d * s2, dmin * m2);
+                let (u1, u2) = (1u8 << (2 * chunk), 2u8 << (2 * chunk));
+                let high = |h: u8, u: u8| if h & u != 0 { 16.0 } else { 0.0 };
+                let (low_y, high_y) = y.split_at_mut(32);
+                for (((l, hy), &q), &h) in low_y.iter_mut().zip(high_y).zip(ql).zip(qh) {
+                    *l = d1 * (f32::from(q & 0xF) + high(h, u1)) - m1;
+                    *hy = d2 * (f32::from(q >> 4) + high(h, u2)) - m2;
+                }
+            }
+        }),
+        GgmlType::Q6_K => blocks.zip(outs).for_each(|(b, y)| {
+            let d = f16_at(b, 208);
+            for half in 0..2 {
+                let ql = &b[half * 64..half * 64 + 64];
+                let qh = &b[128 + half * 32..128 + half * 32 + 32];
+                let sc = &b[192 + half * 8..192 + half * 8 + 8];
+                let y = &mut y[half * 128..half * 128 + 128];
+                for l in 0..32 {
+                    let is = l / 16;
+                    let value = |low: u8, shift: u32| {
+                        f32::from((low | (((qh[l] >> shift) & 3) << 4)) as i8 - 32)
+                    };
+                    let scale = |k: usize| d * f32::from(sc[is + k] as i8);
+                    y[l] = scale(0) * value(ql[l] & 0xF, 0);
+                    y[l + 32] = scale(2) * value(ql[l + 32] & 0xF, 2);
+                    y[l + 64] = scale(4) * value(ql[l] >> 4, 4);
+                    y[l + 96] = scale(6) * value(ql[l + 32] >> 4, 6);
+                }
+            }
+        }),
+    }
 }
 
 #[cfg(test)]

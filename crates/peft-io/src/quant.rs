@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 use half::f16;
 
 use crate::error::{CheckpointError, Result};
-use crate::gguf::{dequantize, GgmlType};
+use crate::gguf::{dequantize_into, GgmlType};
 
 /// Values per NF4 block (one absmax each), as bitsandbytes' default.
 pub const NF4_BLOCK: usize = 64;
@@ -342,35 +342,52 @@ impl QuantizedMatrix {
     /// # Panics
     /// A range outside the matrix.
     pub fn dequantize_rows(&self, range: Range<usize>) -> Vec<f32> {
+        let mut out = vec![0.0; range.len() * self.cols];
+        self.dequantize_rows_into(range, &mut out);
+        out
+    }
+
+    /// [`Self::dequantize_rows`] into `out` (`range.len() · cols` values), so that callers can
+    /// fill one buffer from several threads.
+    ///
+    /// # Panics
+    /// A range outside the matrix, or `out` of another length.
+    pub fn dequantize_rows_into(&self, range: Range<usize>, out: &mut [f32]) {
         assert!(
             range.start <= range.end && range.end <= self.rows,
             "rows {range:?} of a matrix of {}",
             self.rows
         );
+        assert_eq!(
+            out.len(),
+            range.len() * self.cols,
+            "dequantize_rows_into: output length"
+        );
         match (&self.format, &self.nf4) {
             (QuantFormat::Nf4, Some(scales)) => {
-                let values = range.start * self.cols..range.end * self.cols;
-                let mut out = Vec::with_capacity(values.len());
-                let mut index = values.start;
-                while index < values.end {
+                // Two codes per byte over the flattened matrix, the even index's in the high
+                // nibble; one absolute maximum per NF4_BLOCK values.
+                let first = range.start * self.cols;
+                let mut done = 0;
+                while done < out.len() {
+                    let index = first + done;
                     let block = index / NF4_BLOCK;
-                    let end = ((block + 1) * NF4_BLOCK).min(values.end);
+                    let end = ((block + 1) * NF4_BLOCK).min(first + out.len());
                     let absmax = scales.absmax(block);
-                    out.extend((index..end).map(|i| {
-                        let byte = self.data[i / 2];
-                        let code = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
-                        NF4_LEVELS[usize::from(code)] * absmax
-                    }));
-                    index = end;
+                    for (y, i) in out[done..done + (end - index)].iter_mut().zip(index..end) {
+                        let code = (self.data[i / 2] >> (4 * (1 - (i & 1)))) & 0xF;
+                        *y = NF4_LEVELS[usize::from(code)] * absmax;
+                    }
+                    done += end - index;
                 }
-                out
             }
             (QuantFormat::Ggml(kind), _) => {
                 let row_bytes = self.cols / kind.block_values() * kind.block_bytes();
-                dequantize(
+                dequantize_into(
                     *kind,
                     &self.data[range.start * row_bytes..range.end * row_bytes],
-                )
+                    out,
+                );
             }
             (QuantFormat::Nf4, None) => unreachable!("an NF4 matrix has its scales"),
         }
@@ -481,6 +498,25 @@ mod tests {
         assert_eq!(map[255], 1.0);
         assert!(map.contains(&0.0));
         assert!((map[0] + 0.992_968_75).abs() < 1e-7);
+    }
+
+    /// Any range of rows dequantizes to the same values as the whole matrix, for NF4 blocks that
+    /// straddle rows (200 columns, blocks of 64) and for GGUF blocks.
+    #[test]
+    fn row_ranges_dequantize_as_the_whole_matrix() {
+        let (rows, cols) = (9, 200);
+        let values = sample(rows * cols, 3);
+        let nf4 = QuantizedMatrix::quantize_nf4(&values, rows, cols).unwrap();
+        let q8 = QuantizedMatrix::quantize_q8_0(&sample(9 * 64, 4), 9, 64).unwrap();
+        for q in [nf4, q8] {
+            let whole = q.dequantize();
+            let cols = q.cols();
+            for range in [0..9, 1..2, 3..8, 8..9, 4..4] {
+                let mut out = vec![f32::NAN; range.len() * cols];
+                q.dequantize_rows_into(range.clone(), &mut out);
+                assert_eq!(out, whole[range.start * cols..range.end * cols], "{range:?}");
+            }
+        }
     }
 
     /// NF4 round trip: each value is within half the widest gap between neighbouring levels of

@@ -65,8 +65,15 @@ impl QuantizedWeight {
         device: &B::Device,
         dtype: DType,
     ) -> Tensor<B, 2> {
-        let rows = range.len();
-        let data = TensorData::new(self.0.dequantize_rows(range), [rows, self.0.cols()]);
+        let (rows, cols) = (range.len(), self.0.cols());
+        // Dequantized on every core (a block of rows each): the host's share of every product.
+        let mut values = vec![0.0f32; rows * cols];
+        let start = range.start;
+        crate::threads::fill_rows(&mut values, rows, 1 << 16, &|block, out| {
+            self.0
+                .dequantize_rows_into(start + block.start..start + block.end, out)
+        });
+        let data = TensorData::new(values, [rows, cols]);
         cast_to(Tensor::from_data(data, device), dtype)
     }
 

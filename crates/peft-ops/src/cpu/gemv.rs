@@ -29,7 +29,7 @@ pub(super) fn gemv(
     // The rows of `a`, contiguous (they are few and short).
     let rows: Vec<Vec<f32>> = a.rows().into_iter().map(|r| r.to_vec()).collect();
     let pieces = if k * b.dim().1 >= PARALLEL_MIN {
-        super::kernels::pieces()
+        crate::threads::pieces()
     } else {
         1
     };

@@ -12,8 +12,6 @@
 //! cut in two along a leading axis and each half runs on its own thread (recursively, one piece
 //! per core); every value is computed exactly as on one thread, since no row is ever split.
 
-use std::sync::OnceLock;
-
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use ndarray::{ArrayD, ArrayView1, ArrayViewD, ArrayViewMut1, ArrayViewMutD, Axis, IxDyn, Zip};
@@ -59,30 +57,12 @@ type Work<'w> = dyn Fn(&mut [ArrayViewMutD<'_, f32>], &[ArrayViewD<'_, f32>]) + 
 /// Below this many output elements a kernel stays on one thread (a thread costs more).
 const PARALLEL_MIN: usize = 1 << 15;
 
-/// How many pieces a large kernel is cut into: `MATMUL_NUM_THREADS` when set (the knob of the
-/// products' threads), else the cores this process may use.
-pub(super) fn pieces() -> usize {
-    #[cfg(test)]
-    if let Some(n) = tests::PIECES.with(std::cell::Cell::get) {
-        return n;
-    }
-    static PIECES: OnceLock<usize> = OnceLock::new();
-    *PIECES.get_or_init(|| {
-        std::env::var("MATMUL_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-            .unwrap_or(1)
-            .max(1)
-    })
-}
-
 /// Fresh outputs of `shapes`, filled by `work` over `ins`, which share the outputs' leading
 /// dimensions (all but the last).
 fn compute(shapes: &[Vec<usize>], ins: &[ArrayViewD<'_, f32>], work: &Work) -> Vec<ArrayD<f32>> {
     let mut outputs: Vec<ArrayD<f32>> = shapes.iter().map(|s| ArrayD::zeros(IxDyn(s))).collect();
     let outs = outputs.iter_mut().map(|o| o.view_mut()).collect();
-    split(outs, ins.to_vec(), pieces(), work);
+    split(outs, ins.to_vec(), crate::threads::pieces(), work);
     outputs
 }
 
@@ -386,11 +366,6 @@ mod tests {
         Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
     }
 
-    thread_local! {
-        /// How many pieces this thread's kernels are cut into, when a test says.
-        pub(super) static PIECES: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
-    }
-
     /// Outputs of `kernel` on `inputs` cut into `pieces`, after checking that [`split`] puts
     /// every row of the inputs back where it came from.
     fn in_pieces(kernel: Kernel, inputs: &[FloatTensor<Cpu>], pieces: usize) -> Vec<Vec<f32>> {
@@ -407,9 +382,7 @@ mod tests {
         for (copy, input) in copies.iter().zip(&views) {
             assert_eq!(copy.view(), *input, "a row moved when cut into {pieces}");
         }
-        PIECES.with(|p| p.set(Some(pieces)));
-        let outputs = run::<Cpu>(kernel, inputs).unwrap();
-        PIECES.with(|p| p.set(None));
+        let outputs = crate::threads::with_pieces(pieces, || run::<Cpu>(kernel, inputs).unwrap());
         outputs
             .iter()
             .map(|o| view(o).unwrap().iter().copied().collect())
