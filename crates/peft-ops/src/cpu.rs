@@ -32,6 +32,7 @@ use crate::graph::{prim, raw, record, tensor};
 mod gemv;
 mod kernels;
 
+pub(crate) use gemv::quantized;
 pub(crate) use kernels::run;
 
 type Cpu = NdArray<f32>;

@@ -14,7 +14,11 @@
 //!   keeps each dense tile for its backward pass (the values are the same; the memory is that
 //!   of a dense weight).
 //!
-//! The tiles are dequantized on the host and uploaded; a device kernel that reads the blocks
+//! On the CPU backend a product of one to four rows (decoding) makes no dense tile at all: each
+//! core dequantizes a few rows of the weight at a time into its cache and takes their dot
+//! products there (`cpu/gemv.rs`).
+//!
+//! The tiles are dequantized on the host (on every core) and uploaded; a device kernel that reads the blocks
 //! where they are is the CUDA half of the work and not in this build.
 
 use std::marker::PhantomData;
@@ -79,6 +83,14 @@ impl QuantizedWeight {
 
     /// `x · Wᵀ` for `x` `[n, in]`: `[n, out]`.
     fn product<B: Backend>(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        // A few rows (decoding) on the CPU: no dense tile, rows dequantized into cache.
+        #[cfg(feature = "ndarray")]
+        if is::<B, burn::backend::NdArray<f32>>() {
+            let cpu: Tensor<burn::backend::NdArray<f32>, 2> = cast(x.clone());
+            if let Some(y) = crate::cpu::quantized(&cpu, &self.0) {
+                return cast(y);
+            }
+        }
         let (device, dtype) = (x.device(), x.dtype());
         let parts: Vec<Tensor<B, 2>> = self
             .tiles()

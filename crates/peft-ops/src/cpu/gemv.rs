@@ -6,8 +6,16 @@
 //! where they lie, when `b`'s columns are contiguous (a weight `[out, in]` seen as its transpose,
 //! which is how every projection and the output head hold theirs). Large products split their
 //! columns over the cores. The sums run in another order than the GEMM's (a few f32 roundings).
+//!
+//! [`quantized`] does the same against a quantized weight without a dense tile: each thread
+//! dequantizes a few rows of the weight at a time into a buffer that stays in cache and takes
+//! their dot products at once.
 
+use burn::tensor::{DType, Tensor, TensorData};
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+use peft_io::quant::QuantizedMatrix;
+
+use super::Cpu;
 
 /// Products with at most this many rows take this path.
 pub(super) const MAX_ROWS: usize = 4;
@@ -83,6 +91,67 @@ fn columns_with<const FUSED: bool>(
         };
         for (i, row) in rows.iter().enumerate() {
             c[[i, j]] = dot::<FUSED>(row, column);
+        }
+    }
+}
+
+/// Weight rows dequantized per batch in [`quantized`] (a few KiB to a few hundred, in cache).
+const QUANTIZED_ROWS: usize = 8;
+
+/// `x · Wᵀ` for `x` `[m, k]` (m ≤ [`MAX_ROWS`], f32) and a quantized `W` `[n, k]` on the CPU
+/// backend, rows of `W` dequantized a few at a time on every core; `None` for other inputs.
+pub(crate) fn quantized(x: &Tensor<Cpu, 2>, weight: &QuantizedMatrix) -> Option<Tensor<Cpu, 2>> {
+    let [m, k] = x.dims();
+    if m > MAX_ROWS || x.dtype() != DType::F32 || k != weight.cols() || !super::enabled() {
+        return None;
+    }
+    let x_rows: Vec<f32> = x.clone().into_data().into_vec::<f32>().ok()?;
+    let n = weight.rows();
+    // Filled as `[n, m]` (a block of weight rows per thread), transposed at the end.
+    let mut yt = vec![0.0f32; n * m];
+    let min_values = if n * k >= PARALLEL_MIN { 0 } else { usize::MAX };
+    crate::threads::fill_rows(&mut yt, n, min_values, &|rows, out| {
+        let mut buffer = vec![0.0f32; QUANTIZED_ROWS * k];
+        let mut start = rows.start;
+        for out in out.chunks_mut(QUANTIZED_ROWS * m) {
+            let count = out.len() / m;
+            let buffer = &mut buffer[..count * k];
+            weight.dequantize_rows_into(start..start + count, buffer);
+            dots(&x_rows, m, buffer, k, out);
+            start += count;
+        }
+    });
+    let mut y = vec![0.0f32; m * n];
+    for (j, row) in yt.chunks_exact(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            y[i * n + j] = v;
+        }
+    }
+    Some(Tensor::from_data(TensorData::new(y, [m, n]), &x.device()))
+}
+
+/// `out[r · m + i] = x_i · w_r` for the `m` rows of `x` and the rows of `w`, both `k` wide.
+fn dots(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features `dots_fma` is compiled for (checked just above).
+        return unsafe { dots_fma(x, m, w, k, out) };
+    }
+    dots_with::<false>(x, m, w, k, out);
+}
+
+/// [`dots`] compiled for AVX2 with fused multiply-adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dots_fma(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32]) {
+    dots_with::<true>(x, m, w, k, out);
+}
+
+#[inline(always)]
+fn dots_with<const FUSED: bool>(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32]) {
+    for (w_row, out) in w.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
+        for (x_row, y) in x.chunks_exact(k).zip(out.iter_mut()) {
+            *y = dot::<FUSED>(x_row, w_row);
         }
     }
 }
@@ -168,5 +237,43 @@ mod tests {
             &b.view(),
             &mut Array2::zeros((5, 4)).view_mut()
         ));
+    }
+
+    /// The quantized few-row product equals the dense product on the dequantized weight (within
+    /// the sums' rounding), for NF4 blocks that straddle rows and for Q8_0, cut over threads or
+    /// not; more than four rows are declined.
+    #[test]
+    fn quantized_few_row_products_equal_the_dense_product() {
+        let value = |i: usize| ((i * 7919) % 1000) as f32 / 500.0 - 1.0;
+        for (m, n, k) in [(1, 3, 224), (4, 700, 224), (2, 1500, 256)] {
+            let w: Vec<f32> = (0..n * k).map(value).collect();
+            for weight in [
+                QuantizedMatrix::quantize_nf4(&w, n, k).unwrap(),
+                QuantizedMatrix::quantize_q8_0(&w, n, k).unwrap(),
+            ] {
+                let dense = Array2::from_shape_vec((n, k), weight.dequantize()).unwrap();
+                let xs: Vec<f32> = (0..m * k).map(|i| value(i + 13)).collect();
+                let x = Tensor::<Cpu, 2>::from_data(
+                    TensorData::new(xs.clone(), [m, k]),
+                    &Default::default(),
+                );
+                let y = quantized(&x, &weight)
+                    .unwrap()
+                    .into_data()
+                    .into_vec::<f32>()
+                    .unwrap();
+                let xa = Array2::from_shape_vec((m, k), xs).unwrap();
+                let want = xa.dot(&dense.t());
+                for (got, want) in y.iter().zip(want.iter()) {
+                    assert!(
+                        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "{m}x{n}x{k}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        let five = Tensor::<Cpu, 2>::zeros([5, 64], &Default::default());
+        let q = QuantizedMatrix::quantize_q8_0(&[0.5; 64 * 3], 3, 64).unwrap();
+        assert!(quantized(&five, &q).is_none());
     }
 }
