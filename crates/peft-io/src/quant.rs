@@ -514,7 +514,11 @@ mod tests {
             for range in [0..9, 1..2, 3..8, 8..9, 4..4] {
                 let mut out = vec![f32::NAN; range.len() * cols];
                 q.dequantize_rows_into(range.clone(), &mut out);
-                assert_eq!(out, whole[range.start * cols..range.end * cols], "{range:?}");
+                assert_eq!(
+                    out,
+                    whole[range.start * cols..range.end * cols],
+                    "{range:?}"
+                );
             }
         }
     }
