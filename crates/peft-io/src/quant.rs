@@ -374,9 +374,24 @@ impl QuantizedMatrix {
                     let block = index / NF4_BLOCK;
                     let end = ((block + 1) * NF4_BLOCK).min(first + out.len());
                     let absmax = scales.absmax(block);
-                    for (y, i) in out[done..done + (end - index)].iter_mut().zip(index..end) {
-                        let code = (self.data[i / 2] >> (4 * (1 - (i & 1)))) & 0xF;
-                        *y = NF4_LEVELS[usize::from(code)] * absmax;
+                    let levels = NF4_LEVELS.map(|level| level * absmax);
+                    let y = &mut out[done..done + (end - index)];
+                    let code = |i: usize| (self.data[i / 2] >> (4 * (1 - (i & 1)))) & 0xF;
+                    // An odd first index is a low nibble alone; then whole bytes; then a high
+                    // nibble alone if the segment ends mid-byte.
+                    let lead = index & 1;
+                    if lead == 1 {
+                        y[0] = levels[usize::from(code(index))];
+                    }
+                    let pairs = (y.len() - lead) / 2;
+                    let bytes = &self.data[(index + lead) / 2..(index + lead) / 2 + pairs];
+                    for (pair, &byte) in y[lead..lead + 2 * pairs].chunks_exact_mut(2).zip(bytes) {
+                        pair[0] = levels[usize::from(byte >> 4)];
+                        pair[1] = levels[usize::from(byte & 0xF)];
+                    }
+                    if lead + 2 * pairs < y.len() {
+                        let last = y.len() - 1;
+                        y[last] = levels[usize::from(code(index + last))];
                     }
                     done += end - index;
                 }
@@ -501,14 +516,16 @@ mod tests {
     }
 
     /// Any range of rows dequantizes to the same values as the whole matrix, for NF4 blocks that
-    /// straddle rows (200 columns, blocks of 64) and for GGUF blocks.
+    /// straddle rows (200 columns, blocks of 64), rows that start mid-byte, and GGUF blocks.
     #[test]
     fn row_ranges_dequantize_as_the_whole_matrix() {
         let (rows, cols) = (9, 200);
         let values = sample(rows * cols, 3);
         let nf4 = QuantizedMatrix::quantize_nf4(&values, rows, cols).unwrap();
         let q8 = QuantizedMatrix::quantize_q8_0(&sample(9 * 64, 4), 9, 64).unwrap();
-        for q in [nf4, q8] {
+        // 75 columns: rows start on odd values, mid-byte.
+        let odd = QuantizedMatrix::quantize_nf4(&sample(9 * 75, 5), 9, 75).unwrap();
+        for q in [nf4, q8, odd] {
             let whole = q.dequantize();
             let cols = q.cols();
             for range in [0..9, 1..2, 3..8, 8..9, 4..4] {
