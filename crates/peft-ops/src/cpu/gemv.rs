@@ -3,16 +3,18 @@
 //! A GEMM packs both operands into panels before it multiplies; for a product of one row the
 //! packing of the weight is the whole cost (a decoding step spent 64 % of its time packing).
 //! Here each output `c[i, j]` is the dot product of row `i` of `a` with column `j` of `b`, read
-//! where they lie, when `b`'s columns are contiguous (a weight `[out, in]` seen as its transpose,
-//! which is how every projection and the output head hold theirs). Large products split their
-//! columns over the cores. The sums run in another order than the GEMM's (a few f32 roundings).
+//! where they lie, when `b` is the transpose of a contiguous row-major matrix (a weight
+//! `[out, in]` seen as `[in, out]`, which is how every projection and the output head hold
+//! theirs). Large products split the weight's rows over the cores. The sums run in another order than the GEMM's (a few f32 roundings).
 //!
 //! [`quantized`] does the same against a quantized weight without a dense tile: each thread
 //! dequantizes a few rows of the weight at a time into a buffer that stays in cache and takes
 //! their dot products at once.
 
 use burn::tensor::{DType, Tensor, TensorData};
-use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+use std::ops::Range;
+
+use ndarray::{ArrayView2, ArrayViewMut2};
 use peft_io::quant::QuantizedMatrix;
 
 use super::Cpu;
@@ -23,80 +25,31 @@ pub(super) const MAX_ROWS: usize = 4;
 /// Below this many multiply-adds per row a product stays on one thread.
 const PARALLEL_MIN: usize = 1 << 18;
 
-/// `c = a · b` for `a` `[m, k]` (m ≤ [`MAX_ROWS`]) and `b` `[k, n]` whose columns are contiguous;
-/// `false` (nothing written) for any other layout.
+/// Weight rows dequantized per batch in [`quantized`] (a few KiB to a few hundred, in cache).
+const QUANTIZED_ROWS: usize = 8;
+
+/// `c = a · b` for `a` `[m, k]` (m ≤ [`MAX_ROWS`]) and `b` `[k, n]` whose transpose is a
+/// contiguous row-major `[n, k]` (a weight `[out, in]` seen as `[in, out]`); `false` (nothing
+/// written) for any other layout.
 pub(super) fn gemv(
     a: &ArrayView2<'_, f32>,
     b: &ArrayView2<'_, f32>,
     c: &mut ArrayViewMut2<'_, f32>,
 ) -> bool {
-    let (m, k) = a.dim();
-    if m > MAX_ROWS || k == 0 || (b.strides()[0] != 1 && b.dim().0 > 1) {
+    let ((m, k), n) = (a.dim(), b.dim().1);
+    let weight = b.t();
+    let (Some(w), true) = (weight.as_slice(), m <= MAX_ROWS && k > 0) else {
         return false;
-    }
-    // The rows of `a`, contiguous (they are few and short).
-    let rows: Vec<Vec<f32>> = a.rows().into_iter().map(|r| r.to_vec()).collect();
-    let pieces = if k * b.dim().1 >= PARALLEL_MIN {
-        crate::threads::pieces()
-    } else {
-        1
     };
-    split(&rows, b.view(), c.view_mut(), pieces);
+    let x: Vec<f32> = a.iter().copied().collect();
+    let yt = transposed_products(n, m, k, &|rows, out| {
+        dots(&x, m, &w[rows.start * k..rows.end * k], k, out);
+    });
+    for ((i, j), y) in c.indexed_iter_mut() {
+        *y = yt[j * m + i];
+    }
     true
 }
-
-/// Fills `c`'s columns from `b`'s, cut into `pieces` blocks of columns, one thread each.
-fn split(rows: &[Vec<f32>], b: ArrayView2<'_, f32>, c: ArrayViewMut2<'_, f32>, pieces: usize) {
-    let n = b.dim().1;
-    if pieces <= 1 || n < 2 {
-        return columns(rows, b, c);
-    }
-    let mid = n / 2;
-    let (b_low, b_high) = b.split_at(Axis(1), mid);
-    let (c_low, c_high) = c.split_at(Axis(1), mid);
-    let low = pieces / 2;
-    std::thread::scope(|scope| {
-        scope.spawn(|| split(rows, b_low, c_low, low));
-        split(rows, b_high, c_high, pieces - low);
-    });
-}
-
-/// `c[i, j] = rows[i] · b[:, j]` on this thread.
-fn columns(rows: &[Vec<f32>], b: ArrayView2<'_, f32>, mut c: ArrayViewMut2<'_, f32>) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features `columns_fma` is compiled for (checked just above).
-        return unsafe { columns_fma(rows, b, c) };
-    }
-    columns_with::<false>(rows, b, &mut c);
-}
-
-/// [`columns`] compiled for AVX2 with fused multiply-adds.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn columns_fma(rows: &[Vec<f32>], b: ArrayView2<'_, f32>, mut c: ArrayViewMut2<'_, f32>) {
-    columns_with::<true>(rows, b, &mut c);
-}
-
-#[inline(always)]
-fn columns_with<const FUSED: bool>(
-    rows: &[Vec<f32>],
-    b: ArrayView2<'_, f32>,
-    c: &mut ArrayViewMut2<'_, f32>,
-) {
-    for (j, column) in b.columns().into_iter().enumerate() {
-        let column = match column.as_slice() {
-            Some(s) => s,
-            None => unreachable!("columns checked contiguous"),
-        };
-        for (i, row) in rows.iter().enumerate() {
-            c[[i, j]] = dot::<FUSED>(row, column);
-        }
-    }
-}
-
-/// Weight rows dequantized per batch in [`quantized`] (a few KiB to a few hundred, in cache).
-const QUANTIZED_ROWS: usize = 8;
 
 /// `x · Wᵀ` for `x` `[m, k]` (m ≤ [`MAX_ROWS`], f32) and a quantized `W` `[n, k]` on the CPU
 /// backend, rows of `W` dequantized a few at a time on every core; `None` for other inputs.
@@ -105,20 +58,16 @@ pub(crate) fn quantized(x: &Tensor<Cpu, 2>, weight: &QuantizedMatrix) -> Option<
     if m > MAX_ROWS || x.dtype() != DType::F32 || k != weight.cols() || !super::enabled() {
         return None;
     }
-    let x_rows: Vec<f32> = x.clone().into_data().into_vec::<f32>().ok()?;
+    let xs: Vec<f32> = x.clone().into_data().into_vec::<f32>().ok()?;
     let n = weight.rows();
-    // Filled as `[n, m]` (a block of weight rows per thread), transposed at the end.
-    let mut yt = vec![0.0f32; n * m];
-    let min_values = if n * k >= PARALLEL_MIN { 0 } else { usize::MAX };
-    crate::threads::fill_rows(&mut yt, n, min_values, &|rows, out| {
+    let yt = transposed_products(n, m, k, &|rows, out| {
         let mut buffer = vec![0.0f32; QUANTIZED_ROWS * k];
-        let mut start = rows.start;
-        for out in out.chunks_mut(QUANTIZED_ROWS * m) {
+        for (batch, out) in out.chunks_mut(QUANTIZED_ROWS * m).enumerate() {
+            let start = rows.start + batch * QUANTIZED_ROWS;
             let count = out.len() / m;
             let buffer = &mut buffer[..count * k];
             weight.dequantize_rows_into(start..start + count, buffer);
-            dots(&x_rows, m, buffer, k, out);
-            start += count;
+            dots(&xs, m, buffer, k, out);
         }
     });
     let mut y = vec![0.0f32; m * n];
@@ -128,6 +77,20 @@ pub(crate) fn quantized(x: &Tensor<Cpu, 2>, weight: &QuantizedMatrix) -> Option<
         }
     }
     Some(Tensor::from_data(TensorData::new(y, [m, n]), &x.device()))
+}
+
+/// `(x · Wᵀ)ᵀ` `[n, m]` for `W` `[n, k]`, filled by `rows(weight rows, their outputs)` on blocks
+/// of weight rows, one thread each when the product is large.
+fn transposed_products(
+    n: usize,
+    m: usize,
+    k: usize,
+    rows: &(dyn Fn(Range<usize>, &mut [f32]) + Sync),
+) -> Vec<f32> {
+    let mut yt = vec![0.0f32; n * m];
+    let min_values = if n * k >= PARALLEL_MIN { 0 } else { usize::MAX };
+    crate::threads::fill_rows(&mut yt, n, min_values, rows);
+    yt
 }
 
 /// `out[r · m + i] = x_i · w_r` for the `m` rows of `x` and the rows of `w`, both `k` wide.
