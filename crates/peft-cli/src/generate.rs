@@ -108,10 +108,13 @@ pub fn run(args: GenerateArgs) -> AnyResult<()> {
     let seconds = started.elapsed().as_secs_f64();
     let generated: usize = results.iter().map(|r| r.generated_ids.len()).sum();
     // On stderr: stdout carries only the generations (or their JSON lines).
+    let prompts = match results.len() {
+        1 => "1 prompt".to_string(),
+        n => format!("{n} prompts"),
+    };
     eprintln!(
-        "{generated} tokens generated for {} prompts in {seconds:.2} s ({:.1} tokens/s, prompt \
+        "{generated} tokens generated for {prompts} in {seconds:.2} s ({:.1} tokens/s, prompt \
          reading included)",
-        results.len(),
         generated as f64 / seconds.max(1e-9)
     );
     for (prompt, result) in texts.iter().zip(results) {
