@@ -25,6 +25,7 @@ pub mod pickle_check;
 pub mod quant;
 pub mod scratch;
 pub mod tensor_map;
+pub mod threads;
 pub mod torch_pickle;
 
 pub use error::{CheckpointError, Result};

@@ -174,17 +174,27 @@ fn block_absmax(values: &[f32], block: usize) -> Vec<f32> {
 /// `values` scaled by their block's maximum into [-1, 1] and coded to the nearest of `levels`.
 fn code_blocks(values: &[f32], block: usize, absmax: &[f32], levels: &[f32]) -> Vec<u8> {
     let mids = midpoints(levels);
-    let mut codes = vec![0u8; values.len()];
-    for ((b, c), &m) in values
-        .chunks(block)
-        .zip(codes.chunks_mut(block))
-        .zip(absmax)
-    {
-        let inverse = 1.0 / m.max(1e-38);
-        for (c, &v) in c.iter_mut().zip(b) {
-            *c = nearest(levels, &mids, (v * inverse).clamp(-1.0, 1.0));
+    let code = |values: &[f32], absmax: &[f32], codes: &mut [u8]| {
+        for ((b, c), &m) in values
+            .chunks(block)
+            .zip(codes.chunks_mut(block))
+            .zip(absmax)
+        {
+            let inverse = 1.0 / m.max(1e-38);
+            for (c, &v) in c.iter_mut().zip(b) {
+                *c = nearest(levels, &mids, (v * inverse).clamp(-1.0, 1.0));
+            }
         }
-    }
+    };
+    let mut codes = vec![0u8; values.len()];
+    // Whole blocks on every core, a last partial block after them.
+    let whole = values.len() / block;
+    let (head, tail) = codes.split_at_mut(whole * block);
+    crate::threads::fill_rows(head, whole, 1 << 16, &|blocks, out| {
+        let values = &values[blocks.start * block..blocks.end * block];
+        code(values, &absmax[blocks], out);
+    });
+    code(&values[whole * block..], &absmax[whole..], tail);
     codes
 }
 
@@ -522,6 +532,23 @@ mod tests {
         assert_eq!(map[255], 1.0);
         assert!(map.contains(&0.0));
         assert!((map[0] + 0.992_968_75).abs() < 1e-7);
+    }
+
+    /// Quantizing on several threads gives the bytes of one thread (blocks are coded where they
+    /// lie; 90,000 values end in a partial block).
+    #[test]
+    fn nf4_on_several_threads_equals_one_thread() {
+        let values = sample(300 * 300, 11);
+        let quantize = |pieces| {
+            crate::threads::set_pieces_on_this_thread(Some(pieces));
+            let q = QuantizedMatrix::quantize_nf4(&values, 300, 300).unwrap();
+            crate::threads::set_pieces_on_this_thread(None);
+            (q.nf4_codes().unwrap(), q.dequantize())
+        };
+        let one = quantize(1);
+        for pieces in [2, 3, 7] {
+            assert!(quantize(pieces) == one, "{pieces} threads");
+        }
     }
 
     /// Any range of rows dequantizes to the same values as the whole matrix, for NF4 blocks that

@@ -36,6 +36,5 @@ pub mod kernels;
 pub mod options;
 pub mod quant;
 pub mod tensor;
-mod threads;
 
 pub use tensor::{cast_to, linear_rows, matmul, repeat_kv, upcast};

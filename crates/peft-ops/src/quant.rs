@@ -73,7 +73,7 @@ impl QuantizedWeight {
         // Dequantized on every core (a block of rows each): the host's share of every product.
         let mut values = vec![0.0f32; rows * cols];
         let start = range.start;
-        crate::threads::fill_rows(&mut values, rows, 1 << 16, &|block, out| {
+        peft_io::threads::fill_rows(&mut values, rows, 1 << 16, &|block, out| {
             self.0
                 .dequantize_rows_into(start + block.start..start + block.end, out)
         });

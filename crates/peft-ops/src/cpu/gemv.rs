@@ -89,7 +89,7 @@ fn transposed_products(
 ) -> Vec<f32> {
     let mut yt = vec![0.0f32; n * m];
     let min_values = if n * k >= PARALLEL_MIN { 0 } else { usize::MAX };
-    crate::threads::fill_rows(&mut yt, n, min_values, rows);
+    peft_io::threads::fill_rows(&mut yt, n, min_values, rows);
     yt
 }
 

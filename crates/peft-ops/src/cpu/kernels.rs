@@ -62,7 +62,7 @@ const PARALLEL_MIN: usize = 1 << 15;
 fn compute(shapes: &[Vec<usize>], ins: &[ArrayViewD<'_, f32>], work: &Work) -> Vec<ArrayD<f32>> {
     let mut outputs: Vec<ArrayD<f32>> = shapes.iter().map(|s| ArrayD::zeros(IxDyn(s))).collect();
     let outs = outputs.iter_mut().map(|o| o.view_mut()).collect();
-    split(outs, ins.to_vec(), crate::threads::pieces(), work);
+    split(outs, ins.to_vec(), peft_io::threads::pieces(), work);
     outputs
 }
 
@@ -382,7 +382,9 @@ mod tests {
         for (copy, input) in copies.iter().zip(&views) {
             assert_eq!(copy.view(), *input, "a row moved when cut into {pieces}");
         }
-        let outputs = crate::threads::with_pieces(pieces, || run::<Cpu>(kernel, inputs).unwrap());
+        peft_io::threads::set_pieces_on_this_thread(Some(pieces));
+        let outputs = run::<Cpu>(kernel, inputs).unwrap();
+        peft_io::threads::set_pieces_on_this_thread(None);
         outputs
             .iter()
             .map(|o| view(o).unwrap().iter().copied().collect())

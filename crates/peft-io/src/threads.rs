@@ -1,19 +1,20 @@
-//! Host threads for work the backends do not thread: the CPU kernels of `cpu/`, and dequantizing
-//! the tiles of quantized weights. Work is cut into blocks of whole rows, one thread each, so every
-//! value is computed exactly as on one thread.
+//! Host threads for work no backend threads: quantizing and dequantizing weights here, and the
+//! CPU kernels and products of `peft-ops`. Work is cut into blocks of whole rows, one thread each,
+//! so every value is computed exactly as on one thread.
 
 use std::cell::Cell;
 use std::ops::Range;
 use std::sync::OnceLock;
 
 thread_local! {
-    /// A test's override of [`pieces`] on its own thread.
+    /// [`set_pieces_on_this_thread`]'s value.
     static OVERRIDE: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
-/// How many pieces large host work is cut into: `MATMUL_NUM_THREADS` when set (the knob of the
-/// CPU products' threads), else the cores this process may use.
-pub(crate) fn pieces() -> usize {
+/// How many pieces large host work is cut into: the value set for this thread, else
+/// `MATMUL_NUM_THREADS` when set (the knob of the CPU products' threads), else the cores this
+/// process may use.
+pub fn pieces() -> usize {
     if let Some(n) = OVERRIDE.with(Cell::get) {
         return n;
     }
@@ -28,22 +29,20 @@ pub(crate) fn pieces() -> usize {
     })
 }
 
-/// Runs `f` with [`pieces`] = `n` on this thread (tests: the same work cut differently).
-#[cfg(test)]
-pub(crate) fn with_pieces<R>(n: usize, f: impl FnOnce() -> R) -> R {
-    OVERRIDE.with(|c| c.set(Some(n)));
-    let out = f();
-    OVERRIDE.with(|c| c.set(None));
-    out
+/// Sets [`pieces`] for work started on this thread (`None`: back to the process-wide value): a
+/// caller that runs many requests side by side can keep each on one thread, and tests cut the
+/// same work differently.
+pub fn set_pieces_on_this_thread(pieces: Option<usize>) {
+    OVERRIDE.with(|c| c.set(pieces.map(|n| n.max(1))));
 }
 
 /// Fills `out`, `rows` rows of equal width, by `fill(rows, their values)` on blocks of whole
 /// rows, one thread per block when `out` holds at least `min_values` values.
-pub(crate) fn fill_rows(
-    out: &mut [f32],
+pub fn fill_rows<T: Send>(
+    out: &mut [T],
     rows: usize,
     min_values: usize,
-    fill: &(dyn Fn(Range<usize>, &mut [f32]) + Sync),
+    fill: &(dyn Fn(Range<usize>, &mut [T]) + Sync),
 ) {
     let pieces = pieces().min(rows.max(1));
     if pieces <= 1 || out.len() < min_values {
@@ -83,7 +82,9 @@ mod tests {
         let want: Vec<f32> = (0..rows * width).map(|v| v as f32).collect();
         for n in [1, 2, 3, 8, 64] {
             let mut out = vec![-1.0; rows * width];
-            with_pieces(n, || fill_rows(&mut out, rows, 0, &fill));
+            set_pieces_on_this_thread(Some(n));
+            fill_rows(&mut out, rows, 0, &fill);
+            set_pieces_on_this_thread(None);
             assert_eq!(out, want, "{n} pieces");
         }
     }
