@@ -18,8 +18,8 @@
 //! core dequantizes a few rows of the weight at a time into its cache and takes their dot
 //! products there (`cpu/gemv.rs`).
 //!
-//! The tiles are dequantized on the host (on every core) and uploaded; a device kernel that reads the blocks
-//! where they are is the CUDA half of the work and not in this build.
+//! The tiles are dequantized on the host (on every core) and uploaded; a device kernel that
+//! reads the blocks where they are is the CUDA half of the work and not in this build.
 
 use std::marker::PhantomData;
 use std::ops::Range;
