@@ -10,7 +10,6 @@
 
 use peft_core::Adapter;
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::DType;
@@ -22,10 +21,6 @@ use peft_train::{
 };
 
 type B = Autodiff<NdArray<f32>>;
-
-/// `burn-collective` has one server per backend and process; the trainer serialises runs
-/// itself, this only keeps the tests' temporary directories and timings apart.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 fn config() -> LlamaConfig {
     LlamaConfig::new(48, 32, 48, 4, 4, 2, 8)
@@ -170,7 +165,7 @@ fn assert_trained(trained: &[(String, Vec<f32>)], method: &str) {
 
 #[test]
 fn replicas_with_batch_b_train_the_adapter_of_one_device_with_batch_kb() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = crate::serial();
     for method in ["adaption_prompt", "lora", "prefix"] {
         let (one, one_loss, one_steps) = run(method, 4, 1, BatchStrategy::LengthGrouped, "one");
         assert_trained(&one, method);
@@ -194,7 +189,7 @@ fn replicas_with_batch_b_train_the_adapter_of_one_device_with_batch_kb() {
 
 #[test]
 fn uneven_last_micro_batch_and_padding_to_max_length_still_agree() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = crate::serial();
     // 24 examples in micro-batches of 3·3 = 9: the last one has 6, so the third replica's
     // shard is empty there.
     let (one, _, _) = run(
@@ -216,7 +211,7 @@ fn uneven_last_micro_batch_and_padding_to_max_length_still_agree() {
 
 #[test]
 fn a_failing_replica_stops_training_with_its_error() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = crate::serial();
     let base = base();
     // The second replica's model has a smaller vocabulary: its shards' labels are out of range.
     let small = LlamaConfig::new(8, 32, 48, 4, 4, 2, 8).init::<B>(&Default::default(), DType::F32);
@@ -250,7 +245,7 @@ fn a_failing_replica_stops_training_with_its_error() {
 
 #[test]
 fn devices_must_match_the_replicas_given() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = crate::serial();
     let base = base();
     let error = train_data_parallel(
         &base,

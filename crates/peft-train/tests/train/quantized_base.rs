@@ -99,6 +99,7 @@ fn largest_difference(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32
 
 #[test]
 fn an_adapter_trained_over_an_nf4_base_is_the_one_trained_over_its_dense_twin() {
+    let _serial = crate::serial();
     let nf4 = dense_base().quantize(QuantFormat::Nf4).unwrap();
     assert_eq!(nf4.quant_format(), Some(QuantFormat::Nf4));
     let twin = nf4.clone().dequantize();
