@@ -5,22 +5,23 @@
 //! Here each output `c[i, j]` is the dot product of row `i` of `a` with column `j` of `b`, read
 //! where they lie, when `b` is the transpose of a contiguous row-major matrix (a weight
 //! `[out, in]` seen as `[in, out]`, which is how every projection and the output head hold
-//! theirs). Large products split the weight's rows over the cores. The sums run in another order than the GEMM's (a few f32 roundings).
+//! theirs). Large products split the weight's rows over the cores. The sums run in another
+//! order than the GEMM's (a few f32 roundings).
 //!
 //! [`quantized`] does the same against a quantized weight without a dense tile: each thread
 //! dequantizes a few rows of the weight at a time into a buffer that stays in cache and takes
 //! their dot products at once.
 
-use burn::tensor::{DType, Tensor, TensorData};
 use std::ops::Range;
 
+use burn::tensor::{DType, Tensor, TensorData};
 use ndarray::{ArrayView2, ArrayViewMut2};
 use peft_io::quant::QuantizedMatrix;
 
 use super::Cpu;
 
 /// Products with at most this many rows take this path.
-pub(super) const MAX_ROWS: usize = 4;
+const MAX_ROWS: usize = 4;
 
 /// Below this many multiply-adds per row a product stays on one thread.
 const PARALLEL_MIN: usize = 1 << 18;
@@ -42,11 +43,11 @@ pub(super) fn gemv(
         return false;
     };
     let x: Vec<f32> = a.iter().copied().collect();
-    let yt = transposed_products(n, m, k, &|rows, out| {
+    let y = products(n, m, k, &|rows, out| {
         dots(&x, m, &w[rows.start * k..rows.end * k], k, out);
     });
-    for ((i, j), y) in c.indexed_iter_mut() {
-        *y = yt[j * m + i];
+    for ((i, j), c) in c.indexed_iter_mut() {
+        *c = y[i * n + j];
     }
     true
 }
@@ -60,7 +61,7 @@ pub(crate) fn quantized(x: &Tensor<Cpu, 2>, weight: &QuantizedMatrix) -> Option<
     }
     let xs: Vec<f32> = x.clone().into_data().into_vec::<f32>().ok()?;
     let n = weight.rows();
-    let yt = transposed_products(n, m, k, &|rows, out| {
+    let y = products(n, m, k, &|rows, out| {
         let mut buffer = vec![0.0f32; QUANTIZED_ROWS * k];
         for (batch, out) in out.chunks_mut(QUANTIZED_ROWS * m).enumerate() {
             let start = rows.start + batch * QUANTIZED_ROWS;
@@ -70,18 +71,13 @@ pub(crate) fn quantized(x: &Tensor<Cpu, 2>, weight: &QuantizedMatrix) -> Option<
             dots(&xs, m, buffer, k, out);
         }
     });
-    let mut y = vec![0.0f32; m * n];
-    for (j, row) in yt.chunks_exact(m).enumerate() {
-        for (i, &v) in row.iter().enumerate() {
-            y[i * n + j] = v;
-        }
-    }
     Some(Tensor::from_data(TensorData::new(y, [m, n]), &x.device()))
 }
 
-/// `(x · Wᵀ)ᵀ` `[n, m]` for `W` `[n, k]`, filled by `rows(weight rows, their outputs)` on blocks
-/// of weight rows, one thread each when the product is large.
-fn transposed_products(
+/// `x · Wᵀ` `[m, n]` row-major for `W` `[n, k]`: `rows(weight rows, their outputs)` fills the
+/// transpose `[n, m]` on blocks of weight rows (one thread each when the product is large),
+/// which is then turned around.
+fn products(
     n: usize,
     m: usize,
     k: usize,
@@ -90,7 +86,13 @@ fn transposed_products(
     let mut yt = vec![0.0f32; n * m];
     let min_values = if n * k >= PARALLEL_MIN { 0 } else { usize::MAX };
     peft_io::threads::fill_rows(&mut yt, n, min_values, rows);
-    yt
+    let mut y = vec![0.0f32; m * n];
+    for (j, row) in yt.chunks_exact(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            y[i * n + j] = v;
+        }
+    }
+    y
 }
 
 /// `out[r · m + i] = x_i · w_r` for the `m` rows of `x` and the rows of `w`, both `k` wide.

@@ -314,6 +314,11 @@ fn swiglu(kernel: Kernel, views: &[ArrayViewD<'_, f32>]) -> Option<Vec<ArrayD<f3
 /// `dy ⊙ cos + [b, −a]` where `[a, b] = dy ⊙ sin`), for `x` `[batch, heads, seq, head_dim]`
 /// (any strides: the heads view of a projection) and tables `[batch or 1, 1, seq, head_dim]`.
 fn rope(kernel: Kernel, views: &[ArrayViewD<'_, f32>]) -> Option<Vec<ArrayD<f32>>> {
+    let forward = match kernel {
+        Kernel::RopeForward => true,
+        Kernel::RopeBackward => false,
+        _ => return None,
+    };
     let [x, cos, sin] = views else { return None };
     let dim = *x.shape().last()?;
     if x.ndim() != 4 || dim % 2 != 0 || cos.shape() != sin.shape() {
@@ -322,7 +327,6 @@ fn rope(kernel: Kernel, views: &[ArrayViewD<'_, f32>]) -> Option<Vec<ArrayD<f32>
     let (cos, sin) = (cos.broadcast(x.raw_dim())?, sin.broadcast(x.raw_dim())?);
     let half = dim / 2;
     let last = Axis(3);
-    let forward = kernel == Kernel::RopeForward;
     let work = |outs: &mut [ArrayViewMutD<'_, f32>], ins: &[ArrayViewD<'_, f32>]| {
         let ([y], [x, cos, sin]) = (outs, ins) else {
             return;
@@ -345,14 +349,11 @@ fn rope(kernel: Kernel, views: &[ArrayViewD<'_, f32>]) -> Option<Vec<ArrayD<f32>
                 }
             });
     };
-    match kernel {
-        Kernel::RopeForward | Kernel::RopeBackward => Some(compute(
-            &[x.shape().to_vec()],
-            &[x.clone(), cos, sin],
-            &work,
-        )),
-        _ => None,
-    }
+    Some(compute(
+        &[x.shape().to_vec()],
+        &[x.clone(), cos, sin],
+        &work,
+    ))
 }
 
 #[cfg(test)]
